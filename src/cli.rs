@@ -1,0 +1,163 @@
+//! Command line: `mangoo serve [--config FILE]` and `mangoo token --sub USER [--ttl 1h]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::auth::{Authenticator, parse_ttl};
+use crate::config::Config;
+use crate::startup::Application;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mangoo",
+    version,
+    about = "Real-time LLM chat streaming server"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// TOML configuration file; MANGOO_* environment variables override it.
+        #[arg(long, env = "MANGOO_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print a JWT signed with the configured secret, for development and scripts.
+    Token {
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        sub: String,
+        /// How long the token is valid: 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        #[arg(long, env = "MANGOO_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// The user the printed development token is for, when the secret was generated at start.
+const DEV_USER: &str = "dev";
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Token { sub, ttl, config } => token(config, &sub, ttl),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(config: Option<PathBuf>, sub: &str, ttl: Duration) -> Result<(), String> {
+    let config = Config::load(config.as_deref()).map_err(|e| e.to_string())?;
+    let secret = config.auth.jwt_secret.ok_or(
+        "auth.jwt_secret is not configured: set it in the config file or MANGOO_JWT_SECRET",
+    )?;
+    if sub.trim().is_empty() {
+        return Err("--sub must not be empty".into());
+    }
+    println!(
+        "{}",
+        Authenticator::hs256(secret.expose().as_bytes()).issue(sub, ttl)
+    );
+    Ok(())
+}
+
+fn serve(config_path: Option<PathBuf>) -> Result<(), String> {
+    crate::telemetry::init();
+    let config = Config::load(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let first_bot = config.bots.first().map(|b| b.id.clone());
+        let app = Application::build(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        print_banner(&app, first_bot.as_deref());
+        let shutdown = app.shutdown_token();
+        let run = app.run_until_stopped();
+        tokio::pin!(run);
+        let served = tokio::select! {
+            served = &mut run => served,
+            () = wait_for_signal() => {
+                tracing::info!("shutdown requested");
+                shutdown.cancel();
+                run.await
+            }
+        };
+        served.map_err(|e| format!("server failed: {e}"))
+    })
+}
+
+/// Written in one piece and without panicking: a closed stdout (a supervisor that stopped
+/// reading) must not take the server down.
+fn print_banner(app: &Application, first_bot: Option<&str>) {
+    use std::fmt::Write as _;
+    use std::io::Write as _;
+    let mut addr = app.local_addr();
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let base = format!("http://{addr}");
+    let mut text = format!("Mangoo listening on {base}\n");
+    if app.generated_secret() {
+        let token = app.authenticator().issue(DEV_USER, DEV_TOKEN_TTL);
+        let bot = first_bot.unwrap_or("default");
+        let _ = write!(
+            text,
+            "\nNo auth.jwt_secret configured: generated one for this run only.\n\
+             Token for user '{DEV_USER}' (valid 24 h):\n\n    {token}\n\n\
+             Try it:\n\n    curl -N -H 'Authorization: Bearer {token}' \
+             -H 'Content-Type: application/json' \\\n      \
+             -d '{{\"bot_id\":\"{bot}\",\"message\":\"Hello!\"}}' {base}/api/v1/chat/stream\n\n"
+        );
+    } else {
+        text.push_str(
+            "Tokens: mangoo token --sub <user> (signed with the configured auth.jwt_secret)\n",
+        );
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

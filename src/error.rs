@@ -1,0 +1,132 @@
+//! The one place where failures become HTTP responses.
+//!
+//! Every error a client can see before a stream starts is an [`ApiError`], answered as the
+//! contract's JSON body `{"error": ..., "type": "error", "code": ...}`. Server-side failures are
+//! opaque to the client and logged here with their cause.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::auth::AuthError;
+use crate::chat::ChatError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{message}")]
+    NotFound { code: &'static str, message: String },
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Unavailable(String),
+    /// Logged in full, answered as a bare 500.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The contract's error body.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub code: &'a str,
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "chat_busy"),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            ApiError::Internal(cause) => {
+                tracing::error!(error.cause = %cause, "request failed");
+                "internal server error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = ErrorBody {
+            error: &message,
+            kind: "error",
+            code,
+        };
+        let mut response = (status, Json(body)).into_response();
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        ApiError::Unauthorized(err.to_string())
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(err: ChatError) -> Self {
+        let message = err.to_string();
+        match err {
+            ChatError::BotNotFound(_) => ApiError::NotFound {
+                code: "bot_not_found",
+                message,
+            },
+            ChatError::ChatNotFound => ApiError::NotFound {
+                code: "chat_not_found",
+                message,
+            },
+            ChatError::ChatBusy => ApiError::Conflict(message),
+            ChatError::EmptyMessage => ApiError::bad_request("empty_message", message),
+            ChatError::MessageTooLong { .. } => ApiError::bad_request("message_too_long", message),
+            ChatError::ShuttingDown => ApiError::Unavailable(message),
+            ChatError::ProviderMissing(_) | ChatError::Store(_) => ApiError::Internal(message),
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! One access line per request, written when the response body is finished or dropped, so a
+//! stream's line carries its whole duration and is written even when the client walks away.
+//! Only the path is logged, never the query string: it may hold a `token`.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use http_body::{Frame, SizeHint};
+
+pub async fn access_log(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip().to_string())
+        .unwrap_or_else(|| "-".into());
+    let response = next.run(request).await;
+    let status = response.status();
+    let line = AccessLine {
+        method,
+        path,
+        status,
+        client,
+        started,
+    };
+    response.map(|body| {
+        Body::new(LoggedBody {
+            inner: body,
+            line: Some(line),
+        })
+    })
+}
+
+struct AccessLine {
+    method: Method,
+    path: String,
+    status: StatusCode,
+    client: String,
+    started: Instant,
+}
+
+impl AccessLine {
+    fn write(self, completed: bool) {
+        tracing::info!(
+            target: "mangoo::access",
+            method = %self.method,
+            path = %self.path,
+            status = self.status.as_u16(),
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            client = %self.client,
+            completed,
+            "{} {} {}",
+            self.method,
+            self.path,
+            self.status.as_u16(),
+        );
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct LoggedBody {
+        #[pin]
+        inner: Body,
+        line: Option<AccessLine>,
+    }
+
+    impl PinnedDrop for LoggedBody {
+        fn drop(this: Pin<&mut Self>) {
+            // Still holding the line: the body was never read to its end, either because it was
+            // empty or because the client went away mid-response.
+            let this = this.project();
+            if let Some(line) = this.line.take() {
+                line.write(http_body::Body::is_end_stream(&*this.inner));
+            }
+        }
+    }
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = polled
+            && let Some(line) = this.line.take()
+        {
+            line.write(true);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,186 @@
+//! The caller's chats: list (newest activity first, keyset-paginated), read, delete.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::AppState;
+use super::extract::AuthUser;
+use crate::error::ApiError;
+use crate::store::{ChatCursor, ChatRecord, MessageRecord};
+
+const DEFAULT_PAGE: u32 = 20;
+const MAX_PAGE: u32 = 100;
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ChatList {
+    chats: Vec<ChatView>,
+    /// Pass as `?cursor=` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ChatView {
+    chat_id: String,
+    id: String,
+    bot_id: String,
+    title: String,
+    created_at: String,
+    updated_at: String,
+    last_event_id: i64,
+}
+
+impl From<ChatRecord> for ChatView {
+    fn from(chat: ChatRecord) -> Self {
+        Self {
+            id: chat.id.clone(),
+            chat_id: chat.id,
+            bot_id: chat.bot_id,
+            title: chat.title,
+            created_at: rfc3339(chat.created_at_ms),
+            updated_at: rfc3339(chat.updated_at_ms),
+            last_event_id: chat.last_event_id,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct MessageList {
+    chat_id: String,
+    messages: Vec<MessageView>,
+}
+
+#[derive(Serialize)]
+struct MessageView {
+    id: String,
+    message_id: String,
+    role: &'static str,
+    content: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<String>,
+    usage: Option<UsageView>,
+    created_at: String,
+}
+
+#[derive(Serialize)]
+struct UsageView {
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+impl From<MessageRecord> for MessageView {
+    fn from(m: MessageRecord) -> Self {
+        Self {
+            message_id: m.id.clone(),
+            id: m.id,
+            role: m.role.as_str(),
+            content: m.content,
+            status: m.status.as_str(),
+            error_code: m.error_code,
+            usage: m.usage.map(|u| UsageView {
+                input_tokens: u.input_tokens,
+                output_tokens: u.output_tokens,
+            }),
+            created_at: rfc3339(m.created_at_ms),
+        }
+    }
+}
+
+pub async fn list_chats(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    RawQuery(query): RawQuery,
+) -> Result<Json<ChatList>, ApiError> {
+    let query: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
+    let limit = match query.limit.unwrap_or(DEFAULT_PAGE) {
+        n @ 1..=MAX_PAGE => n,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!("limit must be between 1 and {MAX_PAGE}"),
+            ));
+        }
+    };
+    let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let page = state.chat.list_chats(&user, limit, cursor.as_ref()).await?;
+    Ok(Json(ChatList {
+        chats: page.chats.into_iter().map(ChatView::from).collect(),
+        next_cursor: page.next.as_ref().map(encode_cursor),
+    }))
+}
+
+pub async fn list_messages(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(chat_id): Path<String>,
+) -> Result<Json<MessageList>, ApiError> {
+    let (chat, messages) = state.chat.messages(&user, &chat_id).await?;
+    Ok(Json(MessageList {
+        chat_id: chat.id,
+        messages: messages.into_iter().map(MessageView::from).collect(),
+    }))
+}
+
+pub async fn delete_chat(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(chat_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.chat.delete_chat(&user, &chat_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn encode_cursor(cursor: &ChatCursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{}", cursor.updated_at_ms, cursor.id))
+}
+
+fn decode_cursor(text: &str) -> Result<ChatCursor, ApiError> {
+    let invalid = || ApiError::bad_request("invalid_request", "invalid cursor");
+    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let (time, id) = text.split_once(':').ok_or_else(invalid)?;
+    Ok(ChatCursor {
+        updated_at_ms: time.parse().map_err(|_| invalid())?,
+        id: id.to_owned(),
+    })
+}
+
+fn rfc3339(epoch_ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(epoch_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let cursor = ChatCursor {
+            updated_at_ms: 1_700_000_000_123,
+            id: "chat-abc".into(),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&cursor)).unwrap(), cursor);
+        assert!(decode_cursor("!!").is_err());
+    }
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+    }
+}

@@ -1,0 +1,130 @@
+//! Request extractors that turn every rejection into the contract's JSON error.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use crate::auth::{AuthError, UserId};
+use crate::error::ApiError;
+
+/// The caller, from `Authorization: Bearer <jwt>` or, for EventSource which cannot send headers,
+/// the `token` query parameter.
+pub struct AuthUser(pub UserId);
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = match parts.headers.get(AUTHORIZATION) {
+            Some(value) => Some(bearer_token(value.as_bytes())?),
+            None => query_param(parts.uri.query(), "token"),
+        };
+        let token = token.ok_or(AuthError::Missing)?;
+        Ok(AuthUser(state.auth.verify(&token)?))
+    }
+}
+
+fn bearer_token(header: &[u8]) -> Result<String, ApiError> {
+    let text = std::str::from_utf8(header)
+        .map_err(|_| ApiError::Unauthorized("malformed Authorization header".into()))?;
+    match text.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim().to_owned())
+        }
+        _ => Err(ApiError::Unauthorized(
+            "Authorization header must be 'Bearer <token>'".into(),
+        )),
+    }
+}
+
+/// One decoded query parameter; the first occurrence wins.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query?).ok()?;
+    pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+}
+
+/// A JSON body: 415 without a JSON content type, 413 over the size limit, 400 when malformed or
+/// when a field is missing or of the wrong type.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if !is_json(
+            req.headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+        ) {
+            return Err(ApiError::UnsupportedMediaType(
+                "Content-Type must be application/json".into(),
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge {
+                    limit: state.max_body_bytes,
+                }
+            } else {
+                ApiError::bad_request("invalid_request", rejection.body_text())
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => {
+                    ApiError::bad_request("invalid_request", format!("invalid request body: {e}"))
+                }
+                _ => ApiError::bad_request("invalid_json", format!("malformed JSON: {e}")),
+            })
+    }
+}
+
+fn is_json(content_type: Option<&str>) -> bool {
+    let Some(content_type) = content_type else {
+        return false;
+    };
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence
+            .rsplit_once('+')
+            .is_some_and(|(_, suffix)| suffix.eq_ignore_ascii_case("json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json(Some("application/json")));
+        assert!(is_json(Some("Application/JSON; charset=utf-8")));
+        assert!(is_json(Some("application/vnd.api+json")));
+        assert!(!is_json(Some("text/plain")));
+        assert!(!is_json(None));
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        assert_eq!(bearer_token(b"Bearer abc").unwrap(), "abc");
+        assert_eq!(bearer_token(b"bearer abc").unwrap(), "abc");
+        assert!(bearer_token(b"Basic abc").is_err());
+        assert!(bearer_token(b"Bearer ").is_err());
+    }
+
+    #[test]
+    fn query_params_decode() {
+        assert_eq!(
+            query_param(Some("a=1&token=x%2By"), "token").as_deref(),
+            Some("x+y")
+        );
+        assert_eq!(query_param(Some("a=1"), "token"), None);
+        assert_eq!(query_param(None, "token"), None);
+    }
+}

@@ -1,0 +1,152 @@
+//! The HTTP edge: routes, extractors, the SSE encoder and the layers around them. Handlers parse,
+//! authenticate and call the chat service; they never talk to a provider or the database.
+//!
+//! Layers, outermost first:
+//! 1. access log (one line per request, written when the body ends or is dropped);
+//! 2. CORS (only when origins are configured; answers preflights before auth runs);
+//! 3. body size limit (413 in the contract's JSON shape via [`extract::JsonBody`]);
+//! 4. the handler, whose extractors authenticate first and parse the body second.
+//!
+//! Nothing compresses or buffers responses: an event leaves as soon as it is produced.
+
+mod access_log;
+mod chat_stream;
+mod chats;
+pub mod extract;
+pub mod sse;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::Authenticator;
+use crate::chat::ChatService;
+use crate::error::ApiError;
+
+/// What every handler can reach. Cheap to clone: all shared parts are behind `Arc`s.
+#[derive(Clone)]
+pub struct AppState {
+    pub chat: Arc<ChatService>,
+    pub auth: Arc<Authenticator>,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(state: AppState, allowed_origins: &[String]) -> Router {
+    let api = Router::new()
+        .route(
+            "/api/v1/chat/stream",
+            post(chat_stream::post_stream).get(chat_stream::get_stream),
+        )
+        .route("/api/v1/chats", get(chats::list_chats))
+        .route(
+            "/api/v1/chats/{chat_id}/messages",
+            get(chats::list_messages),
+        )
+        .route(
+            "/api/v1/chats/{chat_id}",
+            axum::routing::delete(chats::delete_chat),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state);
+    let api = match cors_layer(allowed_origins) {
+        Some((cors, origins)) => api.layer(cors).layer(axum::middleware::from_fn_with_state(
+            Arc::new(origins),
+            cors_only_for_listed_origins,
+        )),
+        None => api,
+    };
+    api.layer(axum::middleware::from_fn(access_log::access_log))
+}
+
+/// Credentials are allowed, so origins are an explicit list (validated at start: no wildcard).
+fn cors_layer(allowed_origins: &[String]) -> Option<(CorsLayer, Vec<HeaderValue>)> {
+    if allowed_origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = allowed_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let layer = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins.clone()))
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([
+            header::RETRY_AFTER,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-request-id"),
+        ])
+        .allow_credentials(true)
+        .max_age(Duration::from_secs(600));
+    Some((layer, origins))
+}
+
+/// tower-http adds some CORS headers (credentials, methods) whatever the origin; an origin not
+/// on the list must learn nothing, so strip them all.
+async fn cors_only_for_listed_origins(
+    State(origins): State<Arc<Vec<HeaderValue>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let listed = request
+        .headers()
+        .get(header::ORIGIN)
+        .is_some_and(|origin| origins.contains(origin));
+    let mut response = next.run(request).await;
+    if !listed {
+        let headers = response.headers_mut();
+        let cors: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("access-control-"))
+            .cloned()
+            .collect();
+        for name in cors {
+            headers.remove(name);
+        }
+    }
+    response
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    match state.chat.store().ping().await {
+        Ok(()) => Ok((
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ready"})),
+        )),
+        Err(e) => {
+            tracing::warn!("readiness check failed: {e}");
+            Err(ApiError::Unavailable("storage is unreachable".into()))
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound {
+        code: "not_found",
+        message: "no such endpoint".into(),
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,39 @@
+//! # Mangoo
+//!
+//! A real-time LLM chat streaming server: a user's message goes in, the model's answer streams
+//! back token by token as Server-Sent Events, with nothing buffered, lost or duplicated, and no
+//! user ever seeing another user's chats.
+//!
+//! ## Layout
+//!
+//! One request flows left to right; storage sits beside the chat service:
+//!
+//! ```text
+//! client ─▶ http (routes, extract: auth + body) ─▶ chat::ChatService ─▶ providers::Provider
+//!                                                     │   └─▶ store::ChatStore
+//! client ◀─ http::sse (frames) ◀─ chat::TurnStream ◀──┘ (chat::turn, a tracked producer task)
+//! ```
+//!
+//! - [`cli`]: `mangoo serve | token`; [`startup`]: [`startup::Application`] wires everything.
+//! - [`config`]: the TOML file + `MANGOO_*` environment, validated before start.
+//! - [`http`]: routes, extractors, the SSE encoder, access log, CORS; [`error`]: the one place
+//!   errors become responses.
+//! - [`auth`]: JWT verification, no HTTP in it.
+//! - [`chat`]: turns, history, the producer of each answer, and its events.
+//! - [`providers`]: one module per vendor behind a trait and a closed enum.
+//! - [`store`]: chats and messages behind a trait (SQLite now, PostgreSQL next).
+//!
+//! Dependency rules: `http` → `chat` → (`providers`, `store`) → `domain`. Providers and storage
+//! know nothing of HTTP; handlers never call providers.
+
+pub mod auth;
+pub mod chat;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod providers;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

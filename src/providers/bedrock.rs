@@ -1,0 +1,273 @@
+//! Amazon Bedrock through the official SDK's ConverseStream: one client per process, reused by
+//! every request; credentials and region from the standard AWS chains.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::meta::credentials::CredentialsProviderChain;
+use aws_config::retry::RetryConfig;
+use aws_config::stalled_stream_protection::StalledStreamProtectionConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_bedrockruntime::Client;
+use aws_sdk_bedrockruntime::config::{Credentials, Region};
+use aws_sdk_bedrockruntime::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_bedrockruntime::operation::converse_stream::ConverseStreamError;
+use aws_sdk_bedrockruntime::primitives::event_stream::EventReceiver;
+use aws_sdk_bedrockruntime::types::error::ConverseStreamOutputError;
+use aws_sdk_bedrockruntime::types::{
+    ContentBlock, ContentBlockDelta, ConversationRole, ConverseStreamOutput,
+    InferenceConfiguration, Message, SystemContentBlock,
+};
+use futures_util::stream;
+
+use super::{
+    ChatProvider, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream,
+};
+use crate::config::BedrockConfig;
+use crate::domain::{Role, TokenUsage};
+
+pub const PROVIDER_NAME: &str = "bedrock";
+
+type Events = EventReceiver<ConverseStreamOutput, ConverseStreamOutputError>;
+
+pub struct BedrockProvider {
+    client: Client,
+}
+
+impl BedrockProvider {
+    pub async fn new(settings: &BedrockConfig) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
+                    .build(),
+            )
+            // Models can think for a long time before the first token; the stream pipeline owns
+            // those timeouts, so the SDK's byte-rate watchdog must not cut a healthy stream.
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
+        if let Some(region) = &settings.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &settings.endpoint_url {
+            loader = loader.endpoint_url(url);
+            if is_loopback_url(url) {
+                loader = local_endpoint_identity(loader, settings);
+            }
+        }
+        let sdk_config = loader.load().await;
+        Self {
+            client: Client::new(&sdk_config),
+        }
+    }
+}
+
+/// A Bedrock-compatible server on this machine (a test endpoint, a local emulator) needs neither
+/// a real region nor real credentials. Taking them from the environment or profile when present,
+/// and otherwise using fixed local ones, keeps the SDK from probing the EC2 metadata service.
+fn local_endpoint_identity(
+    loader: aws_config::ConfigLoader,
+    settings: &BedrockConfig,
+) -> aws_config::ConfigLoader {
+    let credentials = CredentialsProviderChain::first_try(
+        "Environment",
+        aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
+    )
+    .or_else(
+        "Profile",
+        aws_config::profile::ProfileFileCredentialsProvider::builder().build(),
+    )
+    .or_else(
+        "LocalEndpoint",
+        Credentials::new("mangoo-local", "mangoo-local", None, None, "mangoo-local"),
+    );
+    let loader = loader.credentials_provider(credentials);
+    if settings.region.is_none() && std::env::var_os("AWS_REGION").is_none() {
+        loader.region(Region::new("us-east-1"))
+    } else {
+        loader
+    }
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[async_trait::async_trait]
+impl ChatProvider for BedrockProvider {
+    async fn stream(&self, request: ModelRequest) -> Result<ProviderStream, ProviderError> {
+        let messages = request
+            .messages
+            .iter()
+            .map(|m| {
+                let role = match m.role {
+                    Role::User => ConversationRole::User,
+                    Role::Assistant => ConversationRole::Assistant,
+                };
+                Message::builder()
+                    .role(role)
+                    .content(ContentBlock::Text(m.content.clone()))
+                    .build()
+                    .map_err(|e| {
+                        ProviderError::new(ProviderErrorKind::InvalidRequest, e.to_string())
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let inference = InferenceConfiguration::builder()
+            .max_tokens(i32::try_from(request.max_tokens).unwrap_or(i32::MAX))
+            .set_temperature(request.temperature)
+            .build();
+        let output = self
+            .client
+            .converse_stream()
+            .model_id(&request.model)
+            .set_system(
+                request
+                    .system_prompt
+                    .map(|p| vec![SystemContentBlock::Text(p)]),
+            )
+            .set_messages(Some(messages))
+            .inference_config(inference)
+            .send()
+            .await
+            .map_err(|e| request_error(&e))?;
+        Ok(event_stream(output.stream))
+    }
+}
+
+/// Turns the SDK's receiver into our events. Ends after the first error, since Bedrock sends
+/// nothing useful after an exception frame, and reports a stream that ends without Bedrock's
+/// `messageStop` as a lost connection rather than a finished answer.
+fn event_stream(events: Events) -> ProviderStream {
+    struct State {
+        events: Events,
+        stopped: bool,
+    }
+    let state = State {
+        events,
+        stopped: false,
+    };
+    Box::pin(stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        loop {
+            match state.events.recv().await {
+                Ok(Some(ConverseStreamOutput::ContentBlockDelta(delta))) => {
+                    if let Some(ContentBlockDelta::Text(text)) = delta.delta
+                        && !text.is_empty()
+                    {
+                        return Some((Ok(ProviderEvent::TextDelta(text)), Some(state)));
+                    }
+                }
+                Ok(Some(ConverseStreamOutput::Metadata(meta))) => {
+                    if let Some(usage) = meta.usage {
+                        let usage = TokenUsage {
+                            input_tokens: usage.input_tokens.max(0) as u64,
+                            output_tokens: usage.output_tokens.max(0) as u64,
+                        };
+                        return Some((Ok(ProviderEvent::Usage(usage)), Some(state)));
+                    }
+                }
+                Ok(Some(ConverseStreamOutput::MessageStop(_))) => state.stopped = true,
+                // Message and block starts carry nothing we stream.
+                Ok(Some(_)) => {}
+                Ok(None) if state.stopped => return None,
+                Ok(None) => {
+                    let lost = ProviderError::new(
+                        ProviderErrorKind::Connection,
+                        "Bedrock closed the stream before the answer was finished",
+                    );
+                    return Some((Err(lost), None));
+                }
+                Err(e) => return Some((Err(stream_error(&e)), None)),
+            }
+        }
+    }))
+}
+
+/// Maps a failure of the initial ConverseStream request.
+fn request_error<R: std::fmt::Debug>(err: &SdkError<ConverseStreamError, R>) -> ProviderError {
+    use ConverseStreamError as E;
+    use ProviderErrorKind as K;
+    let kind = match err {
+        SdkError::ServiceError(service) => match service.err() {
+            E::ThrottlingException(_) => K::Throttled,
+            E::ValidationException(_) | E::ResourceNotFoundException(_) => K::InvalidRequest,
+            E::AccessDeniedException(_) => K::AccessDenied,
+            E::ModelTimeoutException(_) => K::Timeout,
+            E::ServiceUnavailableException(_) | E::ModelNotReadyException(_) => K::Unavailable,
+            _ => K::Upstream,
+        },
+        SdkError::TimeoutError(_) => K::Timeout,
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => K::Timeout,
+        SdkError::DispatchFailure(_) => K::Connection,
+        _ => K::Upstream,
+    };
+    ProviderError::new(kind, describe(err, kind))
+}
+
+/// Maps an exception frame or a broken connection once the stream has started.
+fn stream_error<R: std::fmt::Debug>(err: &SdkError<ConverseStreamOutputError, R>) -> ProviderError {
+    use ConverseStreamOutputError as E;
+    use ProviderErrorKind as K;
+    let kind = match err {
+        SdkError::ServiceError(service) => match service.err() {
+            E::ThrottlingException(_) => K::Throttled,
+            E::ValidationException(_) => K::InvalidRequest,
+            E::ServiceUnavailableException(_) => K::Unavailable,
+            _ => K::Upstream,
+        },
+        SdkError::TimeoutError(_) => K::Timeout,
+        // A reset or truncated connection surfaces as a dispatch failure.
+        SdkError::DispatchFailure(_) => K::Connection,
+        _ => K::Upstream,
+    };
+    ProviderError::new(kind, describe(err, kind))
+}
+
+/// A message fit for users (the SDK's own text embeds raw frames); the full chain goes to the log.
+fn describe<E, R>(err: &SdkError<E, R>, kind: ProviderErrorKind) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    tracing::warn!(
+        provider = PROVIDER_NAME,
+        "Bedrock call failed: {}",
+        DisplayErrorContext(err)
+    );
+    match err {
+        // Displays as "ThrottlingException: <Bedrock's message>".
+        SdkError::ServiceError(service) => format!("Bedrock {}", service.err()),
+        _ => match kind {
+            ProviderErrorKind::Connection => "the connection to Bedrock failed or was lost".into(),
+            ProviderErrorKind::Timeout => "Bedrock did not answer in time".into(),
+            _ => "Bedrock sent a response that could not be read".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_url;
+
+    #[test]
+    fn loopback_endpoints_are_recognised() {
+        assert!(is_loopback_url("http://127.0.0.1:9100"));
+        assert!(is_loopback_url("http://localhost:9100/"));
+        assert!(is_loopback_url("http://[::1]:9100"));
+        assert!(!is_loopback_url(
+            "https://bedrock-runtime.us-east-1.amazonaws.com"
+        ));
+        assert!(!is_loopback_url("http://10.0.0.1:80"));
+    }
+}

@@ -1,0 +1,189 @@
+//! Chats and their messages, behind [`ChatStore`] so SQLite (the default) and PostgreSQL (at
+//! scale) share one contract and one conformance test. Knows nothing of HTTP or providers.
+//!
+//! A turn is written twice: [`ChatStore::begin_turn`] stores the user's message and an assistant
+//! placeholder (status `streaming`) in one transaction before the model is called, and
+//! [`ChatStore::finish_turn`] fills in the answer, its status and usage in another. A chat never
+//! holds half a turn, and a chat with a `streaming` answer accepts no second turn.
+
+mod sqlite;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use sqlite::SqliteStore;
+
+pub use crate::domain::{Role, TokenUsage};
+
+/// A chat as listed to its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRecord {
+    pub id: String,
+    pub user_id: String,
+    pub bot_id: String,
+    pub title: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// The id of the last SSE event any turn of this chat sent; the next turn continues after it.
+    pub last_event_id: i64,
+}
+
+/// Where an assistant message stands. User messages are always `Complete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageStatus {
+    /// Being generated right now.
+    Streaming,
+    Complete,
+    /// Cut short: the client went away or the answer was stopped.
+    Interrupted,
+    /// The provider failed; `error_code` says how.
+    Error,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Streaming => "streaming",
+            MessageStatus::Complete => "complete",
+            MessageStatus::Interrupted => "interrupted",
+            MessageStatus::Error => "error",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "streaming" => Ok(MessageStatus::Streaming),
+            "complete" => Ok(MessageStatus::Complete),
+            "interrupted" => Ok(MessageStatus::Interrupted),
+            "error" => Ok(MessageStatus::Error),
+            other => Err(StoreError::Corrupt(format!("unknown status '{other}'"))),
+        }
+    }
+}
+
+impl fmt::Display for MessageStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRecord {
+    pub id: String,
+    pub chat_id: String,
+    pub role: Role,
+    pub content: String,
+    pub status: MessageStatus,
+    pub error_code: Option<String>,
+    pub usage: Option<TokenUsage>,
+    pub created_at_ms: i64,
+}
+
+/// The first half of a turn: who asks what, in which chat.
+#[derive(Debug, Clone)]
+pub struct NewTurn {
+    pub chat_id: String,
+    pub user_id: String,
+    /// True when the chat does not exist yet and must be created for `user_id`.
+    pub new_chat: bool,
+    pub bot_id: String,
+    pub user_message_id: String,
+    pub assistant_message_id: String,
+    pub message: String,
+}
+
+/// What `begin_turn` reserved.
+#[derive(Debug, Clone)]
+pub struct BegunTurn {
+    /// The chat's last event id before this turn; this turn's events follow it.
+    pub last_event_id: i64,
+}
+
+/// The second half of a turn: how the answer ended.
+#[derive(Debug, Clone)]
+pub struct FinishedTurn {
+    pub chat_id: String,
+    pub assistant_message_id: String,
+    pub content: String,
+    pub status: MessageStatus,
+    pub error_code: Option<String>,
+    pub usage: Option<TokenUsage>,
+    pub last_event_id: i64,
+}
+
+/// Keyset pagination position: the chat listed last on the previous page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatCursor {
+    pub updated_at_ms: i64,
+    pub id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chat not found")]
+    ChatNotFound,
+    #[error("chat already has an answer in progress")]
+    ChatBusy,
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+#[async_trait::async_trait]
+pub trait ChatStore: Send + Sync + 'static {
+    async fn get_chat(&self, chat_id: &str) -> Result<Option<ChatRecord>, StoreError>;
+
+    /// The user's chats, most recently active first, after `cursor` when given.
+    async fn list_chats(
+        &self,
+        user_id: &str,
+        limit: u32,
+        cursor: Option<&ChatCursor>,
+    ) -> Result<Vec<ChatRecord>, StoreError>;
+
+    /// All messages of a chat in conversation order.
+    async fn list_messages(&self, chat_id: &str) -> Result<Vec<MessageRecord>, StoreError>;
+
+    /// Stores the user's message and a `streaming` assistant placeholder, creating the chat when
+    /// `turn.new_chat`. Fails with `ChatNotFound` when an existing chat is not `turn.user_id`'s and
+    /// with `ChatBusy` while another answer in the chat is still streaming.
+    async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
+
+    async fn finish_turn(&self, turn: &FinishedTurn) -> Result<(), StoreError>;
+
+    /// Deletes a chat of `user_id` with its messages; false when there was none.
+    async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError>;
+
+    /// Marks answers left `streaming` by a process that died as `interrupted`. Only safe where
+    /// one process owns the database (SQLite).
+    async fn recover_abandoned_turns(&self) -> Result<u64, StoreError>;
+
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a database URL names, applying migrations.
+pub async fn connect(url: &str) -> Result<Arc<dyn ChatStore>, StoreError> {
+    Ok(Arc::new(SqliteStore::connect(url).await?))
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// A chat's title: its first message, cut at a character boundary.
+pub fn title_from(message: &str) -> String {
+    const MAX_CHARS: usize = 80;
+    let line = message.trim().lines().next().unwrap_or_default();
+    let mut title: String = line.chars().take(MAX_CHARS).collect();
+    if line.chars().count() > MAX_CHARS {
+        title.push('…');
+    }
+    title
+}

@@ -1,0 +1,183 @@
+//! The real `mangoo` binary: configuration errors, the token command, the first-run banner,
+//! access logs and a clean exit on SIGTERM.
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::helpers::HANG_GUARD;
+
+fn mangoo() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mangoo"));
+    command
+        .env_remove("MANGOO_JWT_SECRET")
+        .env_remove("MANGOO_CONFIG")
+        .env_remove("MANGOO_BIND")
+        .env_remove("MANGOO_DATABASE_URL")
+        .env_remove("MANGOO_ALLOWED_ORIGINS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+#[tokio::test]
+async fn a_bad_configuration_stops_the_start_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, expected) in [
+        ("[server]\nbind = \"not an address\"\n", "server.bind"),
+        ("[server]\nbindd = \"0.0.0.0:1\"\n", "bindd"),
+        (
+            "[[bots]]\nid = \"b\"\nprovider = \"nope\"\nmodel = \"m\"\n",
+            "bots[0].provider",
+        ),
+        (
+            "[cors]\nallowed_origins = [\"*\"]\n",
+            "cors.allowed_origins[0]",
+        ),
+        ("this is not toml", "invalid configuration file"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let output = mangoo()
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success(), "started with {text:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{text:?} -> {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_appear_in_configuration_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[auth]\njwt_secret = \"super-secret-value-123456789012345\"\n[server]\nbind = \"x\"\n",
+    )
+    .unwrap();
+    let output = mangoo()
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(all.contains("server.bind"));
+    assert!(!all.contains("super-secret-value"));
+}
+
+#[tokio::test]
+async fn the_token_command_signs_with_the_configured_secret() {
+    let secret = "token-command-secret-token-command-secret";
+    let output = mangoo()
+        .args(["token", "--sub", "alice", "--ttl", "2h"])
+        .env("MANGOO_JWT_SECRET", secret)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let user = mangoo::auth::Authenticator::hs256(secret.as_bytes())
+        .verify(&token)
+        .unwrap();
+    assert_eq!(user.as_str(), "alice");
+
+    let output = mangoo()
+        .args(["token", "--sub", "alice"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("jwt_secret"));
+}
+
+/// Reads stdout until the banner's curl line; returns the base URL and the printed token.
+async fn read_banner(child: &mut Child) -> (String, String) {
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut base = None;
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("Mangoo listening on ") {
+                base = Some(url.trim().to_owned());
+            }
+            if let Some(rest) = line
+                .trim()
+                .strip_prefix("curl -N -H 'Authorization: Bearer ")
+            {
+                let token = rest.split('\'').next().unwrap().to_owned();
+                return token;
+            }
+        }
+        panic!("the banner has no curl example");
+    };
+    let token = tokio::time::timeout(HANG_GUARD, read)
+        .await
+        .expect("no banner");
+    (base.expect("no listening line"), token)
+}
+
+#[tokio::test]
+async fn a_first_run_prints_a_working_token_logs_requests_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = mangoo()
+        .arg("serve")
+        .env("MANGOO_BIND", "127.0.0.1:0")
+        .env(
+            "MANGOO_DATABASE_URL",
+            format!("sqlite://{}/m.db", dir.path().display()),
+        )
+        .spawn()
+        .unwrap();
+    let (base, token) = read_banner(&mut child).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    let response = client
+        .get(format!("{base}/api/v1/chats"))
+        .query(&[("token", &token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(HANG_GUARD, child.wait())
+        .await
+        .expect("mangoo did not exit after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert!(stderr.contains("GET /api/v1/chats 200"), "{stderr}");
+    assert!(stderr.contains("client=127.0.0.1"), "{stderr}");
+    assert!(!stderr.contains(&token), "the token leaked into the logs");
+}

@@ -1,0 +1,156 @@
+//! Chat history endpoints: owner-only listing, reading and deleting.
+
+use serde_json::json;
+
+use super::fake_bedrock::{Outcome, Script};
+use super::helpers::{BOT, SseReader, spawn_app};
+
+#[tokio::test]
+async fn chats_are_listed_newest_first_and_paginated() {
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let events = app
+            .chat(
+                "alice",
+                json!({"bot_id": BOT, "message": format!("chat number {n}")}),
+            )
+            .await;
+        ids.push(events[0].json()["chat_id"].as_str().unwrap().to_owned());
+    }
+    ids.reverse();
+
+    let (status, page1) = app.get_json("alice", "/api/v1/chats?limit=2").await;
+    assert_eq!(status, 200);
+    let cursor = page1["next_cursor"].as_str().unwrap().to_owned();
+    let (_, page2) = app
+        .get_json("alice", &format!("/api/v1/chats?limit=2&cursor={cursor}"))
+        .await;
+    let cursor = page2["next_cursor"].as_str().unwrap().to_owned();
+    let (_, page3) = app
+        .get_json("alice", &format!("/api/v1/chats?limit=2&cursor={cursor}"))
+        .await;
+    assert!(page3["next_cursor"].is_null());
+
+    let listed: Vec<String> = [&page1, &page2, &page3]
+        .iter()
+        .flat_map(|p| p["chats"].as_array().unwrap().clone())
+        .map(|c| c["chat_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, ids);
+    assert_eq!(page1["chats"][0]["title"], "chat number 4");
+    assert_eq!(page1["chats"][0]["bot_id"], BOT);
+
+    let (status, _) = app.get_json("alice", "/api/v1/chats?limit=0").await;
+    assert_eq!(status, 400);
+    let (status, _) = app.get_json("alice", "/api/v1/chats?cursor=%%%").await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn another_users_chat_cannot_be_read_continued_or_deleted() {
+    let app = spawn_app().await;
+    let events = app
+        .chat("alice", json!({"bot_id": BOT, "message": "alice's secret"}))
+        .await;
+    let chat_id = events[0].json()["chat_id"].as_str().unwrap().to_owned();
+
+    let (status, body) = app.get_json("mallory", "/api/v1/chats").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["chats"], json!([]));
+
+    let (status, body) = app
+        .get_json("mallory", &format!("/api/v1/chats/{chat_id}/messages"))
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(body["code"], "chat_not_found");
+    assert!(!body.to_string().contains("secret"));
+
+    let response = app
+        .post_stream(
+            "mallory",
+            json!({"bot_id": BOT, "message": "tell me", "chat_id": chat_id}),
+        )
+        .await;
+    assert_eq!(response.status(), 404);
+
+    let response = app
+        .client
+        .delete(app.url(&format!("/api/v1/chats/{chat_id}")))
+        .bearer_auth(app.token("mallory"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+
+    // Alice's chat is untouched, and the model never saw Mallory's message.
+    let messages = app.settled_messages("alice", &chat_id).await;
+    assert_eq!(messages.len(), 2);
+    assert_eq!(app.fake.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn deleting_a_chat_removes_it_and_its_messages() {
+    let app = spawn_app().await;
+    let events = app
+        .chat("alice", json!({"bot_id": BOT, "message": "forget me"}))
+        .await;
+    let chat_id = events[0].json()["chat_id"].as_str().unwrap().to_owned();
+
+    let response = app
+        .client
+        .delete(app.url(&format!("/api/v1/chats/{chat_id}")))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 204);
+    let (_, body) = app.get_json("alice", "/api/v1/chats").await;
+    assert_eq!(body["chats"], json!([]));
+    let (status, _) = app
+        .get_json("alice", &format!("/api/v1/chats/{chat_id}/messages"))
+        .await;
+    assert_eq!(status, 404);
+    let response = app
+        .client
+        .delete(app.url(&format!("/api/v1/chats/{chat_id}")))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn deleting_a_chat_stops_its_running_answer() {
+    let app = spawn_app().await;
+    app.fake.push(Script::tokens(&["first", " second"]).gated());
+    let response = app
+        .post_stream("alice", json!({"bot_id": BOT, "message": "go on"}))
+        .await;
+    let mut reader = SseReader::new(response);
+    let chat_id = reader.next_event().await.unwrap().json()["chat_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let response = app
+        .client
+        .delete(app.url(&format!("/api/v1/chats/{chat_id}")))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 204);
+    let last = reader.next_event().await.unwrap();
+    assert_eq!(last.event, "error");
+    assert_eq!(last.json()["code"], "chat_deleted");
+    assert!(reader.next_event().await.is_none());
+    assert_eq!(app.fake.outcome(0).await, Outcome::Cancelled);
+    let (status, _) = app
+        .get_json("alice", &format!("/api/v1/chats/{chat_id}/messages"))
+        .await;
+    assert_eq!(status, 404);
+}

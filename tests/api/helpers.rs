@@ -1,0 +1,304 @@
+//! `spawn_app()`: the real server on an ephemeral port with a fresh SQLite file, wired to its own
+//! fake Bedrock, plus an HTTP client and an SSE reader that parses the bytes as they arrive.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mangoo::auth::Authenticator;
+use mangoo::config::{BedrockConfig, BotConfig, Config, Secret};
+use mangoo::startup::Application;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::fake_bedrock::FakeBedrock;
+
+/// The longest any awaited condition may take before the test fails as hung. A guard against
+/// deadlock, never a performance assertion: passing tests finish far below it.
+pub const HANG_GUARD: Duration = Duration::from_secs(20);
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+pub const BOT: &str = "bot-123";
+pub const MODEL: &str = "anthropic.claude-3-5-sonnet-20240620-v1:0";
+pub const SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub fake: FakeBedrock,
+    pub db_path: PathBuf,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// A configuration pointing at `fake`, storing into `db_path`.
+pub fn test_config(fake: &FakeBedrock, db_path: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.server.bind = "127.0.0.1:0".into();
+    config.auth.jwt_secret = Some(Secret::new(SECRET));
+    config.database.url = format!("sqlite://{}", db_path.display());
+    config.providers.bedrock = Some(BedrockConfig {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(fake.url()),
+        max_attempts: 1,
+        ..BedrockConfig::default()
+    });
+    config.bots = vec![BotConfig {
+        id: BOT.into(),
+        provider: "bedrock".into(),
+        model: MODEL.into(),
+        system_prompt: Some(SYSTEM_PROMPT.into()),
+        temperature: Some(0.7),
+        max_tokens: 512,
+    }];
+    config
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    let fake = FakeBedrock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("mangoo.db");
+    let mut config = test_config(&fake, &db_path);
+    adjust(&mut config);
+    start(config, fake, dir, db_path).await
+}
+
+async fn start(
+    config: Config,
+    fake: FakeBedrock,
+    dir: tempfile::TempDir,
+    db_path: PathBuf,
+) -> TestApp {
+    if std::env::var_os("TEST_LOG").is_some() {
+        mangoo::telemetry::init();
+    }
+    let app = Application::build(config).await.expect("the app starts");
+    let addr = app.local_addr();
+    let shutdown = app.shutdown_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        addr,
+        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        fake,
+        db_path,
+        shutdown,
+        server,
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        Authenticator::hs256(SECRET.as_bytes()).issue(user, Duration::from_secs(3600))
+    }
+
+    /// POSTs a chat message as `user` and returns the raw response.
+    pub async fn post_stream(&self, user: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/v1/chat/stream"))
+            .bearer_auth(self.token(user))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs a message and reads the whole answer.
+    pub async fn chat(&self, user: &str, body: Value) -> Vec<SseEvent> {
+        let response = self.post_stream(user, body).await;
+        assert_eq!(response.status(), 200);
+        SseReader::new(response).collect().await
+    }
+
+    pub async fn get_json(&self, user: &str, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(self.token(user))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The stored messages of a chat, once its answer is no longer `streaming`.
+    pub async fn settled_messages(&self, user: &str, chat_id: &str) -> Vec<Value> {
+        let path = format!("/api/v1/chats/{chat_id}/messages");
+        let settled = async {
+            loop {
+                let (status, body) = self.get_json(user, &path).await;
+                assert_eq!(status, 200, "{body}");
+                let messages = body["messages"].as_array().unwrap().clone();
+                if messages.iter().all(|m| m["status"] != "streaming") {
+                    return messages;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(HANG_GUARD, settled)
+            .await
+            .expect("the answer was never stored")
+    }
+
+    /// Stops the server the way SIGTERM does and waits until it has finished.
+    pub async fn stop(self) -> (FakeBedrock, tempfile::TempDir, PathBuf) {
+        self.shutdown.cancel();
+        tokio::time::timeout(HANG_GUARD, self.server)
+            .await
+            .expect("the server did not stop")
+            .unwrap()
+            .unwrap();
+        (self.fake, self._dir, self.db_path)
+    }
+
+    /// Starts a new server on the same database and fake, as after a restart.
+    pub async fn restart(self) -> TestApp {
+        let (fake, dir, db_path) = self.stop().await;
+        let config = test_config(&fake, &db_path);
+        start(config, fake, dir, db_path).await
+    }
+}
+
+/// One parsed SSE event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap()
+    }
+
+    pub fn id_num(&self) -> i64 {
+        self.id.as_deref().unwrap().parse().unwrap()
+    }
+}
+
+/// Reads SSE events off a response body as the bytes arrive.
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            response,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next event, or `None` when the stream ended.
+    pub async fn next_event(&mut self) -> Option<SseEvent> {
+        tokio::time::timeout(HANG_GUARD, self.next_event_unguarded())
+            .await
+            .expect("no SSE event arrived")
+    }
+
+    async fn next_event_unguarded(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                if let Some(event) = parse_block(&String::from_utf8(block).unwrap()) {
+                    return Some(event);
+                }
+                continue;
+            }
+            match self.response.chunk().await {
+                Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
+                Ok(None) | Err(_) => {
+                    assert!(
+                        self.buffer.iter().all(|b| b.is_ascii_whitespace()),
+                        "stream ended inside an event: {:?}",
+                        String::from_utf8_lossy(&self.buffer)
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+
+    pub async fn collect(mut self) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next_event().await {
+            events.push(event);
+        }
+        events
+    }
+}
+
+/// Parses one event block; comment-only blocks (heartbeats) yield nothing.
+fn parse_block(block: &str) -> Option<SseEvent> {
+    let mut id = None;
+    let mut event = String::from("message");
+    let mut data: Vec<&str> = Vec::new();
+    for line in block.lines() {
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => id = Some(value.to_owned()),
+            "event" => event = value.to_owned(),
+            "data" => data.push(value),
+            _ => {}
+        }
+    }
+    if data.is_empty() && id.is_none() {
+        return None;
+    }
+    Some(SseEvent {
+        id,
+        event,
+        data: data.join("\n"),
+    })
+}
+
+/// The text of all `message` events, in order.
+pub fn answer_text(events: &[SseEvent]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "message")
+        .map(|e| e.json()["content"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Asserts the contract's shape of a finished stream: `start` first, exactly one terminal event
+/// last, and ids strictly increasing by one.
+pub fn assert_well_formed(events: &[SseEvent]) {
+    assert!(!events.is_empty(), "no events");
+    assert_eq!(events[0].event, "start", "{events:?}");
+    let terminals = events
+        .iter()
+        .filter(|e| e.event == "done" || e.event == "error")
+        .count();
+    assert_eq!(terminals, 1, "exactly one terminal event: {events:?}");
+    let last = events.last().unwrap();
+    assert!(last.event == "done" || last.event == "error", "{events:?}");
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].id_num(), pair[0].id_num() + 1, "{events:?}");
+    }
+    for event in events {
+        assert_eq!(
+            event.json()["type"],
+            match event.event.as_str() {
+                "message" => "content",
+                other => other,
+            }
+        );
+    }
+}
