@@ -20,7 +20,9 @@ use crate::auth::UserId;
 use crate::config::BotConfig;
 use crate::domain::Role;
 use crate::providers::{ModelMessage, ModelRequest, ProviderRegistry};
-use crate::store::{ChatCursor, ChatRecord, ChatStore, MessageRecord, NewTurn, StoreError};
+use crate::store::{
+    BegunTurn, ChatCursor, ChatRecord, ChatStore, MessageRecord, NewTurn, StoreError,
+};
 use events::StreamEvent;
 
 /// What a user asks for.
@@ -123,17 +125,7 @@ impl ChatService {
         if self.shutdown.is_cancelled() {
             return Err(ChatError::ShuttingDown);
         }
-        let mut history = match &request.chat_id {
-            Some(chat_id) => {
-                self.owned_chat(user, chat_id).await?;
-                model_history(&self.store.list_messages(chat_id).await?)
-            }
-            None => Vec::new(),
-        };
-        history.push(ModelMessage {
-            role: Role::User,
-            content: request.message.clone(),
-        });
+        let messages = self.conversation(user, &request).await?;
         let new_turn = NewTurn {
             new_chat: request.chat_id.is_none(),
             chat_id: request.chat_id.unwrap_or_else(|| new_id("chat")),
@@ -143,29 +135,18 @@ impl ChatService {
             assistant_message_id: new_id("msg"),
             message: request.message,
         };
-        let deleted = self.claim_chat(&new_turn.chat_id)?;
-        let client_gone = CancellationToken::new();
-        let begun = match self.store.begin_turn(&new_turn).await {
-            Ok(begun) => begun,
-            Err(e) => {
-                self.release_chat(&new_turn.chat_id);
-                return Err(match e {
-                    StoreError::ChatNotFound => ChatError::ChatNotFound,
-                    StoreError::ChatBusy => ChatError::ChatBusy,
-                    other => ChatError::Store(other),
-                });
-            }
-        };
+        let (deleted, begun) = self.begin(&new_turn).await?;
         let (tx, rx) = mpsc::channel(self.limits.stream_buffer_events);
+        let client_gone = CancellationToken::new();
         let producer = turn::Turn {
-            chat_id: new_turn.chat_id.clone(),
+            chat_id: new_turn.chat_id,
             assistant_message_id: new_turn.assistant_message_id,
             last_event_id: begun.last_event_id,
             provider,
             request: ModelRequest {
                 model: bot.model.clone(),
                 system_prompt: bot.system_prompt.clone(),
-                messages: history,
+                messages,
                 temperature: bot.temperature,
                 max_tokens: bot.max_tokens,
             },
@@ -175,16 +156,59 @@ impl ChatService {
             deleted,
             shutdown: self.shutdown.clone(),
         };
-        let active = self.active.clone();
-        let chat_id = new_turn.chat_id;
-        self.tasks.spawn(async move {
-            producer.run().await;
-            active.lock().expect("active-turns lock").remove(&chat_id);
-        });
+        self.spawn_producer(producer);
         Ok(TurnStream {
             events: rx,
             _cancel_on_drop: client_gone.drop_guard(),
         })
+    }
+
+    /// What the model sees: the chat's earlier turns (after checking the caller owns it), then
+    /// the new message.
+    async fn conversation(
+        &self,
+        user: &UserId,
+        request: &TurnRequest,
+    ) -> Result<Vec<ModelMessage>, ChatError> {
+        let mut messages = match &request.chat_id {
+            Some(chat_id) => {
+                self.owned_chat(user, chat_id).await?;
+                model_history(&self.store.list_messages(chat_id).await?)
+            }
+            None => Vec::new(),
+        };
+        messages.push(ModelMessage {
+            role: Role::User,
+            content: request.message.clone(),
+        });
+        Ok(messages)
+    }
+
+    /// Claims the chat for this answer and stores the turn's first half. Returns the token that
+    /// stops the answer if the chat is deleted.
+    async fn begin(&self, turn: &NewTurn) -> Result<(CancellationToken, BegunTurn), ChatError> {
+        let deleted = self.claim_chat(&turn.chat_id)?;
+        match self.store.begin_turn(turn).await {
+            Ok(begun) => Ok((deleted, begun)),
+            Err(e) => {
+                self.release_chat(&turn.chat_id);
+                Err(match e {
+                    StoreError::ChatNotFound => ChatError::ChatNotFound,
+                    StoreError::ChatBusy => ChatError::ChatBusy,
+                    other => ChatError::Store(other),
+                })
+            }
+        }
+    }
+
+    /// Runs the producer on the tracked task set, so shutdown waits for it to store its answer.
+    fn spawn_producer(&self, producer: turn::Turn) {
+        let active = self.active.clone();
+        let chat_id = producer.chat_id.clone();
+        self.tasks.spawn(async move {
+            producer.run().await;
+            active.lock().expect("active-turns lock").remove(&chat_id);
+        });
     }
 
     pub async fn list_chats(

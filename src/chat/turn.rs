@@ -131,7 +131,43 @@ impl Turn {
         content: String,
         usage: Option<TokenUsage>,
     ) {
-        let (status, terminal) = match ending {
+        let (status, terminal) = self.conclude(ending, usage);
+        let error_code = match &terminal {
+            Some(EventKind::Error(failure)) => Some(failure.code.to_owned()),
+            _ => None,
+        };
+        let record = FinishedTurn {
+            chat_id: self.chat_id.clone(),
+            assistant_message_id: self.assistant_message_id.clone(),
+            content,
+            status,
+            error_code,
+            usage,
+            last_event_id: emitter.last_id + i64::from(terminal.is_some()),
+        };
+        let terminal = match self.store.finish_turn(&record).await {
+            Ok(()) => terminal,
+            Err(e) => {
+                tracing::error!(chat_id = %self.chat_id, "SSE stream error: could not store the answer: {e}");
+                Some(failure(
+                    "the answer could not be saved",
+                    "internal_error",
+                    true,
+                ))
+            }
+        };
+        if let Some(kind) = terminal {
+            emitter.send(kind).await;
+        }
+    }
+
+    /// The stored status and the terminal event (none when nobody is listening) of an ending.
+    fn conclude(
+        &self,
+        ending: Ending,
+        usage: Option<TokenUsage>,
+    ) -> (MessageStatus, Option<EventKind>) {
+        match ending {
             Ending::Complete => {
                 let done = DoneEvent {
                     chat_id: self.chat_id.clone(),
@@ -147,58 +183,36 @@ impl Turn {
                 (MessageStatus::Interrupted, None)
             }
             Ending::ShuttingDown => {
-                let failure = StreamFailure {
-                    message: "the server is shutting down; reconnect to continue".into(),
-                    code: "server_shutting_down",
-                    retryable: true,
-                };
-                (MessageStatus::Interrupted, Some(EventKind::Error(failure)))
+                let message = "the server is shutting down; reconnect to continue";
+                (
+                    MessageStatus::Interrupted,
+                    Some(failure(message, "server_shutting_down", true)),
+                )
             }
             Ending::ChatDeleted => {
-                let failure = StreamFailure {
-                    message: "the chat was deleted".into(),
-                    code: "chat_deleted",
-                    retryable: false,
-                };
-                (MessageStatus::Interrupted, Some(EventKind::Error(failure)))
+                let message = "the chat was deleted";
+                (
+                    MessageStatus::Interrupted,
+                    Some(failure(message, "chat_deleted", false)),
+                )
             }
             Ending::Failed(err) => {
                 tracing::error!(chat_id = %self.chat_id, code = err.kind.code(), "SSE stream error: {err}");
-                let failure = StreamFailure {
-                    message: err.message,
+                let event = EventKind::Error(StreamFailure {
                     code: err.kind.code(),
                     retryable: err.kind.retryable(),
-                };
-                (MessageStatus::Error, Some(EventKind::Error(failure)))
+                    message: err.message,
+                });
+                (MessageStatus::Error, Some(event))
             }
-        };
-        let error_code = match &terminal {
-            Some(EventKind::Error(failure)) => Some(failure.code.to_owned()),
-            _ => None,
-        };
-        let last_event_id = emitter.last_id + i64::from(terminal.is_some());
-        let record = FinishedTurn {
-            chat_id: self.chat_id.clone(),
-            assistant_message_id: self.assistant_message_id.clone(),
-            content,
-            status,
-            error_code,
-            usage,
-            last_event_id,
-        };
-        let terminal = match self.store.finish_turn(&record).await {
-            Ok(()) => terminal,
-            Err(e) => {
-                tracing::error!(chat_id = %self.chat_id, "SSE stream error: could not store the answer: {e}");
-                Some(EventKind::Error(StreamFailure {
-                    message: "the answer could not be saved".into(),
-                    code: "internal_error",
-                    retryable: true,
-                }))
-            }
-        };
-        if let Some(kind) = terminal {
-            emitter.send(kind).await;
         }
     }
+}
+
+fn failure(message: &str, code: &'static str, retryable: bool) -> EventKind {
+    EventKind::Error(StreamFailure {
+        message: message.to_owned(),
+        code,
+        retryable,
+    })
 }

@@ -28,11 +28,12 @@ impl StreamRequest {
                 "bot_id must not be empty",
             ));
         }
-        let chat_id = match self.chat_id {
-            Some(id) if id.is_empty() || id.len() > 128 => {
+        // An empty chat_id (a form or URL built with a blank field) means a new chat.
+        let chat_id = match self.chat_id.filter(|id| !id.is_empty()) {
+            Some(id) if id.len() > 128 => {
                 return Err(ApiError::bad_request(
                     "invalid_request",
-                    "chat_id must be 1 to 128 characters",
+                    "chat_id must be at most 128 characters",
                 ));
             }
             other => other,
