@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use super::fake_bedrock::{Outcome, Script};
-use super::helpers::{BOT, SseReader, spawn_app};
+use super::helpers::{BOT, spawn_app};
 
 #[tokio::test]
 async fn chats_are_listed_newest_first_and_paginated() {
@@ -74,13 +74,7 @@ async fn another_users_chat_cannot_be_read_continued_or_deleted() {
         .await;
     assert_eq!(response.status(), 404);
 
-    let response = app
-        .client
-        .delete(app.url(&format!("/api/v1/chats/{chat_id}")))
-        .bearer_auth(app.token("mallory"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete_chat("mallory", &chat_id).await;
     assert_eq!(response.status(), 404);
 
     // Alice's chat is untouched, and the model never saw Mallory's message.
@@ -97,13 +91,7 @@ async fn deleting_a_chat_removes_it_and_its_messages() {
         .await;
     let chat_id = events[0].json()["chat_id"].as_str().unwrap().to_owned();
 
-    let response = app
-        .client
-        .delete(app.url(&format!("/api/v1/chats/{chat_id}")))
-        .bearer_auth(app.token("alice"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete_chat("alice", &chat_id).await;
 
     assert_eq!(response.status(), 204);
     let (_, body) = app.get_json("alice", "/api/v1/chats").await;
@@ -112,13 +100,7 @@ async fn deleting_a_chat_removes_it_and_its_messages() {
         .get_json("alice", &format!("/api/v1/chats/{chat_id}/messages"))
         .await;
     assert_eq!(status, 404);
-    let response = app
-        .client
-        .delete(app.url(&format!("/api/v1/chats/{chat_id}")))
-        .bearer_auth(app.token("alice"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete_chat("alice", &chat_id).await;
     assert_eq!(response.status(), 404);
 }
 
@@ -126,22 +108,9 @@ async fn deleting_a_chat_removes_it_and_its_messages() {
 async fn deleting_a_chat_stops_its_running_answer() {
     let app = spawn_app().await;
     app.fake.push(Script::tokens(&["first", " second"]).gated());
-    let response = app
-        .post_stream("alice", json!({"bot_id": BOT, "message": "go on"}))
-        .await;
-    let mut reader = SseReader::new(response);
-    let chat_id = reader.next_event().await.unwrap().json()["chat_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (mut reader, chat_id) = app.open_stream("alice", "go on").await;
 
-    let response = app
-        .client
-        .delete(app.url(&format!("/api/v1/chats/{chat_id}")))
-        .bearer_auth(app.token("alice"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete_chat("alice", &chat_id).await;
 
     assert_eq!(response.status(), 204);
     let last = reader.next_event().await.unwrap();

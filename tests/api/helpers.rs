@@ -119,6 +119,28 @@ impl TestApp {
         SseReader::new(response).collect().await
     }
 
+    /// Starts an answer to `message` in a new chat; returns the reader past `start`, and the chat.
+    pub async fn open_stream(&self, user: &str, message: &str) -> (SseReader, String) {
+        let response = self
+            .post_stream(user, serde_json::json!({"bot_id": BOT, "message": message}))
+            .await;
+        assert_eq!(response.status(), 200);
+        let mut reader = SseReader::new(response);
+        let start = reader.next_event().await.unwrap();
+        assert_eq!(start.event, "start");
+        let chat_id = start.json()["chat_id"].as_str().unwrap().to_owned();
+        (reader, chat_id)
+    }
+
+    pub async fn delete_chat(&self, user: &str, chat_id: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(&format!("/api/v1/chats/{chat_id}")))
+            .bearer_auth(self.token(user))
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn get_json(&self, user: &str, path: &str) -> (u16, Value) {
         let response = self
             .client

@@ -193,14 +193,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_and_keeps_the_partial_an
     let app = spawn_app().await;
     app.fake
         .push(Script::tokens(&["partial", " answer", " never", " sent"]).gated());
-    let response = app
-        .post_stream("alice", json!({"bot_id": BOT, "message": "long story"}))
-        .await;
-    let mut reader = SseReader::new(response);
-    let chat_id = reader.next_event().await.unwrap().json()["chat_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (mut reader, chat_id) = app.open_stream("alice", "long story").await;
     app.fake.release(1);
     assert_eq!(
         reader.next_event().await.unwrap().json()["content"],
@@ -219,14 +212,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_and_keeps_the_partial_an
 async fn a_second_answer_in_the_same_chat_waits_for_the_first() {
     let app = spawn_app().await;
     app.fake.push(Script::tokens(&["slow"]).gated());
-    let response = app
-        .post_stream("alice", json!({"bot_id": BOT, "message": "first"}))
-        .await;
-    let mut reader = SseReader::new(response);
-    let chat_id = reader.next_event().await.unwrap().json()["chat_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (reader, chat_id) = app.open_stream("alice", "first").await;
 
     let busy = app
         .post_stream(
@@ -272,14 +258,7 @@ async fn chats_survive_a_restart() {
 async fn shutting_down_ends_open_streams_with_a_retryable_error_and_stores_them() {
     let app = spawn_app().await;
     app.fake.push(Script::tokens(&["before", " after"]).gated());
-    let response = app
-        .post_stream("alice", json!({"bot_id": BOT, "message": "hold on"}))
-        .await;
-    let mut reader = SseReader::new(response);
-    let chat_id = reader.next_event().await.unwrap().json()["chat_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (mut reader, chat_id) = app.open_stream("alice", "hold on").await;
     app.fake.release(1);
     assert_eq!(
         reader.next_event().await.unwrap().json()["content"],
