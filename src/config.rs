@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -16,6 +16,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub streams: StreamsConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
     pub database: DatabaseConfig,
@@ -47,6 +48,22 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             max_message_chars: 32 * 1024,
             stream_buffer_events: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// Seconds a target may take to send its first token before the next target is tried (or
+    /// the stream ends with `upstream_first_token_timeout`).
+    pub first_token_timeout_secs: u64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            first_token_timeout_secs: 60,
         }
     }
 }
@@ -83,6 +100,74 @@ impl Default for DatabaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ProvidersConfig {
     pub bedrock: Option<BedrockConfig>,
+    pub local: LocalConfig,
+    pub anthropic: Option<AnthropicConfig>,
+    pub openai: Option<OpenAiConfig>,
+}
+
+/// The embedded model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// The GGUF file; `MANGOO_LOCAL_MODEL` wins. Default: the `mangoo model fetch` cache.
+    pub model_path: Option<PathBuf>,
+    /// Answers decoded at once, each on its own thread.
+    pub concurrency: usize,
+    /// Answers that may wait for a decoding thread; beyond that, 503 with Retry-After.
+    pub queue_size: usize,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            model_path: None,
+            concurrency: 1,
+            queue_size: 8,
+        }
+    }
+}
+
+/// Anthropic's Messages API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnthropicConfig {
+    /// `ANTHROPIC_API_KEY` is used when absent.
+    pub api_key: Option<Secret>,
+    pub base_url: String,
+    pub version: String,
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for AnthropicConfig {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            base_url: "https://api.anthropic.com".into(),
+            version: "2023-06-01".into(),
+            connect_timeout_secs: 10,
+        }
+    }
+}
+
+/// An OpenAI-compatible `/v1/chat/completions` server: OpenAI, Ollama, vLLM, llama.cpp, LM Studio.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiConfig {
+    /// `OPENAI_API_KEY` is used when absent; local servers often need none.
+    pub api_key: Option<Secret>,
+    /// Up to and including `/v1`.
+    pub base_url: String,
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            base_url: "https://api.openai.com/v1".into(),
+            connect_timeout_secs: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,19 +194,69 @@ impl Default for BedrockConfig {
     }
 }
 
-/// One bot: what users pick with `bot_id`, bound to a provider and model.
+/// One bot: what users pick with `bot_id`. Either one `provider` + `model`, or `targets` tried in
+/// order until one starts answering.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BotConfig {
     pub id: String,
-    pub provider: String,
-    pub model: String,
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Bedrock region for the single-target form.
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
     #[serde(default)]
     pub system_prompt: Option<String>,
     #[serde(default)]
     pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
+}
+
+/// One provider and model a bot may answer with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub provider: String,
+    pub model: String,
+    /// Bedrock only: overrides `[providers.bedrock] region`.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+impl BotConfig {
+    /// The targets in order, whichever form the bot was written in.
+    pub fn targets(&self) -> Vec<TargetConfig> {
+        match (&self.provider, &self.model) {
+            (Some(provider), Some(model)) => vec![TargetConfig {
+                provider: provider.clone(),
+                model: model.clone(),
+                region: self.region.clone(),
+            }],
+            _ => self.targets.clone(),
+        }
+    }
+
+    /// The bot served when none are configured: the embedded model.
+    pub fn default_local() -> Self {
+        Self {
+            id: "default".into(),
+            provider: Some("local".into()),
+            model: Some(crate::providers::local::MODEL_NAME.into()),
+            region: None,
+            targets: Vec::new(),
+            system_prompt: None,
+            temperature: Some(0.7),
+            top_p: Some(0.9),
+            max_tokens: 512,
+        }
+    }
 }
 
 fn default_max_tokens() -> u32 {
@@ -170,7 +305,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The providers this build knows how to talk to.
-pub const KNOWN_PROVIDERS: &[&str] = &["bedrock"];
+pub const KNOWN_PROVIDERS: &[&str] = &["bedrock", "local", "anthropic", "openai"];
 
 impl Config {
     /// Reads the file (if any), applies the process environment and validates the result.
@@ -208,6 +343,9 @@ impl Config {
                 "MANGOO_BIND" => self.server.bind = value.to_owned(),
                 "MANGOO_DATABASE_URL" => self.database.url = value.to_owned(),
                 "MANGOO_JWT_SECRET" => self.auth.jwt_secret = Some(Secret::new(value)),
+                "MANGOO_LOCAL_MODEL" if !value.is_empty() => {
+                    self.providers.local.model_path = Some(PathBuf::from(value));
+                }
                 "MANGOO_ALLOWED_ORIGINS" => {
                     self.cors.allowed_origins = value
                         .split(',')
@@ -237,6 +375,12 @@ impl Config {
         if self.server.max_message_chars == 0 {
             return Err(invalid("server.max_message_chars", "must be at least 1"));
         }
+        if self.streams.first_token_timeout_secs == 0 {
+            return Err(invalid(
+                "streams.first_token_timeout_secs",
+                "must be at least 1",
+            ));
+        }
         if self.server.stream_buffer_events == 0 {
             return Err(invalid("server.stream_buffer_events", "must be at least 1"));
         }
@@ -258,7 +402,36 @@ impl Config {
         if let Some(bedrock) = &self.providers.bedrock {
             bedrock.validate()?;
         }
+        self.validate_providers()?;
         self.validate_bots()
+    }
+
+    fn validate_providers(&self) -> Result<(), ConfigError> {
+        let local = &self.providers.local;
+        if local.concurrency == 0 {
+            return Err(invalid("providers.local.concurrency", "must be at least 1"));
+        }
+        let urls = [
+            (
+                "providers.anthropic.base_url",
+                self.providers.anthropic.as_ref().map(|a| &a.base_url),
+            ),
+            (
+                "providers.openai.base_url",
+                self.providers.openai.as_ref().map(|o| &o.base_url),
+            ),
+        ];
+        for (key, url) in urls {
+            if let Some(url) = url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return Err(invalid(
+                    key,
+                    format!("'{url}' must start with http:// or https://"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_bots(&self) -> Result<(), ConfigError> {
@@ -271,23 +444,16 @@ impl Config {
             if !seen.insert(bot.id.as_str()) {
                 return Err(invalid(key("id"), format!("duplicate bot id '{}'", bot.id)));
             }
-            if !KNOWN_PROVIDERS.contains(&bot.provider.as_str()) {
-                return Err(invalid(
-                    key("provider"),
-                    format!(
-                        "unknown provider '{}' (known: {})",
-                        bot.provider,
-                        KNOWN_PROVIDERS.join(", ")
-                    ),
-                ));
-            }
-            if bot.model.trim().is_empty() {
-                return Err(invalid(key("model"), "must not be empty"));
-            }
+            validate_targets(bot, &key)?;
             if let Some(t) = bot.temperature
                 && !(0.0..=2.0).contains(&t)
             {
                 return Err(invalid(key("temperature"), "must be between 0 and 2"));
+            }
+            if let Some(p) = bot.top_p
+                && !(p > 0.0 && p <= 1.0)
+            {
+                return Err(invalid(key("top_p"), "must be in (0, 1]"));
             }
             if bot.max_tokens == 0 {
                 return Err(invalid(key("max_tokens"), "must be at least 1"));
@@ -295,6 +461,53 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_targets(bot: &BotConfig, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    match (&bot.provider, &bot.model, bot.targets.is_empty()) {
+        (Some(_), Some(_), true) => {}
+        (None, None, false) => {}
+        (Some(_), Some(_), false) => {
+            return Err(invalid(
+                key("targets"),
+                "give either provider + model or targets, not both",
+            ));
+        }
+        (None, None, true) => {
+            return Err(invalid(
+                key("provider"),
+                "give provider + model, or targets",
+            ));
+        }
+        (Some(_), None, _) => return Err(invalid(key("model"), "is required with provider")),
+        (None, Some(_), _) => return Err(invalid(key("provider"), "is required with model")),
+    }
+    for (j, target) in bot.targets().iter().enumerate() {
+        let field = |name: &str| {
+            if bot.targets.is_empty() {
+                key(name)
+            } else {
+                key(&format!("targets[{j}].{name}"))
+            }
+        };
+        if !KNOWN_PROVIDERS.contains(&target.provider.as_str()) {
+            return Err(invalid(
+                field("provider"),
+                format!(
+                    "unknown provider '{}' (known: {})",
+                    target.provider,
+                    KNOWN_PROVIDERS.join(", ")
+                ),
+            ));
+        }
+        if target.model.trim().is_empty() {
+            return Err(invalid(field("model"), "must not be empty"));
+        }
+        if target.region.is_some() && target.provider != "bedrock" {
+            return Err(invalid(field("region"), "only applies to bedrock targets"));
+        }
+    }
+    Ok(())
 }
 
 impl ServerConfig {

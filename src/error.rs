@@ -28,8 +28,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
-    #[error("{0}")]
-    Unavailable(String),
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
     /// Logged in full, answered as a bare 500.
     #[error("internal error: {0}")]
     Internal(String),
@@ -65,7 +65,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -125,7 +125,14 @@ impl From<ChatError> for ApiError {
             ChatError::ChatBusy => ApiError::Conflict(message),
             ChatError::EmptyMessage => ApiError::bad_request("empty_message", message),
             ChatError::MessageTooLong { .. } => ApiError::bad_request("message_too_long", message),
-            ChatError::ShuttingDown => ApiError::Unavailable(message),
+            ChatError::ShuttingDown => ApiError::Unavailable {
+                code: "service_unavailable",
+                message,
+            },
+            ChatError::Refused(err) => ApiError::Unavailable {
+                code: err.kind.code(),
+                message,
+            },
             ChatError::ProviderMissing(_) | ChatError::Store(_) => ApiError::Internal(message),
         }
     }

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
@@ -13,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, random_secret};
 use crate::chat::{ChatLimits, ChatService};
-use crate::config::{Config, ConfigError};
+use crate::config::{BotConfig, Config, ConfigError};
 use crate::http::{AppState, router};
 use crate::providers::ProviderRegistry;
 use crate::store::{self, StoreError};
@@ -43,8 +44,11 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(config: Config) -> Result<Self, StartupError> {
+    pub async fn build(mut config: Config) -> Result<Self, StartupError> {
         config.validate()?;
+        if config.bots.is_empty() {
+            config.bots.push(BotConfig::default_local());
+        }
         let store = store::connect(&config.database.url).await?;
         let recovered = store.recover_abandoned_turns().await?;
         if recovered > 0 {
@@ -78,6 +82,7 @@ impl Application {
             ChatLimits {
                 max_message_chars: config.server.max_message_chars,
                 stream_buffer_events: config.server.stream_buffer_events,
+                first_token_timeout: Duration::from_secs(config.streams.first_token_timeout_secs),
             },
             tasks.clone(),
             shutdown.clone(),

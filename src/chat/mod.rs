@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::Stream;
 use tokio::sync::mpsc;
@@ -19,7 +20,9 @@ use tokio_util::task::TaskTracker;
 use crate::auth::UserId;
 use crate::config::BotConfig;
 use crate::domain::Role;
-use crate::providers::{ModelMessage, ModelRequest, ProviderRegistry};
+use crate::providers::{
+    Admission, ModelMessage, ModelRequest, ProviderError, ProviderRegistry, Target,
+};
 use crate::store::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, MessageRecord, NewTurn, StoreError,
 };
@@ -49,6 +52,9 @@ pub enum ChatError {
     MessageTooLong { max: usize },
     #[error("bot '{0}' has no provider available")]
     ProviderMissing(String),
+    /// No target of the bot can take the request now (e.g. the local model's queue is full).
+    #[error("{0}")]
+    Refused(ProviderError),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -60,6 +66,7 @@ pub enum ChatError {
 pub struct ChatLimits {
     pub max_message_chars: usize,
     pub stream_buffer_events: usize,
+    pub first_token_timeout: Duration,
 }
 
 pub struct ChatService {
@@ -118,14 +125,20 @@ impl ChatService {
             .bots
             .get(&request.bot_id)
             .ok_or_else(|| ChatError::BotNotFound(request.bot_id.clone()))?;
-        let provider = self
-            .providers
-            .get(&bot.provider)
-            .ok_or_else(|| ChatError::ProviderMissing(bot.id.clone()))?;
+        let targets: Vec<Target> = bot
+            .targets()
+            .iter()
+            .filter_map(|t| self.providers.resolve(t))
+            .collect();
+        if targets.is_empty() {
+            return Err(ChatError::ProviderMissing(bot.id.clone()));
+        }
         if self.shutdown.is_cancelled() {
             return Err(ChatError::ShuttingDown);
         }
         let messages = self.conversation(user, &request).await?;
+        // Admission comes before anything is stored: a refused request leaves no trace.
+        let (start, admission) = admit_first(&targets)?;
         let new_turn = NewTurn {
             new_chat: request.chat_id.is_none(),
             chat_id: request.chat_id.unwrap_or_else(|| new_id("chat")),
@@ -142,14 +155,18 @@ impl ChatService {
             chat_id: new_turn.chat_id,
             assistant_message_id: new_turn.assistant_message_id,
             last_event_id: begun.last_event_id,
-            provider,
+            targets,
+            start,
+            admission,
             request: ModelRequest {
-                model: bot.model.clone(),
+                model: String::new(),
                 system_prompt: bot.system_prompt.clone(),
                 messages,
                 temperature: bot.temperature,
+                top_p: bot.top_p,
                 max_tokens: bot.max_tokens,
             },
+            first_token_timeout: self.limits.first_token_timeout,
             store: self.store.clone(),
             events: tx,
             client_gone: client_gone.clone(),
@@ -292,6 +309,18 @@ impl ChatService {
             .expect("active-turns lock")
             .remove(chat_id);
     }
+}
+
+/// The first target that can take the request, with the place it granted.
+fn admit_first(targets: &[Target]) -> Result<(usize, Admission), ChatError> {
+    let mut refusal = None;
+    for (index, target) in targets.iter().enumerate() {
+        match target.provider.admit() {
+            Ok(admission) => return Ok((index, admission)),
+            Err(e) => refusal = Some(e),
+        }
+    }
+    Err(ChatError::Refused(refusal.expect("targets is not empty")))
 }
 
 /// The earlier turns a model sees: each user message with its answer. A question whose answer

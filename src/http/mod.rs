@@ -135,7 +135,10 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
         )),
         Err(e) => {
             tracing::warn!("readiness check failed: {e}");
-            Err(ApiError::Unavailable("storage is unreachable".into()))
+            Err(ApiError::Unavailable {
+                code: "service_unavailable",
+                message: "storage is unreachable".into(),
+            })
         }
     }
 }

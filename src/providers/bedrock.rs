@@ -21,7 +21,8 @@ use aws_sdk_bedrockruntime::types::{
 use futures_util::stream;
 
 use super::{
-    ChatProvider, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream,
+    Admission, ChatProvider, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent,
+    ProviderStream,
 };
 use crate::config::BedrockConfig;
 use crate::domain::{Role, TokenUsage};
@@ -105,7 +106,11 @@ fn is_loopback_url(url: &str) -> bool {
 
 #[async_trait::async_trait]
 impl ChatProvider for BedrockProvider {
-    async fn stream(&self, request: ModelRequest) -> Result<ProviderStream, ProviderError> {
+    async fn stream(
+        &self,
+        request: ModelRequest,
+        _admission: Admission,
+    ) -> Result<ProviderStream, ProviderError> {
         let messages = request
             .messages
             .iter()
@@ -126,6 +131,7 @@ impl ChatProvider for BedrockProvider {
         let inference = InferenceConfiguration::builder()
             .max_tokens(i32::try_from(request.max_tokens).unwrap_or(i32::MAX))
             .set_temperature(request.temperature)
+            .set_top_p(request.top_p)
             .build();
         let output = self
             .client

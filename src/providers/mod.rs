@@ -3,7 +3,11 @@
 //! storage: they turn a [`ModelRequest`] into a stream of [`ProviderEvent`]s, and every vendor's
 //! failures into the same [`ProviderError`] kinds, so the stream pipeline treats them alike.
 
+pub mod anthropic;
 pub mod bedrock;
+mod http_sse;
+pub mod local;
+pub mod openai;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,10 +15,13 @@ use std::sync::Arc;
 
 use futures_util::stream::BoxStream;
 
-use crate::config::Config;
+use crate::config::{Config, TargetConfig};
 use crate::domain::{Role, TokenUsage};
 
+pub use anthropic::AnthropicProvider;
 pub use bedrock::BedrockProvider;
+pub use local::LocalProvider;
+pub use openai::OpenAiProvider;
 
 /// One conversation, ready for a model.
 #[derive(Debug, Clone)]
@@ -24,6 +31,7 @@ pub struct ModelRequest {
     /// Alternating user/assistant turns, first and last from the user.
     pub messages: Vec<ModelMessage>,
     pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
     pub max_tokens: u32,
 }
 
@@ -61,6 +69,12 @@ pub enum ProviderErrorKind {
     Connection,
     /// Anything else that went wrong upstream.
     Upstream,
+    /// The provider accepted the request but sent no token in time.
+    FirstTokenTimeout,
+    /// Our own capacity for this provider is taken (the local model's queue is full).
+    Overloaded,
+    /// The model cannot serve at all (the local model is not downloaded or failed to load).
+    ModelUnavailable,
 }
 
 impl ProviderErrorKind {
@@ -73,11 +87,29 @@ impl ProviderErrorKind {
             Self::Unavailable => "upstream_unavailable",
             Self::Connection => "upstream_connection_error",
             Self::Upstream => "upstream_error",
+            Self::FirstTokenTimeout => "upstream_first_token_timeout",
+            Self::Overloaded => "overloaded",
+            Self::ModelUnavailable => "model_unavailable",
         }
     }
 
     pub fn retryable(self) -> bool {
-        !matches!(self, Self::InvalidRequest | Self::AccessDenied)
+        !matches!(
+            self,
+            Self::InvalidRequest | Self::AccessDenied | Self::ModelUnavailable
+        )
+    }
+
+    /// The kind an HTTP status from a provider means, for providers spoken to over HTTP.
+    pub fn from_status(status: u16) -> Self {
+        match status {
+            429 => Self::Throttled,
+            401 | 403 => Self::AccessDenied,
+            408 | 504 => Self::Timeout,
+            503 | 529 => Self::Unavailable,
+            400..=499 => Self::InvalidRequest,
+            _ => Self::Upstream,
+        }
     }
 }
 
@@ -98,30 +130,75 @@ impl ProviderError {
     }
 }
 
+/// A place reserved for one request before its response starts. Most providers need none; the
+/// local model hands out one of its bounded queue places, freed when the answer ends.
+#[derive(Debug, Default)]
+pub struct Admission {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    pub fn with_permit(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self {
+            _permit: Some(permit),
+        }
+    }
+}
+
 /// The contract every vendor module fulfils.
 #[async_trait::async_trait]
 pub trait ChatProvider: Send + Sync {
+    /// Checks, before anything is streamed, that this provider can take one more request.
+    fn admit(&self) -> Result<Admission, ProviderError> {
+        Ok(Admission::default())
+    }
+
     /// Starts generating. Returns once the provider accepted the request; dropping the stream
     /// cancels the request upstream, which is how a gone client stops the spending.
-    async fn stream(&self, request: ModelRequest) -> Result<ProviderStream, ProviderError>;
+    async fn stream(
+        &self,
+        request: ModelRequest,
+        admission: Admission,
+    ) -> Result<ProviderStream, ProviderError>;
 }
 
 /// Every provider this build speaks. Closed on purpose: adding one is a deliberate change here.
 pub enum Provider {
     Bedrock(BedrockProvider),
+    Local(LocalProvider),
+    Anthropic(AnthropicProvider),
+    OpenAi(OpenAiProvider),
 }
 
 impl Provider {
     pub fn name(&self) -> &'static str {
         match self {
             Provider::Bedrock(_) => bedrock::PROVIDER_NAME,
+            Provider::Local(_) => local::PROVIDER_NAME,
+            Provider::Anthropic(_) => anthropic::PROVIDER_NAME,
+            Provider::OpenAi(_) => openai::PROVIDER_NAME,
         }
     }
 
-    pub async fn stream(&self, request: ModelRequest) -> Result<ProviderStream, ProviderError> {
+    fn inner(&self) -> &dyn ChatProvider {
         match self {
-            Provider::Bedrock(p) => p.stream(request).await,
+            Provider::Bedrock(p) => p,
+            Provider::Local(p) => p,
+            Provider::Anthropic(p) => p,
+            Provider::OpenAi(p) => p,
         }
+    }
+
+    pub fn admit(&self) -> Result<Admission, ProviderError> {
+        self.inner().admit()
+    }
+
+    pub async fn stream(
+        &self,
+        request: ModelRequest,
+        admission: Admission,
+    ) -> Result<ProviderStream, ProviderError> {
+        self.inner().stream(request, admission).await
     }
 }
 
@@ -131,30 +208,66 @@ impl fmt::Debug for Provider {
     }
 }
 
+/// A bot's target with its provider resolved.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub provider: Arc<Provider>,
+    pub model: String,
+}
+
+/// Which client serves a target: one per provider, and for Bedrock one per region.
+type ClientKey = (String, Option<String>);
+
 /// The providers the configured bots use, each built once and shared by every request.
 #[derive(Debug, Clone, Default)]
 pub struct ProviderRegistry {
-    providers: HashMap<String, Arc<Provider>>,
+    providers: HashMap<ClientKey, Arc<Provider>>,
 }
 
 impl ProviderRegistry {
     pub async fn from_config(config: &Config) -> Self {
         let mut providers = HashMap::new();
-        for bot in &config.bots {
-            if providers.contains_key(&bot.provider) {
-                continue;
-            }
-            // Validation already rejected unknown provider names.
-            if bot.provider == bedrock::PROVIDER_NAME {
-                let settings = config.providers.bedrock.clone().unwrap_or_default();
-                let provider = Provider::Bedrock(BedrockProvider::new(&settings).await);
-                providers.insert(bot.provider.clone(), Arc::new(provider));
+        for target in config.bots.iter().flat_map(|b| b.targets()) {
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                providers.entry(client_key(&target))
+            {
+                slot.insert(Arc::new(build_provider(config, &target).await));
             }
         }
         Self { providers }
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<Provider>> {
-        self.providers.get(name).cloned()
+    pub fn resolve(&self, target: &TargetConfig) -> Option<Target> {
+        self.providers
+            .get(&client_key(target))
+            .map(|provider| Target {
+                provider: provider.clone(),
+                model: target.model.clone(),
+            })
+    }
+}
+
+fn client_key(target: &TargetConfig) -> ClientKey {
+    (target.provider.clone(), target.region.clone())
+}
+
+async fn build_provider(config: &Config, target: &TargetConfig) -> Provider {
+    let providers = &config.providers;
+    // Validation already rejected unknown provider names.
+    match target.provider.as_str() {
+        bedrock::PROVIDER_NAME => {
+            let mut settings = providers.bedrock.clone().unwrap_or_default();
+            if target.region.is_some() {
+                settings.region = target.region.clone();
+            }
+            Provider::Bedrock(BedrockProvider::new(&settings).await)
+        }
+        anthropic::PROVIDER_NAME => Provider::Anthropic(AnthropicProvider::new(
+            &providers.anthropic.clone().unwrap_or_default(),
+        )),
+        openai::PROVIDER_NAME => Provider::OpenAi(OpenAiProvider::new(
+            &providers.openai.clone().unwrap_or_default(),
+        )),
+        _ => Provider::Local(LocalProvider::new(&providers.local)),
     }
 }

@@ -46,10 +46,13 @@ pub fn test_config(fake: &FakeBedrock, db_path: &std::path::Path) -> Config {
     });
     config.bots = vec![BotConfig {
         id: BOT.into(),
-        provider: "bedrock".into(),
-        model: MODEL.into(),
+        provider: Some("bedrock".into()),
+        model: Some(MODEL.into()),
+        region: None,
+        targets: Vec::new(),
         system_prompt: Some(SYSTEM_PROMPT.into()),
         temperature: Some(0.7),
+        top_p: None,
         max_tokens: 512,
     }];
     config

@@ -1,0 +1,118 @@
+//! What the providers spoken to over HTTP share: one reqwest client each, request errors and
+//! statuses mapped onto [`ProviderErrorKind`], and their SSE bodies parsed into events with a
+//! bound on event size (a broken upstream must not make us buffer without end).
+
+use std::time::Duration;
+
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures_util::{Stream, StreamExt};
+
+use super::{ProviderError, ProviderErrorKind};
+
+/// The most bytes accepted between two SSE event boundaries from a provider.
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// A client for long streams: a connect timeout, but no total timeout (answers take minutes),
+/// and no response compression (it would batch the stream).
+pub fn client(connect_timeout_secs: u64) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(connect_timeout_secs))
+        .tcp_nodelay(true)
+        .build()
+        .expect("a reqwest client with static settings builds")
+}
+
+pub fn request_error(provider: &str, err: &reqwest::Error) -> ProviderError {
+    let kind = if err.is_timeout() {
+        ProviderErrorKind::Timeout
+    } else {
+        ProviderErrorKind::Connection
+    };
+    tracing::warn!(provider, "request failed: {err:?}");
+    let message = match kind {
+        ProviderErrorKind::Timeout => format!("{provider} did not answer in time"),
+        _ => format!("the connection to {provider} failed or was lost"),
+    };
+    ProviderError::new(kind, message)
+}
+
+/// Turns a non-2xx response into an error, keeping the provider's own message when it has one.
+pub async fn status_error(provider: &str, response: reqwest::Response) -> ProviderError {
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    let detail = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            let error = v.get("error")?;
+            error
+                .get("message")
+                .and_then(|m| m.as_str())
+                .or_else(|| error.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| body.chars().take(200).collect());
+    ProviderError::new(
+        ProviderErrorKind::from_status(status),
+        format!("{provider} answered HTTP {status}: {detail}"),
+    )
+}
+
+/// The SSE events of a response body; a transport error or an oversized event ends the stream
+/// with an error. The size is checked on the raw bytes, before the parser buffers them.
+pub fn events(
+    provider: &'static str,
+    response: reqwest::Response,
+) -> impl Stream<Item = Result<Event, ProviderError>> + Send {
+    let mut since_boundary = 0usize;
+    let bytes = response.bytes_stream().map(move |chunk| {
+        let chunk = chunk?;
+        since_boundary = match last_boundary(&chunk) {
+            Some(end) => chunk.len() - end,
+            None => since_boundary + chunk.len(),
+        };
+        Ok::<_, reqwest::Error>((chunk, since_boundary > MAX_EVENT_BYTES))
+    });
+    let mut oversized = false;
+    let bytes = bytes
+        .take_while(move |item| {
+            let keep = !oversized;
+            oversized = matches!(item, Ok((_, true)));
+            std::future::ready(keep)
+        })
+        .map(|item| item.map(|(chunk, _)| chunk));
+    // An oversized event leaves its bytes unterminated: the parser then ends without it, and the
+    // provider module reports the stream as cut short.
+    bytes.eventsource().map(move |item| match item {
+        Ok(event) => Ok(event),
+        Err(EventStreamError::Transport(e)) => Err(request_error(provider, &e)),
+        Err(e) => Err(ProviderError::new(
+            ProviderErrorKind::Upstream,
+            format!("{provider} sent a malformed stream: {e}"),
+        )),
+    })
+}
+
+/// Where the last event boundary (a blank line: `\n\n`, `\r\r` or `\n\r\n`) in `chunk` ends.
+fn last_boundary(chunk: &[u8]) -> Option<usize> {
+    (1..chunk.len()).rev().find_map(|i| {
+        let blank = match (chunk[i - 1], chunk[i]) {
+            (b'\n', b'\n') | (b'\r', b'\r') => true,
+            (b'\r', b'\n') => i >= 2 && chunk[i - 2] == b'\n',
+            _ => false,
+        };
+        blank.then_some(i + 1)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_boundary;
+
+    #[test]
+    fn boundaries_in_every_line_ending() {
+        assert_eq!(last_boundary(b"data: a\n\ndata: b"), Some(10));
+        assert_eq!(last_boundary(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(last_boundary(b"data: a\r\rx"), Some(9));
+        assert_eq!(last_boundary(b"data: a\n"), None);
+    }
+}

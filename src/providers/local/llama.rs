@@ -1,0 +1,404 @@
+//! A lean Llama forward pass for small GGUF models, built on candle's quantized matmul kernel.
+//!
+//! Why not `candle_transformers::models::quantized_llama`: for a 135M-parameter model the matmuls
+//! are only part of a token's cost; the rest is tensor bookkeeping (an allocation and a dispatch
+//! per op, ~600 ops a token). Here every buffer is allocated once per worker, Q/K/V and gate/up
+//! are fused into one matmul each (fewer thread-pool round trips), and attention, RoPE and norms
+//! are plain loops. The maths is the same as candle's model; a test compares the two.
+
+use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType, matmul};
+use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::{Device, Tensor};
+
+use super::model::ModelError;
+
+const BLOCK: usize = 32;
+
+/// One weight matrix, rows = output features, quantised to Q8_0 row by row.
+struct Matrix {
+    rows: usize,
+    cols: usize,
+    blocks: Vec<BlockQ8_0>,
+}
+
+impl Matrix {
+    fn from_f32(values: &[f32], rows: usize, cols: usize) -> Self {
+        let mut blocks = vec![BlockQ8_0::zeros(); rows * cols / BLOCK];
+        BlockQ8_0::from_float(values, &mut blocks);
+        Self { rows, cols, blocks }
+    }
+
+    /// Rows of several matrices with the same width, one after another: one matmul serves all.
+    fn stacked(parts: &[(Vec<f32>, usize)], cols: usize) -> Self {
+        let rows = parts.iter().map(|(_, r)| r).sum();
+        let values: Vec<f32> = parts.iter().flat_map(|(v, _)| v.iter().copied()).collect();
+        Self::from_f32(&values, rows, cols)
+    }
+
+    /// `out[m × rows] = x[m × cols] · selfᵀ`.
+    fn apply(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), ModelError> {
+        matmul(
+            (m, self.cols, self.rows),
+            x,
+            &self.blocks,
+            &mut out[..m * self.rows],
+        )?;
+        Ok(())
+    }
+
+    fn row(&self, index: usize, out: &mut [f32]) {
+        let per_row = self.cols / BLOCK;
+        BlockQ8_0::to_float(&self.blocks[index * per_row..(index + 1) * per_row], out);
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// Q, K and V stacked.
+    qkv: Matrix,
+    out: Matrix,
+    ffn_norm: Vec<f32>,
+    /// Gate and up stacked.
+    gate_up: Matrix,
+    down: Matrix,
+}
+
+/// The shared, read-only half of the model.
+pub struct Weights {
+    dim: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    hidden: usize,
+    eps: f32,
+    pub context: usize,
+    /// Token embeddings, also the output head (tied weights).
+    embeddings: Matrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// `cos`/`sin` of every position × frequency, interleaved RoPE as in llama.cpp's GGUF.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+}
+
+pub fn vocab_size(weights: &Weights) -> usize {
+    weights.embeddings.rows
+}
+
+impl Weights {
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+    ) -> Result<Self, ModelError> {
+        let meta = |key: &str| -> Result<&gguf_file::Value, ModelError> {
+            content
+                .metadata
+                .get(key)
+                .ok_or_else(|| ModelError::Format(format!("missing metadata {key}")))
+        };
+        let number = |key: &str| -> Result<usize, ModelError> {
+            Ok(meta(key)?
+                .to_u32()
+                .map_err(|e| ModelError::Format(e.to_string()))? as usize)
+        };
+        let dim = number("llama.embedding_length")?;
+        let heads = number("llama.attention.head_count")?;
+        let kv_heads = number("llama.attention.head_count_kv")?;
+        let hidden = number("llama.feed_forward_length")?;
+        let blocks = number("llama.block_count")?;
+        let context = number("llama.context_length")?;
+        let eps = meta("llama.attention.layer_norm_rms_epsilon")?
+            .to_f32()
+            .map_err(|e| ModelError::Format(e.to_string()))?;
+        let rope_base = meta("llama.rope.freq_base")
+            .and_then(|v| v.to_f32().map_err(|e| ModelError::Format(e.to_string())))
+            .unwrap_or(10_000.0);
+        if dim % heads != 0 || dim % BLOCK != 0 || hidden % BLOCK != 0 {
+            return Err(ModelError::Format("unsupported tensor shapes".into()));
+        }
+        let head_dim = dim / heads;
+        let mut tensor = |name: &str| -> Result<Vec<f32>, ModelError> {
+            let q: QTensor = content.tensor(reader, name, &Device::Cpu)?;
+            let t: Tensor = q.dequantize(&Device::Cpu)?;
+            Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let embeddings_f32 = tensor("token_embd.weight")?;
+        let vocab = embeddings_f32.len() / dim;
+        let embeddings = Matrix::from_f32(&embeddings_f32, vocab, dim);
+        drop(embeddings_f32);
+        let mut layers = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let name = |part: &str| format!("blk.{i}.{part}.weight");
+            let kv_dim = kv_heads * head_dim;
+            layers.push(Layer {
+                attn_norm: tensor(&name("attn_norm"))?,
+                qkv: Matrix::stacked(
+                    &[
+                        (tensor(&name("attn_q"))?, dim),
+                        (tensor(&name("attn_k"))?, kv_dim),
+                        (tensor(&name("attn_v"))?, kv_dim),
+                    ],
+                    dim,
+                ),
+                out: Matrix::from_f32(&tensor(&name("attn_output"))?, dim, dim),
+                ffn_norm: tensor(&name("ffn_norm"))?,
+                gate_up: Matrix::stacked(
+                    &[
+                        (tensor(&name("ffn_gate"))?, hidden),
+                        (tensor(&name("ffn_up"))?, hidden),
+                    ],
+                    dim,
+                ),
+                down: Matrix::from_f32(&tensor(&name("ffn_down"))?, dim, hidden),
+            });
+        }
+        let norm = tensor("output_norm.weight")?;
+        let (rope_cos, rope_sin) = rope_tables(head_dim, rope_base, context);
+        Ok(Self {
+            dim,
+            heads,
+            kv_heads,
+            head_dim,
+            hidden,
+            eps,
+            context,
+            embeddings,
+            layers,
+            norm,
+            rope_cos,
+            rope_sin,
+        })
+    }
+}
+
+fn rope_tables(head_dim: usize, base: f32, context: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(context * half);
+    let mut sin = Vec::with_capacity(context * half);
+    for pos in 0..context {
+        for i in 0..half {
+            let theta = 1.0 / base.powf((2 * i) as f32 / head_dim as f32);
+            let angle = pos as f32 * theta;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// One worker's mutable half: the KV cache and scratch buffers, reused for every answer.
+pub struct Session {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    /// The tokens whose keys and values are cached, in order.
+    tokens: Vec<u32>,
+    len: usize,
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    scores: Vec<f32>,
+    pub logits: Vec<f32>,
+}
+
+impl Session {
+    pub fn new(weights: &Weights) -> Self {
+        Self {
+            keys: vec![Vec::new(); weights.layers.len()],
+            values: vec![Vec::new(); weights.layers.len()],
+            tokens: Vec::new(),
+            len: 0,
+            x: Vec::new(),
+            normed: Vec::new(),
+            qkv: Vec::new(),
+            attn: Vec::new(),
+            proj: Vec::new(),
+            gate_up: Vec::new(),
+            act: Vec::new(),
+            scores: Vec::new(),
+            logits: vec![0.0; weights.embeddings.rows],
+        }
+    }
+
+    /// Runs a prompt, reusing the cached keys and values of whatever prefix it shares with what
+    /// this session saw last: a bot's system prompt, or the earlier turns of a chat, are then
+    /// not computed again. At least the last token always runs, for its logits.
+    pub fn prefill(&mut self, w: &Weights, prompt: &[u32]) -> Result<(), ModelError> {
+        let shared = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len().saturating_sub(1));
+        self.truncate(w, shared);
+        self.forward(w, &prompt[shared..])
+    }
+
+    fn truncate(&mut self, w: &Weights, len: usize) {
+        let kv_dim = w.kv_heads * w.head_dim;
+        self.len = len;
+        self.tokens.truncate(len);
+        for cache in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            cache.truncate(len * kv_dim);
+        }
+    }
+
+    /// Runs `tokens` (at positions `len..len + tokens.len()`) and leaves the last one's logits
+    /// in `self.logits`.
+    pub fn forward(&mut self, w: &Weights, tokens: &[u32]) -> Result<(), ModelError> {
+        let m = tokens.len();
+        if m == 0 {
+            return Ok(());
+        }
+        if self.len + m > w.context {
+            return Err(ModelError::ContextFull(w.context));
+        }
+        let (dim, kv_dim) = (w.dim, w.kv_heads * w.head_dim);
+        resize(&mut self.x, m * dim);
+        for (row, &token) in tokens.iter().enumerate() {
+            if token as usize >= w.embeddings.rows {
+                return Err(ModelError::Format(format!("token {token} out of range")));
+            }
+            w.embeddings
+                .row(token as usize, &mut self.x[row * dim..(row + 1) * dim]);
+        }
+        resize(&mut self.normed, m * dim);
+        resize(&mut self.qkv, m * (dim + 2 * kv_dim));
+        resize(&mut self.attn, m * dim);
+        resize(&mut self.proj, m * dim);
+        resize(&mut self.gate_up, m * 2 * w.hidden);
+        resize(&mut self.act, m * w.hidden);
+        for (index, layer) in w.layers.iter().enumerate() {
+            self.attention(w, layer, index, m)?;
+            self.feed_forward(w, layer, m)?;
+        }
+        self.len += m;
+        self.tokens.extend_from_slice(tokens);
+        let last = &self.x[(m - 1) * dim..m * dim];
+        rms_norm(last, &w.norm, w.eps, &mut self.normed[..dim]);
+        w.embeddings.apply(&self.normed[..dim], 1, &mut self.logits)
+    }
+
+    fn attention(
+        &mut self,
+        w: &Weights,
+        layer: &Layer,
+        index: usize,
+        m: usize,
+    ) -> Result<(), ModelError> {
+        let (dim, hd) = (w.dim, w.head_dim);
+        let kv_dim = w.kv_heads * hd;
+        let width = dim + 2 * kv_dim;
+        for row in 0..m {
+            let span = row * dim..(row + 1) * dim;
+            rms_norm(
+                &self.x[span.clone()],
+                &layer.attn_norm,
+                w.eps,
+                &mut self.normed[span],
+            );
+        }
+        layer.qkv.apply(&self.normed, m, &mut self.qkv)?;
+        let half = hd / 2;
+        for row in 0..m {
+            let pos = self.len + row;
+            let angles = pos * half..(pos + 1) * half;
+            let (cos, sin) = (&w.rope_cos[angles.clone()], &w.rope_sin[angles]);
+            let qkv = &mut self.qkv[row * width..(row + 1) * width];
+            for head in qkv[..dim + kv_dim].chunks_exact_mut(hd) {
+                rope(head, cos, sin);
+            }
+            self.keys[index].extend_from_slice(&qkv[dim..dim + kv_dim]);
+            self.values[index].extend_from_slice(&qkv[dim + kv_dim..]);
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = w.heads / w.kv_heads;
+        let (keys, values) = (&self.keys[index], &self.values[index]);
+        for row in 0..m {
+            let visible = self.len + row + 1;
+            resize(&mut self.scores, visible);
+            for head in 0..w.heads {
+                let q = &self.qkv[row * width + head * hd..row * width + (head + 1) * hd];
+                let kv_offset = (head / group) * hd;
+                for (t, score) in self.scores.iter_mut().enumerate() {
+                    let k = &keys[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
+                    *score = dot(q, k) * scale;
+                }
+                softmax(&mut self.scores);
+                let out = &mut self.attn[row * dim + head * hd..row * dim + (head + 1) * hd];
+                out.fill(0.0);
+                for (t, p) in self.scores.iter().enumerate() {
+                    let v = &values[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
+                    out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+                }
+            }
+        }
+        layer.out.apply(&self.attn, m, &mut self.proj)?;
+        self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
+        Ok(())
+    }
+
+    fn feed_forward(&mut self, w: &Weights, layer: &Layer, m: usize) -> Result<(), ModelError> {
+        let (dim, hidden) = (w.dim, w.hidden);
+        for row in 0..m {
+            let span = row * dim..(row + 1) * dim;
+            rms_norm(
+                &self.x[span.clone()],
+                &layer.ffn_norm,
+                w.eps,
+                &mut self.normed[span],
+            );
+        }
+        layer.gate_up.apply(&self.normed, m, &mut self.gate_up)?;
+        for row in 0..m {
+            let gate_up = &self.gate_up[row * 2 * hidden..(row + 1) * 2 * hidden];
+            let (gate, up) = gate_up.split_at(hidden);
+            let act = &mut self.act[row * hidden..(row + 1) * hidden];
+            for ((a, g), u) in act.iter_mut().zip(gate).zip(up) {
+                *a = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+        layer.down.apply(&self.act, m, &mut self.proj)?;
+        self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
+        Ok(())
+    }
+}
+
+fn resize(buffer: &mut Vec<f32>, len: usize) {
+    buffer.resize(len, 0.0);
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean_square + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+/// Interleaved rotary embedding: pairs (2i, 2i+1) turn by position × θᵢ.
+fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (pair, (c, s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * c - b * s;
+        pair[1] = a * s + b * c;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn softmax(values: &mut [f32]) {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in values.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    values.iter_mut().for_each(|v| *v /= sum);
+}
