@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn boundaries_in_every_line_ending() {
-        assert_eq!(last_boundary(b"data: a\n\ndata: b"), Some(10));
+        assert_eq!(last_boundary(b"data: a\n\ndata: b"), Some(9));
         assert_eq!(last_boundary(b"data: a\r\n\r\n"), Some(11));
         assert_eq!(last_boundary(b"data: a\r\rx"), Some(9));
         assert_eq!(last_boundary(b"data: a\n"), None);
