@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::fake_bedrock::{Outcome, Script};
+use super::fake_upstream::{Outcome, Script};
 use super::helpers::{BOT, spawn_app};
 
 #[tokio::test]

@@ -6,12 +6,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mangoo::auth::Authenticator;
-use mangoo::config::{BedrockConfig, BotConfig, Config, Secret};
+use mangoo::config::{
+    AnthropicConfig, BedrockConfig, BotConfig, Config, OpenAiConfig, Secret, TargetConfig,
+};
 use mangoo::startup::Application;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::fake_bedrock::FakeBedrock;
+use super::fake_upstream::FakeUpstream;
 
 /// The longest any awaited condition may take before the test fails as hung. A guard against
 /// deadlock, never a performance assertion: passing tests finish far below it.
@@ -21,11 +23,13 @@ pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 pub const BOT: &str = "bot-123";
 pub const MODEL: &str = "anthropic.claude-3-5-sonnet-20240620-v1:0";
 pub const SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+pub const ANTHROPIC_KEY: &str = "test-anthropic-key";
+pub const OPENAI_KEY: &str = "test-openai-key";
 
 pub struct TestApp {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
-    pub fake: FakeBedrock,
+    pub fake: FakeUpstream,
     pub db_path: PathBuf,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -33,7 +37,7 @@ pub struct TestApp {
 }
 
 /// A configuration pointing at `fake`, storing into `db_path`.
-pub fn test_config(fake: &FakeBedrock, db_path: &std::path::Path) -> Config {
+pub fn test_config(fake: &FakeUpstream, db_path: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.server.bind = "127.0.0.1:0".into();
     config.auth.jwt_secret = Some(Secret::new(SECRET));
@@ -44,18 +48,58 @@ pub fn test_config(fake: &FakeBedrock, db_path: &std::path::Path) -> Config {
         max_attempts: 1,
         ..BedrockConfig::default()
     });
-    config.bots = vec![BotConfig {
-        id: BOT.into(),
-        provider: Some("bedrock".into()),
-        model: Some(MODEL.into()),
+    config.providers.anthropic = Some(AnthropicConfig {
+        api_key: Some(Secret::new(ANTHROPIC_KEY)),
+        base_url: fake.url(),
+        ..AnthropicConfig::default()
+    });
+    config.providers.openai = Some(OpenAiConfig {
+        api_key: Some(Secret::new(OPENAI_KEY)),
+        base_url: format!("{}/v1", fake.url()),
+        ..OpenAiConfig::default()
+    });
+    config.providers.local.model_path = Some(local_model_path());
+    config.bots = vec![bot(BOT, "bedrock", MODEL)];
+    config
+}
+
+/// A single-target bot with the test system prompt.
+pub fn bot(id: &str, provider: &str, model: &str) -> BotConfig {
+    BotConfig {
+        id: id.into(),
+        provider: Some(provider.into()),
+        model: Some(model.into()),
         region: None,
         targets: Vec::new(),
         system_prompt: Some(SYSTEM_PROMPT.into()),
         temperature: Some(0.7),
         top_p: None,
         max_tokens: 512,
-    }];
-    config
+    }
+}
+
+/// A bot that tries `targets` (provider, model) in order.
+pub fn fallback_bot(id: &str, targets: &[(&str, &str)]) -> BotConfig {
+    BotConfig {
+        provider: None,
+        model: None,
+        targets: targets
+            .iter()
+            .map(|(provider, model)| TargetConfig {
+                provider: (*provider).into(),
+                model: (*model).into(),
+                region: None,
+            })
+            .collect(),
+        ..bot(id, "", "")
+    }
+}
+
+/// The real model file, as `mangoo model fetch` stores it.
+pub fn local_model_path() -> PathBuf {
+    std::env::var_os("MANGOO_LOCAL_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(mangoo::providers::local::default_model_path)
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -63,7 +107,7 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
-    let fake = FakeBedrock::start().await;
+    let fake = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("mangoo.db");
     let mut config = test_config(&fake, &db_path);
@@ -73,7 +117,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
 
 async fn start(
     config: Config,
-    fake: FakeBedrock,
+    fake: FakeUpstream,
     dir: tempfile::TempDir,
     db_path: PathBuf,
 ) -> TestApp {
@@ -176,7 +220,7 @@ impl TestApp {
     }
 
     /// Stops the server the way SIGTERM does and waits until it has finished.
-    pub async fn stop(self) -> (FakeBedrock, tempfile::TempDir, PathBuf) {
+    pub async fn stop(self) -> (FakeUpstream, tempfile::TempDir, PathBuf) {
         self.shutdown.cancel();
         tokio::time::timeout(HANG_GUARD, self.server)
             .await

@@ -1,12 +1,16 @@
 //! Black-box tests: the real server on an ephemeral port, spoken to over HTTP, with a test
-//! Bedrock endpoint that speaks the real event-stream protocol to the real AWS SDK.
+//! upstream that speaks Bedrock's event-stream protocol to the real AWS SDK and Anthropic's and
+//! OpenAI's SSE formats, plus the real embedded model.
 
 mod auth;
 mod binary;
 mod chats;
 mod cors;
-mod fake_bedrock;
+mod fake_sse_wires;
+mod fake_upstream;
 mod helpers;
 mod input_errors;
+mod local_model;
+mod providers;
 mod streaming;
 mod upstream_failures;

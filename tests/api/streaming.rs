@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::fake_bedrock::{Outcome, Script};
+use super::fake_upstream::{Outcome, Script};
 use super::helpers::{
     BOT, MODEL, SYSTEM_PROMPT, SseReader, answer_text, assert_well_formed, spawn_app,
 };
@@ -154,7 +154,7 @@ async fn a_second_turn_sends_the_system_prompt_and_history_to_the_model() {
     assert_eq!(answer_text(&second), "Your name is Alice.");
     let requests = app.fake.requests();
     assert_eq!(requests.len(), 2);
-    let (model, body) = &requests[1];
+    let (model, body) = (&requests[1].model, &requests[1].body);
     assert_eq!(model, MODEL);
     assert_eq!(body["system"], json!([{"text": SYSTEM_PROMPT}]));
     assert_eq!(

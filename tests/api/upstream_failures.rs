@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::fake_bedrock::Script;
+use super::fake_upstream::Script;
 use super::helpers::{BOT, SseReader, answer_text, assert_well_formed, spawn_app, spawn_app_with};
 
 /// Streams one answer under `script` and returns its events and the stored assistant message.

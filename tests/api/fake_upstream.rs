@@ -1,11 +1,14 @@
-//! A Bedrock ConverseStream endpoint for the test suite. It speaks the real wire protocol: AWS
-//! event-stream binary frames (prelude, headers, payload, CRCs) for events and exceptions, and
-//! restJson errors with `x-amzn-errortype` before the stream. The real AWS SDK inside mangoo is
-//! pointed at it through `endpoint_url`.
+//! One test server that speaks three providers' real wire protocols:
 //!
-//! Each request takes the next queued [`Script`] (or the default one): how many tokens, how they
-//! are paced, and how it fails. The endpoint records every request body and whether each answer
-//! stream ran to its end or was dropped early by the client (the cancellation mangoo must cause).
+//! - Bedrock ConverseStream: AWS event-stream binary frames (prelude, headers, payload, CRCs) for
+//!   events and exceptions, restJson errors with `x-amzn-errortype`; driven by the real AWS SDK
+//!   inside mangoo through `endpoint_url`;
+//! - Anthropic Messages (`/v1/messages`) and OpenAI chat completions (`/v1/chat/completions`)
+//!   as SSE, with their error shapes (see `fake_sse_wires`).
+//!
+//! Each request takes the next queued [`Script`] (or the default one): which tokens, gated one by
+//! one or not, and how it fails. The server records every request and whether each answer stream
+//! ran to its end or was dropped early by the client (the cancellation mangoo must cause).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -16,26 +19,29 @@ use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
+use super::fake_sse_wires::{anthropic, openai};
 use super::helpers::HANG_GUARD;
 
 /// How one answer behaves.
 #[derive(Debug, Clone)]
 pub struct Script {
     pub tokens: Vec<String>,
-    /// Each token waits for [`FakeBedrock::release`]: lets a test prove events are not buffered.
+    /// Each token waits for [`FakeUpstream::release`]: lets a test prove events are not buffered.
     pub gated: bool,
-    /// Send an exception frame of this type instead of token number `.0`.
+    /// Send the protocol's mid-stream error of this type instead of token number `.0`.
     pub exception_at: Option<(usize, &'static str)>,
     /// Abort the connection instead of sending token number `n`.
     pub drop_at: Option<usize>,
-    /// Refuse before streaming: HTTP status and `x-amzn-errortype`.
+    /// Refuse before streaming: HTTP status and the protocol's error type.
     pub http_error: Option<(u16, &'static str)>,
+    /// OpenAI only: end after the finish_reason without `data: [DONE]`, as some servers do.
+    pub omit_done: bool,
     pub usage: (u32, u32),
 }
 
@@ -53,6 +59,7 @@ impl Script {
             exception_at: None,
             drop_at: None,
             http_error: None,
+            omit_done: false,
             usage: (12, tokens.len() as u32),
         }
     }
@@ -72,6 +79,11 @@ impl Script {
         self
     }
 
+    pub fn omit_done(mut self) -> Self {
+        self.omit_done = true;
+        self
+    }
+
     pub fn http_error(status: u16, error_type: &'static str) -> Self {
         Self {
             http_error: Some((status, error_type)),
@@ -87,24 +99,43 @@ pub enum Outcome {
     Completed,
     /// The client dropped the stream before the end.
     Cancelled,
-    /// The script failed it on purpose (exception frame or aborted connection).
+    /// The script failed it on purpose (exception or aborted connection).
     Failed,
 }
 
+/// One request as the fake received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// "bedrock", "anthropic" or "openai".
+    pub provider: &'static str,
+    /// Bedrock: the percent-decoded model id from the path; others: the body's `model`.
+    pub model: String,
+    pub body: Value,
+    pub headers: HeaderMap,
+}
+
 #[derive(Clone)]
-pub struct FakeBedrock {
+pub struct FakeUpstream {
     inner: Arc<Inner>,
     pub addr: SocketAddr,
 }
 
-struct Inner {
+pub struct Inner {
     scripts: Mutex<VecDeque<Script>>,
-    requests: Mutex<Vec<(String, Value)>>,
+    requests: Mutex<Vec<Recorded>>,
     outcomes: watch::Sender<Vec<Outcome>>,
     gate: Semaphore,
 }
 
-impl FakeBedrock {
+impl Inner {
+    /// Records a request and hands out its script.
+    pub fn take(&self, request: Recorded) -> Script {
+        self.requests.lock().unwrap().push(request);
+        self.scripts.lock().unwrap().pop_front().unwrap_or_default()
+    }
+}
+
+impl FakeUpstream {
     pub async fn start() -> Self {
         let inner = Arc::new(Inner {
             scripts: Mutex::default(),
@@ -114,6 +145,8 @@ impl FakeBedrock {
         });
         let app = Router::new()
             .route("/model/{model}/converse-stream", post(converse_stream))
+            .route("/v1/messages", post(anthropic))
+            .route("/v1/chat/completions", post(openai))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -135,8 +168,7 @@ impl FakeBedrock {
         self.inner.gate.add_permits(n);
     }
 
-    /// Every request so far: the percent-decoded model id and the JSON body.
-    pub fn requests(&self) -> Vec<(String, Value)> {
+    pub fn requests(&self) -> Vec<Recorded> {
         self.inner.requests.lock().unwrap().clone()
     }
 
@@ -145,7 +177,7 @@ impl FakeBedrock {
         let mut rx = self.inner.outcomes.subscribe();
         let outcomes = tokio::time::timeout(HANG_GUARD, rx.wait_for(|o| o.len() > index))
             .await
-            .expect("the fake Bedrock stream never ended")
+            .expect("the fake upstream stream never ended")
             .unwrap();
         outcomes[index]
     }
@@ -157,12 +189,6 @@ struct Probe {
     outcome: Option<Outcome>,
 }
 
-impl Probe {
-    fn finish(&mut self, outcome: Outcome) {
-        self.outcome = Some(outcome);
-    }
-}
-
 impl Drop for Probe {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(Outcome::Cancelled);
@@ -170,46 +196,21 @@ impl Drop for Probe {
     }
 }
 
-async fn converse_stream(
-    State(inner): State<Arc<Inner>>,
-    Path(model): Path<String>,
-    body: Bytes,
-) -> Response {
-    let request: Value = serde_json::from_slice(&body).expect("the SDK sends JSON");
-    inner.requests.lock().unwrap().push((model, request));
-    let script = inner
-        .scripts
-        .lock()
-        .unwrap()
-        .pop_front()
-        .unwrap_or_default();
-    if let Some((status, error_type)) = script.http_error {
-        let status = StatusCode::from_u16(status).unwrap();
-        let body = json!({"message": format!("{error_type} from the test endpoint")});
-        return (
-            status,
-            [
-                ("x-amzn-errortype", error_type),
-                ("content-type", "application/json"),
-            ],
-            body.to_string(),
-        )
-            .into_response();
-    }
-    let frames = answer_frames(inner, script);
-    Response::builder()
-        .header("content-type", "application/vnd.amazon.eventstream")
-        .body(Body::from_stream(frames))
-        .unwrap()
+/// The frames of one protocol.
+pub trait Wire: Send + 'static {
+    fn opening(&self) -> Vec<Bytes>;
+    fn token(&self, text: &str) -> Bytes;
+    fn exception(&self, kind: &str) -> Bytes;
+    fn closing(&self, script: &Script) -> Vec<Bytes>;
 }
 
-fn answer_frames(
-    inner: Arc<Inner>,
-    script: Script,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-    async_stream::stream! {
+/// The body of a scripted answer, in any protocol.
+pub fn answer_body(inner: Arc<Inner>, script: Script, wire: impl Wire) -> Body {
+    let frames = async_stream::stream! {
         let mut probe = Probe { inner: inner.clone(), outcome: None };
-        yield Ok(event("messageStart", json!({"role": "assistant"})));
+        for frame in wire.opening() {
+            yield Ok(frame);
+        }
         for (i, token) in script.tokens.iter().enumerate() {
             if script.gated {
                 inner.gate.acquire().await.unwrap().forget();
@@ -219,32 +220,93 @@ fn answer_frames(
             if let Some((at, kind)) = script.exception_at
                 && at == i
             {
-                probe.finish(Outcome::Failed);
-                yield Ok(exception(kind, "the model stream failed"));
+                probe.outcome = Some(Outcome::Failed);
+                yield Ok(wire.exception(kind));
                 return;
             }
             if script.drop_at == Some(i) {
-                probe.finish(Outcome::Failed);
+                probe.outcome = Some(Outcome::Failed);
                 yield Err(std::io::Error::other("connection dropped by the test"));
                 return;
             }
-            yield Ok(event(
-                "contentBlockDelta",
-                json!({"contentBlockIndex": 0, "delta": {"text": token}}),
-            ));
+            yield Ok(wire.token(token));
         }
-        yield Ok(event("contentBlockStop", json!({"contentBlockIndex": 0})));
-        yield Ok(event("messageStop", json!({"stopReason": "end_turn"})));
-        let (input, output) = script.usage;
-        probe.finish(Outcome::Completed);
-        yield Ok(event(
-            "metadata",
-            json!({
-                "usage": {"inputTokens": input, "outputTokens": output, "totalTokens": input + output},
-                "metrics": {"latencyMs": 5}
-            }),
-        ));
+        probe.outcome = Some(Outcome::Completed);
+        for frame in wire.closing(&script) {
+            yield Ok(frame);
+        }
+    };
+    Body::from_stream(frames)
+}
+
+struct BedrockWire;
+
+impl Wire for BedrockWire {
+    fn opening(&self) -> Vec<Bytes> {
+        vec![event("messageStart", json!({"role": "assistant"}))]
     }
+
+    fn token(&self, text: &str) -> Bytes {
+        event(
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": text}}),
+        )
+    }
+
+    fn exception(&self, kind: &str) -> Bytes {
+        frame(
+            "exception",
+            ":exception-type",
+            kind,
+            json!({"message": "the model stream failed"}),
+        )
+    }
+
+    fn closing(&self, script: &Script) -> Vec<Bytes> {
+        let (input, output) = script.usage;
+        vec![
+            event("contentBlockStop", json!({"contentBlockIndex": 0})),
+            event("messageStop", json!({"stopReason": "end_turn"})),
+            event(
+                "metadata",
+                json!({
+                    "usage": {"inputTokens": input, "outputTokens": output, "totalTokens": input + output},
+                    "metrics": {"latencyMs": 5}
+                }),
+            ),
+        ]
+    }
+}
+
+async fn converse_stream(
+    State(inner): State<Arc<Inner>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).expect("the SDK sends JSON");
+    let script = inner.take(Recorded {
+        provider: "bedrock",
+        model,
+        body,
+        headers,
+    });
+    if let Some((status, error_type)) = script.http_error {
+        let body = json!({"message": format!("{error_type} from the test endpoint")});
+        return (
+            StatusCode::from_u16(status).unwrap(),
+            [
+                ("x-amzn-errortype", error_type),
+                ("content-type", "application/json"),
+            ],
+            body.to_string(),
+        )
+            .into_response();
+    }
+    Response::builder()
+        .header("content-type", "application/vnd.amazon.eventstream")
+        .body(answer_body(inner, script, BedrockWire))
+        .unwrap()
 }
 
 fn frame(message_type: &str, type_header: &'static str, kind: &str, payload: Value) -> Bytes {
@@ -268,13 +330,4 @@ fn frame(message_type: &str, type_header: &'static str, kind: &str, payload: Val
 
 fn event(kind: &str, payload: Value) -> Bytes {
     frame("event", ":event-type", kind, payload)
-}
-
-fn exception(kind: &str, message: &str) -> Bytes {
-    frame(
-        "exception",
-        ":exception-type",
-        kind,
-        json!({"message": message}),
-    )
 }
