@@ -5,7 +5,7 @@
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::http_sse::{client, events, request_error, status_error};
+use super::http_sse::{api_key, client, events, request_error, status_error};
 use super::{
     Admission, ChatProvider, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent,
     ProviderStream,
@@ -24,11 +24,7 @@ pub struct AnthropicProvider {
 
 impl AnthropicProvider {
     pub fn new(settings: &AnthropicConfig) -> Self {
-        let api_key = settings
-            .api_key
-            .as_ref()
-            .map(|k| k.expose().to_owned())
-            .or_else(|| std::env::var("ANTHROPIC_API_KEY").ok());
+        let api_key = api_key(settings.api_key.as_ref(), "ANTHROPIC_API_KEY");
         Self {
             http: client(settings.connect_timeout_secs),
             url: format!("{}/v1/messages", settings.base_url.trim_end_matches('/')),

