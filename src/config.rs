@@ -38,6 +38,10 @@ pub struct ServerConfig {
     /// Events buffered per stream between the producer and a slow client; beyond it the producer
     /// waits, which is what keeps memory per stream bounded.
     pub stream_buffer_events: usize,
+    /// An SSE comment (`: ping`) goes out whenever a stream was quiet this long; 0 turns it off.
+    pub heartbeat_secs: u64,
+    /// On SIGTERM, how long running streams may go on before they are ended.
+    pub drain_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +52,8 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             max_message_chars: 32 * 1024,
             stream_buffer_events: 64,
+            heartbeat_secs: 15,
+            drain_secs: 30,
         }
     }
 }
@@ -58,14 +64,35 @@ pub struct StreamsConfig {
     /// Seconds a target may take to send its first token before the next target is tried (or
     /// the stream ends with `upstream_first_token_timeout`).
     pub first_token_timeout_secs: u64,
+    /// Seconds the provider may stay silent between two tokens.
+    pub idle_timeout_secs: u64,
+    /// Longest an answer may stream in all.
+    pub max_stream_secs: u64,
+    /// What a client's disconnect does to its answer.
+    pub on_disconnect: DisconnectPolicy,
+    /// Sent as the SSE `retry:` hint on the first event: how soon EventSource reconnects.
+    pub retry_ms: u64,
 }
 
 impl Default for StreamsConfig {
     fn default() -> Self {
         Self {
             first_token_timeout_secs: 60,
+            idle_timeout_secs: 60,
+            max_stream_secs: 600,
+            on_disconnect: DisconnectPolicy::Cancel,
+            retry_ms: 2000,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DisconnectPolicy {
+    /// Stop the provider at once and store the partial answer.
+    Cancel,
+    /// Generate to the end in the background, for a client that comes back.
+    Continue,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

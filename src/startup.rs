@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, random_secret};
-use crate::chat::{ChatLimits, ChatService};
+use crate::chat::{ChatLimits, ChatService, StreamTimeouts};
 use crate::config::{BotConfig, Config, ConfigError};
+use crate::http::sse::SseSettings;
 use crate::http::{AppState, router};
 use crate::providers::ProviderRegistry;
 use crate::store::{self, StoreError};
@@ -82,7 +83,11 @@ impl Application {
             ChatLimits {
                 max_message_chars: config.server.max_message_chars,
                 stream_buffer_events: config.server.stream_buffer_events,
-                first_token_timeout: Duration::from_secs(config.streams.first_token_timeout_secs),
+                timeouts: StreamTimeouts {
+                    first_token: Duration::from_secs(config.streams.first_token_timeout_secs),
+                    idle: Duration::from_secs(config.streams.idle_timeout_secs),
+                    total: Duration::from_secs(config.streams.max_stream_secs),
+                },
             },
             tasks.clone(),
             shutdown.clone(),
@@ -91,6 +96,11 @@ impl Application {
             chat: Arc::new(chat),
             auth: authenticator.clone(),
             max_body_bytes: config.server.max_body_bytes,
+            sse: SseSettings {
+                heartbeat: (config.server.heartbeat_secs > 0)
+                    .then(|| Duration::from_secs(config.server.heartbeat_secs)),
+                retry_ms: config.streams.retry_ms,
+            },
         };
         let router = router(state, &config.cors.allowed_origins);
         let addr = config.server.bind_addr()?;

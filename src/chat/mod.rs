@@ -66,7 +66,18 @@ pub enum ChatError {
 pub struct ChatLimits {
     pub max_message_chars: usize,
     pub stream_buffer_events: usize,
-    pub first_token_timeout: Duration,
+    pub timeouts: StreamTimeouts,
+}
+
+/// How long an answer may take, at each stage. Each one that passes cancels the provider request.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTimeouts {
+    /// From calling a target to its first token (then the next target is tried).
+    pub first_token: Duration,
+    /// Between two tokens.
+    pub idle: Duration,
+    /// For the whole answer.
+    pub total: Duration,
 }
 
 pub struct ChatService {
@@ -166,12 +177,13 @@ impl ChatService {
                 top_p: bot.top_p,
                 max_tokens: bot.max_tokens,
             },
-            first_token_timeout: self.limits.first_token_timeout,
+            timeouts: self.limits.timeouts,
             store: self.store.clone(),
             events: tx,
             client_gone: client_gone.clone(),
             deleted,
             shutdown: self.shutdown.clone(),
+            deadline: tokio::time::Instant::now(),
         };
         self.spawn_producer(producer);
         Ok(TurnStream {

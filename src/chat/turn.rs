@@ -10,12 +10,13 @@
 //! failure is an `error` event, so the client never sees text twice.
 
 use std::sync::Arc;
-use std::time::Duration;
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::StreamTimeouts;
 use super::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
 use crate::domain::TokenUsage;
 use crate::providers::{
@@ -34,7 +35,7 @@ pub(super) struct Turn {
     pub admission: Admission,
     /// The conversation; `model` is filled in per target.
     pub request: ModelRequest,
-    pub first_token_timeout: Duration,
+    pub timeouts: StreamTimeouts,
     pub store: Arc<dyn ChatStore>,
     pub events: mpsc::Sender<StreamEvent>,
     /// Cancelled when the client's response is dropped.
@@ -43,6 +44,8 @@ pub(super) struct Turn {
     pub deleted: CancellationToken,
     /// Cancelled when the server shuts down.
     pub shutdown: CancellationToken,
+    /// When the whole answer must be over; set when the producer starts.
+    pub deadline: Instant,
 }
 
 /// How generation ended, before anything is stored.
@@ -93,6 +96,7 @@ impl Emitter {
 
 impl Turn {
     pub(super) async fn run(mut self) {
+        self.deadline = Instant::now() + self.timeouts.total;
         let mut emitter = Emitter {
             tx: self.events.clone(),
             last_id: self.last_event_id,
@@ -169,7 +173,7 @@ impl Turn {
                 }
             }
         };
-        let timeout = self.first_token_timeout;
+        let timeout = self.timeouts.first_token;
         let waited = tokio::select! {
             biased;
             ending = self.stopped() => return Opening::Stopped(ending),
@@ -202,7 +206,14 @@ impl Turn {
             let item = tokio::select! {
                 biased;
                 ending = self.stopped() => return ending,
-                item = upstream.next() => item,
+                item = tokio::time::timeout(self.timeouts.idle, upstream.next()) => item,
+            };
+            let Ok(item) = item else {
+                let idle = self.timeouts.idle.as_secs();
+                return Ending::Failed(ProviderError::new(
+                    ProviderErrorKind::IdleTimeout,
+                    format!("the provider sent nothing for {idle} s in the middle of the answer"),
+                ));
             };
             match item {
                 Some(Ok(ProviderEvent::TextDelta(text))) => {
@@ -224,6 +235,13 @@ impl Turn {
             _ = self.client_gone.cancelled() => Ending::ClientGone,
             _ = self.shutdown.cancelled() => Ending::ShuttingDown,
             _ = self.deleted.cancelled() => Ending::ChatDeleted,
+            _ = tokio::time::sleep_until(self.deadline) => {
+                let total = self.timeouts.total.as_secs();
+                Ending::Failed(ProviderError::new(
+                    ProviderErrorKind::StreamTooLong,
+                    format!("the answer took longer than the {total} s a stream may last"),
+                ))
+            }
         }
     }
 

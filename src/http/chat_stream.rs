@@ -53,7 +53,7 @@ pub async fn post_stream(
     JsonBody(request): JsonBody<StreamRequest>,
 ) -> Result<Response, ApiError> {
     let turn = state.chat.start_turn(&user, request.into_turn()?).await?;
-    Ok(stream_response(turn, version))
+    Ok(stream_response(turn, version, state.sse))
 }
 
 pub async fn get_stream(
@@ -65,5 +65,5 @@ pub async fn get_stream(
     let request: StreamRequest = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
     let turn = state.chat.start_turn(&user, request.into_turn()?).await?;
-    Ok(stream_response(turn, version))
+    Ok(stream_response(turn, version, state.sse))
 }

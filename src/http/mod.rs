@@ -36,6 +36,7 @@ pub struct AppState {
     pub chat: Arc<ChatService>,
     pub auth: Arc<Authenticator>,
     pub max_body_bytes: usize,
+    pub sse: sse::SseSettings,
 }
 
 pub fn router(state: AppState, allowed_origins: &[String]) -> Router {

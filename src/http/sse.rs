@@ -3,21 +3,46 @@
 //! bytes, headers and field order are exactly the public contract's.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, Version, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
+use futures_util::Stream;
 use serde::Serialize;
+use tokio::time::{Instant, Sleep};
 
-use crate::chat::TurnStream;
 use crate::chat::events::{EventKind, StreamEvent};
 use crate::domain::TokenUsage;
 
-/// Streams an answer. The body has no length, so HTTP/1.1 sends it chunked and each event leaves
-/// as soon as it is produced.
-pub fn stream_response(events: TurnStream, version: Version) -> Response {
-    let body = Body::from_stream(events.map(|event| Ok::<_, Infallible>(encode(&event))));
+/// How streams are written: the heartbeat interval and the reconnection hint.
+#[derive(Debug, Clone, Copy)]
+pub struct SseSettings {
+    /// `None`: no heartbeats.
+    pub heartbeat: Option<Duration>,
+    pub retry_ms: u64,
+}
+
+const HEARTBEAT: &[u8] = b": ping\n\n";
+
+/// Streams events. The body has no length, so HTTP/1.1 sends it chunked and each event leaves as
+/// soon as it is produced; a quiet stream gets a heartbeat comment so no proxy or load balancer
+/// between here and the browser takes it for dead.
+pub fn stream_response(
+    events: impl Stream<Item = StreamEvent> + Send + 'static,
+    version: Version,
+    settings: SseSettings,
+) -> Response {
+    let body = Body::from_stream(SseBody {
+        events: Box::pin(events),
+        heartbeat: settings
+            .heartbeat
+            .map(|every| (every, Box::pin(tokio::time::sleep(every)))),
+        retry_ms: Some(settings.retry_ms),
+    });
     let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -35,6 +60,40 @@ pub fn stream_response(events: TurnStream, version: Version) -> Response {
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
     }
     response
+}
+
+/// Encodes events and interleaves heartbeats whenever nothing was written for the interval.
+struct SseBody {
+    events: Pin<Box<dyn Stream<Item = StreamEvent> + Send>>,
+    heartbeat: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// Sent once, on the first event.
+    retry_ms: Option<u64>,
+}
+
+impl Stream for SseBody {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this.events.as_mut().poll_next(cx) {
+            Poll::Ready(Some(event)) => {
+                if let Some((every, timer)) = &mut this.heartbeat {
+                    timer.as_mut().reset(Instant::now() + *every);
+                }
+                let frame = encode(&event, this.retry_ms.take());
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {}
+        }
+        if let Some((every, timer)) = &mut this.heartbeat
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            timer.as_mut().reset(Instant::now() + *every);
+            return Poll::Ready(Some(Ok(Bytes::from_static(HEARTBEAT))));
+        }
+        Poll::Pending
+    }
 }
 
 #[derive(Serialize)]
@@ -87,10 +146,13 @@ struct ErrorData<'a> {
     retryable: bool,
 }
 
-/// One SSE frame: `id`, `event`, a single `data` line (JSON escapes every newline) and the blank
-/// line that ends the event.
-pub fn encode(event: &StreamEvent) -> Bytes {
+/// One SSE frame: `retry` (first event only), `id`, `event`, a single `data` line (JSON escapes
+/// every newline) and the blank line that ends the event.
+pub fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
     let mut frame = Vec::with_capacity(96);
+    if let Some(ms) = retry_ms {
+        frame.extend_from_slice(format!("retry: {ms}\n").as_bytes());
+    }
     let name = match &event.kind {
         EventKind::Start { .. } => "start",
         EventKind::Content(_) => "message",
@@ -150,10 +212,13 @@ mod tests {
 
     #[test]
     fn content_frames_match_the_contract() {
-        let frame = encode(&StreamEvent {
-            id: 2,
-            kind: EventKind::Content("line\nnext".into()),
-        });
+        let frame = encode(
+            &StreamEvent {
+                id: 2,
+                kind: EventKind::Content("line\nnext".into()),
+            },
+            None,
+        );
         assert_eq!(
             frame,
             "id: 2\nevent: message\ndata: {\"content\":\"line\\nnext\",\"type\":\"content\"}\n\n"
@@ -162,17 +227,20 @@ mod tests {
 
     #[test]
     fn error_frames_match_the_contract() {
-        let frame = encode(&StreamEvent {
-            id: 9,
-            kind: EventKind::Error(StreamFailure {
-                message: "slow down".into(),
-                code: "upstream_throttled",
-                retryable: true,
-            }),
-        });
+        let frame = encode(
+            &StreamEvent {
+                id: 9,
+                kind: EventKind::Error(StreamFailure {
+                    message: "slow down".into(),
+                    code: "upstream_throttled",
+                    retryable: true,
+                }),
+            },
+            Some(2000),
+        );
         assert_eq!(
             frame,
-            "id: 9\nevent: error\ndata: {\"error\":\"slow down\",\"type\":\"error\",\
+            "retry: 2000\nid: 9\nevent: error\ndata: {\"error\":\"slow down\",\"type\":\"error\",\
              \"code\":\"upstream_throttled\",\"retryable\":true}\n\n"
         );
     }

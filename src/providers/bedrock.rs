@@ -214,7 +214,8 @@ fn request_error<R: std::fmt::Debug>(err: &SdkError<ConverseStreamError, R>) -> 
             _ => K::Upstream,
         },
         SdkError::TimeoutError(_) => K::Timeout,
-        SdkError::DispatchFailure(failure) if failure.is_timeout() => K::Timeout,
+        // Dispatch covers connecting; a timeout there is the connect timeout.
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => K::ConnectTimeout,
         SdkError::DispatchFailure(_) => K::Connection,
         _ => K::Upstream,
     };
@@ -257,6 +258,7 @@ where
         _ => match kind {
             ProviderErrorKind::Connection => "the connection to Bedrock failed or was lost".into(),
             ProviderErrorKind::Timeout => "Bedrock did not answer in time".into(),
+            ProviderErrorKind::ConnectTimeout => "could not connect to Bedrock in time".into(),
             _ => "Bedrock sent a response that could not be read".into(),
         },
     }

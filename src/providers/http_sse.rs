@@ -31,7 +31,9 @@ pub fn api_key(configured: Option<&crate::config::Secret>, env_var: &str) -> Opt
 }
 
 pub fn request_error(provider: &str, err: &reqwest::Error) -> ProviderError {
-    let kind = if err.is_timeout() {
+    let kind = if err.is_connect() && err.is_timeout() {
+        ProviderErrorKind::ConnectTimeout
+    } else if err.is_timeout() {
         ProviderErrorKind::Timeout
     } else {
         ProviderErrorKind::Connection
@@ -39,6 +41,7 @@ pub fn request_error(provider: &str, err: &reqwest::Error) -> ProviderError {
     tracing::warn!(provider, "request failed: {err:?}");
     let message = match kind {
         ProviderErrorKind::Timeout => format!("{provider} did not answer in time"),
+        ProviderErrorKind::ConnectTimeout => format!("could not connect to {provider} in time"),
         _ => format!("the connection to {provider} failed or was lost"),
     };
     ProviderError::new(kind, message)

@@ -69,8 +69,14 @@ pub enum ProviderErrorKind {
     Connection,
     /// Anything else that went wrong upstream.
     Upstream,
+    /// The connection to the provider could not be opened in time.
+    ConnectTimeout,
     /// The provider accepted the request but sent no token in time.
     FirstTokenTimeout,
+    /// The provider went silent between two tokens for too long.
+    IdleTimeout,
+    /// The answer ran past the longest a stream may last.
+    StreamTooLong,
     /// Our own capacity for this provider is taken (the local model's queue is full).
     Overloaded,
     /// The model cannot serve at all (the local model is not downloaded or failed to load).
@@ -87,7 +93,10 @@ impl ProviderErrorKind {
             Self::Unavailable => "upstream_unavailable",
             Self::Connection => "upstream_connection_error",
             Self::Upstream => "upstream_error",
+            Self::ConnectTimeout => "upstream_connect_timeout",
             Self::FirstTokenTimeout => "upstream_first_token_timeout",
+            Self::IdleTimeout => "upstream_idle_timeout",
+            Self::StreamTooLong => "stream_too_long",
             Self::Overloaded => "overloaded",
             Self::ModelUnavailable => "model_unavailable",
         }
@@ -96,7 +105,10 @@ impl ProviderErrorKind {
     pub fn retryable(self) -> bool {
         !matches!(
             self,
-            Self::InvalidRequest | Self::AccessDenied | Self::ModelUnavailable
+            Self::InvalidRequest
+                | Self::AccessDenied
+                | Self::ModelUnavailable
+                | Self::StreamTooLong
         )
     }
 

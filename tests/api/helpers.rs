@@ -242,6 +242,7 @@ impl TestApp {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SseEvent {
     pub id: Option<String>,
+    pub retry: Option<String>,
     pub event: String,
     pub data: String,
 }
@@ -312,6 +313,7 @@ impl SseReader {
 /// Parses one event block; comment-only blocks (heartbeats) yield nothing.
 fn parse_block(block: &str) -> Option<SseEvent> {
     let mut id = None;
+    let mut retry = None;
     let mut event = String::from("message");
     let mut data: Vec<&str> = Vec::new();
     for line in block.lines() {
@@ -322,6 +324,7 @@ fn parse_block(block: &str) -> Option<SseEvent> {
         let value = value.strip_prefix(' ').unwrap_or(value);
         match field {
             "id" => id = Some(value.to_owned()),
+            "retry" => retry = Some(value.to_owned()),
             "event" => event = value.to_owned(),
             "data" => data.push(value),
             _ => {}
@@ -332,6 +335,7 @@ fn parse_block(block: &str) -> Option<SseEvent> {
     }
     Some(SseEvent {
         id,
+        retry,
         event,
         data: data.join("\n"),
     })

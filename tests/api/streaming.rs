@@ -31,6 +31,12 @@ async fn a_message_streams_back_as_the_contracts_events() {
     let events = SseReader::new(response).collect().await;
     assert_well_formed(&events);
     assert_eq!(events[0].id.as_deref(), Some("1"));
+    assert_eq!(
+        events[0].retry.as_deref(),
+        Some("2000"),
+        "the first event carries retry:"
+    );
+    assert!(events[1..].iter().all(|e| e.retry.is_none()));
     let start = events[0].json();
     let chat_id = start["chat_id"].as_str().unwrap();
     assert!(chat_id.starts_with("chat-"));
