@@ -35,9 +35,6 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Longest accepted user message, in characters.
     pub max_message_chars: usize,
-    /// Events buffered per stream between the producer and a slow client; beyond it the producer
-    /// waits, which is what keeps memory per stream bounded.
-    pub stream_buffer_events: usize,
     /// An SSE comment (`: ping`) goes out whenever a stream was quiet this long; 0 turns it off.
     pub heartbeat_secs: u64,
     /// On SIGTERM, how long running streams may go on before they are ended.
@@ -51,7 +48,6 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             max_body_bytes: 1024 * 1024,
             max_message_chars: 32 * 1024,
-            stream_buffer_events: 64,
             heartbeat_secs: 15,
             drain_secs: 30,
         }
@@ -407,9 +403,6 @@ impl Config {
                 "streams.first_token_timeout_secs",
                 "must be at least 1",
             ));
-        }
-        if self.server.stream_buffer_events == 0 {
-            return Err(invalid("server.stream_buffer_events", "must be at least 1"));
         }
         if let Some(secret) = &self.auth.jwt_secret
             && secret.expose().is_empty()

@@ -126,7 +126,7 @@ impl From<ChatError> for ApiError {
             ChatError::EmptyMessage => ApiError::bad_request("empty_message", message),
             ChatError::MessageTooLong { .. } => ApiError::bad_request("message_too_long", message),
             ChatError::ShuttingDown => ApiError::Unavailable {
-                code: "service_unavailable",
+                code: "server_shutting_down",
                 message,
             },
             ChatError::Refused(err) => ApiError::Unavailable {

@@ -36,4 +36,5 @@ pub mod http;
 pub mod providers;
 pub mod startup;
 pub mod store;
+pub mod stream_log;
 pub mod telemetry;

@@ -19,6 +19,7 @@ use crate::http::sse::SseSettings;
 use crate::http::{AppState, router};
 use crate::providers::ProviderRegistry;
 use crate::store::{self, StoreError};
+use crate::stream_log::memory::MemoryLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -41,7 +42,8 @@ pub struct Application {
     /// Set when the secret was generated for this run (none configured).
     generated_secret: bool,
     shutdown: CancellationToken,
-    tasks: TaskTracker,
+    chat: Arc<ChatService>,
+    drain: Duration,
 }
 
 impl Application {
@@ -68,32 +70,27 @@ impl Application {
             );
         }
         let authenticator = Arc::new(Authenticator::hs256(secret.as_bytes()));
-        if config.bots.is_empty() {
-            tracing::warn!(
-                "no [[bots]] configured: every chat request will answer 404 bot_not_found"
-            );
-        }
         let providers = ProviderRegistry::from_config(&config).await;
-        let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let chat = ChatService::new(
             store,
+            Arc::new(MemoryLog::default()),
             providers,
             &config.bots,
             ChatLimits {
                 max_message_chars: config.server.max_message_chars,
-                stream_buffer_events: config.server.stream_buffer_events,
+                on_disconnect: config.streams.on_disconnect,
                 timeouts: StreamTimeouts {
                     first_token: Duration::from_secs(config.streams.first_token_timeout_secs),
                     idle: Duration::from_secs(config.streams.idle_timeout_secs),
                     total: Duration::from_secs(config.streams.max_stream_secs),
                 },
             },
-            tasks.clone(),
-            shutdown.clone(),
+            tasks,
         );
+        let chat = Arc::new(chat);
         let state = AppState {
-            chat: Arc::new(chat),
+            chat: chat.clone(),
             auth: authenticator.clone(),
             max_body_bytes: config.server.max_body_bytes,
             sse: SseSettings {
@@ -116,8 +113,9 @@ impl Application {
             router,
             authenticator,
             generated_secret,
-            shutdown,
-            tasks,
+            shutdown: CancellationToken::new(),
+            chat,
+            drain: Duration::from_secs(config.server.drain_secs),
         })
     }
 
@@ -137,8 +135,10 @@ impl Application {
         self.generated_secret
     }
 
-    /// Cancelling this token stops the server: open streams end with a retryable
-    /// `server_shutting_down` error, answers are stored, and `run_until_stopped` returns.
+    /// Cancelling this token starts a graceful shutdown: `/readyz` answers 503 and new streams are
+    /// refused at once; running answers go on for up to `drain_secs`, then each still running ends
+    /// with a retryable `server_shutting_down`; everything is stored and `run_until_stopped`
+    /// returns. No connection holds the exit hostage.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
@@ -153,13 +153,33 @@ impl Application {
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
-        let shutdown = self.shutdown.clone();
-        let served = axum::serve(listener, service)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        // Producers store their answers after their streams end; wait for every one of them.
-        self.tasks.close();
-        self.tasks.wait().await;
-        served
+        let close_http = CancellationToken::new();
+        let closing = close_http.clone();
+        let server = axum::serve(listener, service)
+            .with_graceful_shutdown(async move { closing.cancelled().await })
+            .into_future();
+        tokio::pin!(server);
+        tokio::select! {
+            served = &mut server => return served,
+            () = self.shutdown.cancelled() => {}
+        }
+        tracing::info!(drain_secs = self.drain.as_secs(), "draining");
+        let drained = async {
+            self.chat.drain(self.drain).await;
+            // Every answer is stored and every stream has its terminal event; now stop accepting
+            // and let the last bytes go out.
+            close_http.cancel();
+            tokio::time::sleep(CLOSE_GRACE).await;
+        };
+        tokio::select! {
+            served = &mut server => served,
+            () = drained => {
+                tracing::warn!("connections still open after the drain; closing them");
+                Ok(())
+            }
+        }
     }
 }
+
+/// After the drain, how long connections get to take their last bytes before they are dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);

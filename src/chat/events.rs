@@ -27,16 +27,31 @@ pub struct DoneEvent {
     pub chat_id: String,
     pub message_id: String,
     pub usage: TokenUsage,
-    pub provider: &'static str,
+    pub provider: String,
     pub model: String,
+    /// Ended by the stop endpoint rather than by the model.
+    pub stopped: bool,
 }
 
 /// Why a stream ended badly, in the contract's terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamFailure {
     pub message: String,
-    pub code: &'static str,
+    pub code: String,
     pub retryable: bool,
+    /// For a shutdown: the id of the last event before this one, to resume from elsewhere.
+    pub last_event_id: Option<i64>,
+}
+
+impl StreamFailure {
+    pub fn new(message: impl Into<String>, code: impl Into<String>, retryable: bool) -> Self {
+        Self {
+            message: message.into(),
+            code: code.into(),
+            retryable,
+            last_event_id: None,
+        }
+    }
 }
 
 impl EventKind {

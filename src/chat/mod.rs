@@ -1,24 +1,25 @@
 //! The chat service: everything between an authenticated request and the provider. It checks the
 //! request against the bots and the caller's chats, stores the user's turn, starts the answer's
-//! producer ([`turn`]) on the tracked task set and returns a [`TurnStream`] of events for the HTTP
-//! edge to encode. Handlers call this, never a provider.
+//! producer ([`turn`]) on the tracked task set and hands the HTTP edge a stream of events to
+//! encode — for a new answer, or for one a client reconnects to ([`ChatService::resume`]).
+//! Handlers call this, never a provider.
 
+mod control;
 pub mod events;
+mod replay;
 mod turn;
 
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Stream;
-use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use futures_util::StreamExt;
+use futures_util::stream::{self, BoxStream};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::UserId;
-use crate::config::BotConfig;
+use crate::config::{BotConfig, DisconnectPolicy};
 use crate::domain::Role;
 use crate::providers::{
     Admission, ModelMessage, ModelRequest, ProviderError, ProviderRegistry, Target,
@@ -26,7 +27,13 @@ use crate::providers::{
 use crate::store::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, MessageRecord, NewTurn, StoreError,
 };
+use crate::stream_log::EventLog;
+pub use control::StopCause;
+use control::{ActiveAnswer, ActiveAnswers};
 use events::StreamEvent;
+
+/// The events a client receives: a new answer, or the rest of one it reconnects to.
+pub type EventStream = BoxStream<'static, StreamEvent>;
 
 /// What a user asks for.
 #[derive(Debug, Clone)]
@@ -61,12 +68,12 @@ pub enum ChatError {
     Store(#[from] StoreError),
 }
 
-/// Limits the service enforces on every turn.
+/// Limits and policies the service applies to every turn.
 #[derive(Debug, Clone, Copy)]
 pub struct ChatLimits {
     pub max_message_chars: usize,
-    pub stream_buffer_events: usize,
     pub timeouts: StreamTimeouts,
+    pub on_disconnect: DisconnectPolicy,
 }
 
 /// How long an answer may take, at each stage. Each one that passes cancels the provider request.
@@ -82,14 +89,14 @@ pub struct StreamTimeouts {
 
 pub struct ChatService {
     store: Arc<dyn ChatStore>,
+    log: Arc<dyn EventLog>,
     providers: ProviderRegistry,
     bots: HashMap<String, BotConfig>,
     limits: ChatLimits,
     tasks: TaskTracker,
-    shutdown: CancellationToken,
-    /// Answers being generated, by chat id, each with the token that stops it when its chat is
-    /// deleted.
-    active: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    /// Cancelled when the server starts draining: new answers are refused.
+    draining: CancellationToken,
+    active: ActiveAnswers,
 }
 
 /// One page of a user's chats.
@@ -103,20 +110,41 @@ pub struct ChatPage {
 impl ChatService {
     pub fn new(
         store: Arc<dyn ChatStore>,
+        log: Arc<dyn EventLog>,
         providers: ProviderRegistry,
         bots: &[BotConfig],
         limits: ChatLimits,
         tasks: TaskTracker,
-        shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
+            log,
             providers,
             bots: bots.iter().map(|b| (b.id.clone(), b.clone())).collect(),
             limits,
             tasks,
-            shutdown,
-            active: Arc::default(),
+            draining: CancellationToken::new(),
+            active: ActiveAnswers::default(),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Graceful shutdown: refuses new answers at once, lets running ones go on for up to
+    /// `window`, then ends the rest (each gets a retryable `server_shutting_down`) and waits
+    /// until every answer is stored.
+    pub async fn drain(&self, window: Duration) {
+        self.draining.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(window, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!("drain window over: ending the answers still running");
+            self.active.stop_all(StopCause::Shutdown);
+            self.tasks.wait().await;
         }
     }
 
@@ -130,7 +158,7 @@ impl ChatService {
         &self,
         user: &UserId,
         request: TurnRequest,
-    ) -> Result<TurnStream, ChatError> {
+    ) -> Result<EventStream, ChatError> {
         self.check_message(&request.message)?;
         let bot = self
             .bots
@@ -144,7 +172,7 @@ impl ChatService {
         if targets.is_empty() {
             return Err(ChatError::ProviderMissing(bot.id.clone()));
         }
-        if self.shutdown.is_cancelled() {
+        if self.is_draining() {
             return Err(ChatError::ShuttingDown);
         }
         let messages = self.conversation(user, &request).await?;
@@ -159,9 +187,15 @@ impl ChatService {
             assistant_message_id: new_id("msg"),
             message: request.message,
         };
-        let (deleted, begun) = self.begin(&new_turn).await?;
-        let (tx, rx) = mpsc::channel(self.limits.stream_buffer_events);
-        let client_gone = CancellationToken::new();
+        let (answer, begun) = self.begin(&new_turn).await?;
+        self.log.open(&new_turn.chat_id).await;
+        // Listen before the producer starts, so the asker sees every event from `start` on.
+        let events = self
+            .log
+            .follow(&new_turn.chat_id, begun.last_event_id)
+            .await
+            .expect("the log was just opened");
+        let listener = answer.audience.listen(events);
         let producer = turn::Turn {
             chat_id: new_turn.chat_id,
             assistant_message_id: new_turn.assistant_message_id,
@@ -179,17 +213,13 @@ impl ChatService {
             },
             timeouts: self.limits.timeouts,
             store: self.store.clone(),
-            events: tx,
-            client_gone: client_gone.clone(),
-            deleted,
-            shutdown: self.shutdown.clone(),
+            log: self.log.clone(),
+            control: answer.control,
+            all_gone: answer.audience.all_gone(),
             deadline: tokio::time::Instant::now(),
         };
         self.spawn_producer(producer);
-        Ok(TurnStream {
-            events: rx,
-            _cancel_on_drop: client_gone.drop_guard(),
-        })
+        Ok(Box::pin(listener))
     }
 
     /// What the model sees: the chat's earlier turns (after checking the caller owns it), then
@@ -213,14 +243,17 @@ impl ChatService {
         Ok(messages)
     }
 
-    /// Claims the chat for this answer and stores the turn's first half. Returns the token that
-    /// stops the answer if the chat is deleted.
-    async fn begin(&self, turn: &NewTurn) -> Result<(CancellationToken, BegunTurn), ChatError> {
-        let deleted = self.claim_chat(&turn.chat_id)?;
+    /// Claims the chat for this answer and stores the turn's first half.
+    async fn begin(&self, turn: &NewTurn) -> Result<(ActiveAnswer, BegunTurn), ChatError> {
+        let cancel_when_unheard = self.limits.on_disconnect == DisconnectPolicy::Cancel;
+        let answer = self
+            .active
+            .claim(&turn.chat_id, cancel_when_unheard)
+            .ok_or(ChatError::ChatBusy)?;
         match self.store.begin_turn(turn).await {
-            Ok(begun) => Ok((deleted, begun)),
+            Ok(begun) => Ok((answer, begun)),
             Err(e) => {
-                self.release_chat(&turn.chat_id);
+                self.active.release(&turn.chat_id);
                 Err(match e {
                     StoreError::ChatNotFound => ChatError::ChatNotFound,
                     StoreError::ChatBusy => ChatError::ChatBusy,
@@ -236,8 +269,38 @@ impl ChatService {
         let chat_id = producer.chat_id.clone();
         self.tasks.spawn(async move {
             producer.run().await;
-            active.lock().expect("active-turns lock").remove(&chat_id);
+            active.release(&chat_id);
         });
+    }
+
+    /// The events of the chat's latest answer after `after_id` (from its start when `None`):
+    /// live while it is generated here, from storage once it is stored. `None` when there is
+    /// nothing left to send.
+    pub async fn resume(
+        &self,
+        user: &UserId,
+        chat_id: &str,
+        after_id: Option<i64>,
+    ) -> Result<Option<EventStream>, ChatError> {
+        self.owned_chat(user, chat_id).await?;
+        if let Some(answer) = self.active.get(chat_id)
+            && let Some(events) = self.log.follow(chat_id, after_id.unwrap_or(0)).await
+        {
+            return Ok(Some(Box::pin(answer.audience.listen(events))));
+        }
+        let messages = self.store.list_messages(chat_id).await?;
+        let Some(latest) = messages.iter().rev().find(|m| m.role == Role::Assistant) else {
+            return Ok(None);
+        };
+        let events = replay::events_after(chat_id, latest, after_id.unwrap_or(0));
+        Ok((!events.is_empty()).then(|| stream::iter(events).boxed()))
+    }
+
+    /// Stops the chat's running answer from any connection; every listener gets its `done`.
+    /// Says whether an answer was running.
+    pub async fn stop(&self, user: &UserId, chat_id: &str) -> Result<bool, ChatError> {
+        self.owned_chat(user, chat_id).await?;
+        Ok(self.active.stop(chat_id, StopCause::Stopped))
     }
 
     pub async fn list_chats(
@@ -276,9 +339,7 @@ impl ChatService {
     /// Deletes a chat of the caller, stopping its answer first if one is being generated.
     pub async fn delete_chat(&self, user: &UserId, chat_id: &str) -> Result<(), ChatError> {
         self.owned_chat(user, chat_id).await?;
-        if let Some(token) = self.active.lock().expect("active-turns lock").get(chat_id) {
-            token.cancel();
-        }
+        self.active.stop(chat_id, StopCause::Deleted);
         if self.store.delete_chat(chat_id, user.as_str()).await? {
             Ok(())
         } else {
@@ -302,24 +363,6 @@ impl ChatService {
             return Err(ChatError::MessageTooLong { max });
         }
         Ok(())
-    }
-
-    /// One answer at a time per chat in this process; the store enforces it across processes.
-    fn claim_chat(&self, chat_id: &str) -> Result<CancellationToken, ChatError> {
-        let mut active = self.active.lock().expect("active-turns lock");
-        if active.contains_key(chat_id) {
-            return Err(ChatError::ChatBusy);
-        }
-        let token = CancellationToken::new();
-        active.insert(chat_id.to_owned(), token.clone());
-        Ok(token)
-    }
-
-    fn release_chat(&self, chat_id: &str) {
-        self.active
-            .lock()
-            .expect("active-turns lock")
-            .remove(chat_id);
     }
 }
 
@@ -366,20 +409,6 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// The events of one answer. Dropping it (the client went away) cancels the answer.
-pub struct TurnStream {
-    events: mpsc::Receiver<StreamEvent>,
-    _cancel_on_drop: DropGuard,
-}
-
-impl Stream for TurnStream {
-    type Item = StreamEvent;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<StreamEvent>> {
-        self.events.poll_recv(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,6 +424,7 @@ mod tests {
             error_code: None,
             usage: None,
             created_at_ms: 0,
+            replay: None,
         }
     }
 

@@ -1,22 +1,23 @@
 //! The producer of one answer: calls the bot's targets in order until one starts answering,
-//! hands each event to the client's stream as it arrives, and stores the outcome whatever happens
-//! to the client.
+//! appends each event to the stream log the moment it arrives (every listener reads from there),
+//! and stores the outcome whatever happens to the clients.
 //!
-//! It runs as a tracked task, not inside the HTTP response, because its last duty (storing the
-//! partial answer as interrupted) must happen exactly when the response is gone.
+//! It runs as a tracked task, not inside an HTTP response: it outlives any one connection (a
+//! client may reconnect; under the "continue" policy nobody may be listening at all), and its last
+//! duty, storing the answer, must happen exactly when the listeners are gone.
 //!
 //! Fallback rule: a target that fails before its first token (refused, throttled, 5xx, no first
 //! token in time) is skipped for the next. Once a token has streamed there is no switch: a
 //! failure is an `error` event, so the client never sees text twice.
 
 use std::sync::Arc;
-use tokio::time::Instant;
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::StreamTimeouts;
+use super::control::{StopCause, TurnControl};
 use super::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
 use crate::domain::TokenUsage;
 use crate::providers::{
@@ -24,6 +25,7 @@ use crate::providers::{
     Target,
 };
 use crate::store::{ChatStore, FinishedTurn, MessageStatus};
+use crate::stream_log::EventLog;
 
 pub(super) struct Turn {
     pub chat_id: String,
@@ -37,25 +39,21 @@ pub(super) struct Turn {
     pub request: ModelRequest,
     pub timeouts: StreamTimeouts,
     pub store: Arc<dyn ChatStore>,
-    pub events: mpsc::Sender<StreamEvent>,
-    /// Cancelled when the client's response is dropped.
-    pub client_gone: CancellationToken,
-    /// Cancelled when the chat is deleted while the answer is generated.
-    pub deleted: CancellationToken,
-    /// Cancelled when the server shuts down.
-    pub shutdown: CancellationToken,
+    pub log: Arc<dyn EventLog>,
+    /// Stop, delete and shutdown reach the answer through this.
+    pub control: Arc<TurnControl>,
+    /// Cancelled when the last listener leaves and the policy is to cancel then.
+    pub all_gone: CancellationToken,
     /// When the whole answer must be over; set when the producer starts.
     pub deadline: Instant,
 }
 
 /// How generation ended, before anything is stored.
 enum Ending {
-    /// The answer is complete; `usize` is the target that gave it.
-    Complete(usize),
-    /// Nobody is listening any more: stop paying for tokens.
-    ClientGone,
-    ShuttingDown,
-    ChatDeleted,
+    /// The answer is complete.
+    Complete,
+    /// Something other than the provider ended it.
+    Stopped(StopCause),
     Failed(ProviderError),
 }
 
@@ -69,28 +67,30 @@ enum Opening {
     Stopped(Ending),
 }
 
-/// Assigns ids and forwards events; remembers the text and usage sent so far.
+/// Assigns ids and appends events to the log; remembers what was said so far.
 struct Emitter {
-    tx: mpsc::Sender<StreamEvent>,
+    log: Arc<dyn EventLog>,
+    chat_id: String,
     last_id: i64,
-    content: String,
+    chunks: Vec<String>,
     usage: Option<TokenUsage>,
+    /// The target that started answering, if one did.
+    answering: Option<usize>,
 }
 
 impl Emitter {
-    /// False when the client's stream is gone.
-    async fn send(&mut self, kind: EventKind) -> bool {
+    async fn send(&mut self, kind: EventKind) {
         self.last_id += 1;
         let event = StreamEvent {
             id: self.last_id,
             kind,
         };
-        self.tx.send(event).await.is_ok()
+        self.log.append(&self.chat_id, event).await;
     }
 
-    async fn send_text(&mut self, text: String) -> bool {
-        self.content.push_str(&text);
-        self.send(EventKind::Content(text)).await
+    async fn send_text(&mut self, text: String) {
+        self.chunks.push(text.clone());
+        self.send(EventKind::Content(text)).await;
     }
 }
 
@@ -98,21 +98,20 @@ impl Turn {
     pub(super) async fn run(mut self) {
         self.deadline = Instant::now() + self.timeouts.total;
         let mut emitter = Emitter {
-            tx: self.events.clone(),
+            log: self.log.clone(),
+            chat_id: self.chat_id.clone(),
             last_id: self.last_event_id,
-            content: String::new(),
+            chunks: Vec::new(),
             usage: None,
+            answering: None,
         };
         let start = EventKind::Start {
             chat_id: self.chat_id.clone(),
             message_id: self.assistant_message_id.clone(),
         };
+        emitter.send(start).await;
         let admission = std::mem::take(&mut self.admission);
-        let ending = if emitter.send(start).await {
-            self.generate(&mut emitter, admission).await
-        } else {
-            Ending::ClientGone
-        };
+        let ending = self.generate(&mut emitter, admission).await;
         self.finish(emitter, ending).await;
     }
 
@@ -131,12 +130,14 @@ impl Turn {
             };
             match opening {
                 Opening::Answering(upstream, first) => {
-                    if !emitter.send_text(first).await {
-                        return Ending::ClientGone;
-                    }
-                    return self.relay(upstream, emitter, index).await;
+                    emitter.answering = Some(index);
+                    emitter.send_text(first).await;
+                    return self.relay(upstream, emitter).await;
                 }
-                Opening::Empty => return Ending::Complete(index),
+                Opening::Empty => {
+                    emitter.answering = Some(index);
+                    return Ending::Complete;
+                }
                 Opening::Stopped(ending) => return ending,
                 Opening::Failed(e) => {
                     if index + 1 < self.targets.len() {
@@ -196,12 +197,7 @@ impl Turn {
 
     /// Streams the rest of a target's answer. Dropping `upstream` on any return closes the
     /// provider connection, which is what cancels the request upstream.
-    async fn relay(
-        &self,
-        mut upstream: ProviderStream,
-        emitter: &mut Emitter,
-        index: usize,
-    ) -> Ending {
+    async fn relay(&self, mut upstream: ProviderStream, emitter: &mut Emitter) -> Ending {
         loop {
             let item = tokio::select! {
                 biased;
@@ -216,14 +212,10 @@ impl Turn {
                 ));
             };
             match item {
-                Some(Ok(ProviderEvent::TextDelta(text))) => {
-                    if !emitter.send_text(text).await {
-                        return Ending::ClientGone;
-                    }
-                }
+                Some(Ok(ProviderEvent::TextDelta(text))) => emitter.send_text(text).await,
                 Some(Ok(ProviderEvent::Usage(usage))) => emitter.usage = Some(usage),
                 Some(Err(e)) => return Ending::Failed(e),
-                None => return Ending::Complete(index),
+                None => return Ending::Complete,
             }
         }
     }
@@ -232,9 +224,8 @@ impl Turn {
     async fn stopped(&self) -> Ending {
         tokio::select! {
             biased;
-            _ = self.client_gone.cancelled() => Ending::ClientGone,
-            _ = self.shutdown.cancelled() => Ending::ShuttingDown,
-            _ = self.deleted.cancelled() => Ending::ChatDeleted,
+            _ = self.control.stopped() => Ending::Stopped(self.control.cause()),
+            _ = self.all_gone.cancelled() => Ending::Stopped(StopCause::ClientGone),
             _ = tokio::time::sleep_until(self.deadline) => {
                 let total = self.timeouts.total.as_secs();
                 Ending::Failed(ProviderError::new(
@@ -245,87 +236,102 @@ impl Turn {
         }
     }
 
-    /// Stores the outcome first and only then sends the terminal event, so a client that sees
-    /// `done` and reloads the chat finds the answer there.
+    /// Stores the outcome first and only then appends the terminal event, so a client that sees
+    /// `done` and reloads the chat finds the answer there. Every ending has a terminal event (an
+    /// answer nobody listens to any more gets one too): a client that comes back later replays
+    /// exactly what a listener would have seen.
     async fn finish(&self, mut emitter: Emitter, ending: Ending) {
-        let (status, terminal) = self.conclude(ending, emitter.usage);
-        let error_code = match &terminal {
-            Some(EventKind::Error(failure)) => Some(failure.code.to_owned()),
+        let terminal_id = emitter.last_id + 1;
+        let (status, terminal) = self.conclude(ending, &emitter, terminal_id);
+        let target = emitter.answering.map(|i| &self.targets[i]);
+        let failure = match &terminal {
+            EventKind::Error(failure) => Some(failure),
             _ => None,
         };
         let record = FinishedTurn {
             chat_id: self.chat_id.clone(),
             assistant_message_id: self.assistant_message_id.clone(),
-            content: std::mem::take(&mut emitter.content),
+            content: emitter.chunks.concat(),
+            chunks: std::mem::take(&mut emitter.chunks),
             status,
-            error_code,
+            error_code: failure.map(|f| f.code.clone()),
+            error_message: failure.map(|f| f.message.clone()),
+            error_retryable: failure.map(|f| f.retryable),
+            provider: target.map(|t| t.provider.name().to_owned()),
+            model: target.map(|t| t.model.clone()),
             usage: emitter.usage,
-            last_event_id: emitter.last_id + i64::from(terminal.is_some()),
+            last_event_id: terminal_id,
         };
         let terminal = match self.store.finish_turn(&record).await {
             Ok(()) => terminal,
             Err(e) => {
                 tracing::error!(chat_id = %self.chat_id, "SSE stream error: could not store the answer: {e}");
-                Some(failure(
+                EventKind::Error(StreamFailure::new(
                     "the answer could not be saved",
                     "internal_error",
                     true,
                 ))
             }
         };
-        if let Some(kind) = terminal {
-            emitter.send(kind).await;
-        }
+        emitter.send(terminal).await;
+        self.log.close(&self.chat_id).await;
     }
 
-    /// The stored status and the terminal event (none when nobody is listening) of an ending.
+    /// The stored status and the terminal event of an ending.
     fn conclude(
         &self,
         ending: Ending,
-        usage: Option<TokenUsage>,
-    ) -> (MessageStatus, Option<EventKind>) {
+        emitter: &Emitter,
+        terminal_id: i64,
+    ) -> (MessageStatus, EventKind) {
+        let failure = |message: &str, code: &str, retryable: bool| {
+            EventKind::Error(StreamFailure::new(message, code, retryable))
+        };
         match ending {
-            Ending::Complete(index) => {
-                let target = &self.targets[index];
+            Ending::Complete | Ending::Stopped(StopCause::Stopped) => {
+                let stopped = !matches!(ending, Ending::Complete);
+                let target = emitter.answering.map(|i| &self.targets[i]);
                 let done = DoneEvent {
                     chat_id: self.chat_id.clone(),
                     message_id: self.assistant_message_id.clone(),
-                    usage: usage.unwrap_or_default(),
-                    provider: target.provider.name(),
-                    model: target.model.clone(),
+                    usage: emitter.usage.unwrap_or_default(),
+                    provider: target.map_or("", |t| t.provider.name()).to_owned(),
+                    model: target.map(|t| t.model.clone()).unwrap_or_default(),
+                    stopped,
                 };
-                (MessageStatus::Complete, Some(EventKind::Done(done)))
+                let status = if stopped {
+                    MessageStatus::Stopped
+                } else {
+                    MessageStatus::Complete
+                };
+                (status, EventKind::Done(done))
             }
-            Ending::ClientGone => {
+            Ending::Stopped(StopCause::ClientGone) => {
                 tracing::info!(chat_id = %self.chat_id, "client went away; answer stored as interrupted");
-                (MessageStatus::Interrupted, None)
+                let message = "the answer was interrupted when its client disconnected";
+                (
+                    MessageStatus::Interrupted,
+                    failure(message, "answer_interrupted", true),
+                )
             }
-            Ending::ShuttingDown => {
-                let message = "the server is shutting down; reconnect to continue";
-                let event = failure(message, "server_shutting_down", true);
-                (MessageStatus::Interrupted, Some(event))
+            Ending::Stopped(StopCause::Shutdown) => {
+                let mut shutdown = StreamFailure::new(
+                    "the server is shutting down; reconnect to continue",
+                    "server_shutting_down",
+                    true,
+                );
+                shutdown.last_event_id = Some(terminal_id - 1);
+                (MessageStatus::Interrupted, EventKind::Error(shutdown))
             }
-            Ending::ChatDeleted => {
-                let event = failure("the chat was deleted", "chat_deleted", false);
-                (MessageStatus::Interrupted, Some(event))
-            }
+            Ending::Stopped(StopCause::Deleted) => (
+                MessageStatus::Interrupted,
+                failure("the chat was deleted", "chat_deleted", false),
+            ),
             Ending::Failed(err) => {
                 tracing::error!(chat_id = %self.chat_id, code = err.kind.code(), "SSE stream error: {err}");
-                let event = EventKind::Error(StreamFailure {
-                    code: err.kind.code(),
-                    retryable: err.kind.retryable(),
-                    message: err.message,
-                });
-                (MessageStatus::Error, Some(event))
+                let event = failure(&err.message, err.kind.code(), err.kind.retryable());
+                (MessageStatus::Error, event)
             }
         }
     }
-}
-
-fn failure(message: &str, code: &'static str, retryable: bool) -> EventKind {
-    EventKind::Error(StreamFailure {
-        message: message.to_owned(),
-        code,
-        retryable,
-    })
 }

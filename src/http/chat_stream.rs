@@ -1,13 +1,15 @@
 //! `POST /api/v1/chat/stream` (JSON body) and `GET /api/v1/chat/stream` (query string, for the
-//! browser's EventSource): the same answer stream.
+//! browser's EventSource): the same answer stream. `GET /api/v1/chats/{chat_id}/stream` picks an
+//! answer up again after a dropped connection, and `POST /api/v1/chats/{chat_id}/stop` ends one.
 
-use axum::extract::{RawQuery, State};
-use axum::http::Version;
-use axum::response::Response;
-use serde::Deserialize;
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, Version};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::extract::{AuthUser, JsonBody};
+use super::extract::{AuthUser, JsonBody, query_param};
 use super::sse::stream_response;
 use crate::chat::TurnRequest;
 use crate::error::ApiError;
@@ -66,4 +68,48 @@ pub async fn get_stream(
         .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
     let turn = state.chat.start_turn(&user, request.into_turn()?).await?;
     Ok(stream_response(turn, version, state.sse))
+}
+
+/// Replays the chat's latest answer after `Last-Event-ID` (header, or `?last_event_id=`), then
+/// follows it live if it is still being generated. `204 No Content` when the client already has
+/// everything, which also tells EventSource to stop reconnecting.
+pub async fn resume_stream(
+    State(state): State<AppState>,
+    version: Version,
+    AuthUser(user): AuthUser,
+    Path(chat_id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .or_else(|| query_param(query.as_deref(), "last_event_id"))
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            v.trim().parse::<i64>().map_err(|_| {
+                ApiError::bad_request("invalid_request", "Last-Event-ID must be an event id")
+            })
+        })
+        .transpose()?;
+    match state.chat.resume(&user, &chat_id, last_event_id).await? {
+        Some(events) => Ok(stream_response(events, version, state.sse)),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+#[derive(Serialize)]
+pub struct Stopped {
+    chat_id: String,
+    /// Whether an answer was running (and is now stopped).
+    stopped: bool,
+}
+
+pub async fn stop(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(chat_id): Path<String>,
+) -> Result<Json<Stopped>, ApiError> {
+    let stopped = state.chat.stop(&user, &chat_id).await?;
+    Ok(Json(Stopped { chat_id, stopped }))
 }

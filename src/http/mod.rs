@@ -54,6 +54,11 @@ pub fn router(state: AppState, allowed_origins: &[String]) -> Router {
             "/api/v1/chats/{chat_id}",
             axum::routing::delete(chats::delete_chat),
         )
+        .route(
+            "/api/v1/chats/{chat_id}/stream",
+            get(chat_stream::resume_stream),
+        )
+        .route("/api/v1/chats/{chat_id}/stop", post(chat_stream::stop))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -129,6 +134,12 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    if state.chat.is_draining() {
+        return Err(ApiError::Unavailable {
+            code: "server_shutting_down",
+            message: "the server is shutting down".into(),
+        });
+    }
     match state.chat.store().ping().await {
         Ok(()) => Ok((
             StatusCode::OK,

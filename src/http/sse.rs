@@ -135,6 +135,8 @@ struct DoneData<'a> {
     message_id: &'a str,
     provider: &'a str,
     model: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stopped: bool,
 }
 
 #[derive(Serialize)]
@@ -144,6 +146,8 @@ struct ErrorData<'a> {
     kind: &'static str,
     code: &'a str,
     retryable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_event_id: Option<i64>,
 }
 
 /// One SSE frame: `retry` (first event only), `id`, `event`, a single `data` line (JSON escapes
@@ -186,8 +190,9 @@ pub fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
                 chat_id: &done.chat_id,
                 usage: done.usage.into(),
                 message_id: &done.message_id,
-                provider: done.provider,
+                provider: &done.provider,
                 model: &done.model,
+                stopped: done.stopped,
             },
         ),
         EventKind::Error(failure) => serde_json::to_writer(
@@ -195,8 +200,9 @@ pub fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
             &ErrorData {
                 error: &failure.message,
                 kind: "error",
-                code: failure.code,
+                code: &failure.code,
                 retryable: failure.retryable,
+                last_event_id: failure.last_event_id,
             },
         ),
     };
@@ -230,11 +236,7 @@ mod tests {
         let frame = encode(
             &StreamEvent {
                 id: 9,
-                kind: EventKind::Error(StreamFailure {
-                    message: "slow down".into(),
-                    code: "upstream_throttled",
-                    retryable: true,
-                }),
+                kind: EventKind::Error(StreamFailure::new("slow down", "upstream_throttled", true)),
             },
             Some(2000),
         );

@@ -35,8 +35,10 @@ pub enum MessageStatus {
     /// Being generated right now.
     Streaming,
     Complete,
-    /// Cut short: the client went away or the answer was stopped.
+    /// Cut short: the client went away, the chat was deleted or the server shut down.
     Interrupted,
+    /// Stopped on purpose (the stop endpoint).
+    Stopped,
     /// The provider failed; `error_code` says how.
     Error,
 }
@@ -47,6 +49,7 @@ impl MessageStatus {
             MessageStatus::Streaming => "streaming",
             MessageStatus::Complete => "complete",
             MessageStatus::Interrupted => "interrupted",
+            MessageStatus::Stopped => "stopped",
             MessageStatus::Error => "error",
         }
     }
@@ -56,6 +59,7 @@ impl MessageStatus {
             "streaming" => Ok(MessageStatus::Streaming),
             "complete" => Ok(MessageStatus::Complete),
             "interrupted" => Ok(MessageStatus::Interrupted),
+            "stopped" => Ok(MessageStatus::Stopped),
             "error" => Ok(MessageStatus::Error),
             other => Err(StoreError::Corrupt(format!("unknown status '{other}'"))),
         }
@@ -78,6 +82,20 @@ pub struct MessageRecord {
     pub error_code: Option<String>,
     pub usage: Option<TokenUsage>,
     pub created_at_ms: i64,
+    /// Assistant answers: how to replay their events.
+    pub replay: Option<Replay>,
+}
+
+/// What an answer's SSE events were: enough to send them again, ids included.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Replay {
+    /// The id of its `start` event; content pieces follow one id each, then the terminal event.
+    pub first_event_id: i64,
+    pub chunks: Vec<String>,
+    pub error_message: Option<String>,
+    pub error_retryable: Option<bool>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
 }
 
 /// The first half of a turn: who asks what, in which chat.
@@ -106,9 +124,15 @@ pub struct FinishedTurn {
     pub chat_id: String,
     pub assistant_message_id: String,
     pub content: String,
+    pub chunks: Vec<String>,
     pub status: MessageStatus,
     pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub error_retryable: Option<bool>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
     pub usage: Option<TokenUsage>,
+    /// The id reserved for the answer's terminal event, sent or not.
     pub last_event_id: i64,
 }
 

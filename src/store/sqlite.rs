@@ -13,7 +13,7 @@ use sqlx::sqlite::{
 
 use super::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, MessageStatus,
-    NewTurn, Role, StoreError, TokenUsage, now_ms, title_from,
+    NewTurn, Replay, Role, StoreError, TokenUsage, now_ms, title_from,
 };
 
 pub struct SqliteStore {
@@ -73,7 +73,28 @@ fn message_from_row(row: &SqliteRow) -> Result<MessageRecord, StoreError> {
         error_code: row.try_get("error_code")?,
         usage,
         created_at_ms: row.try_get("created_at")?,
+        replay: replay_from_row(row)?,
     })
+}
+
+fn replay_from_row(row: &SqliteRow) -> Result<Option<Replay>, StoreError> {
+    let Some(first_event_id) = row.try_get::<Option<i64>, _>("first_event_id")? else {
+        return Ok(None);
+    };
+    let chunks = match row.try_get::<Option<String>, _>("chunks")? {
+        Some(json) => {
+            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("chunks: {e}")))?
+        }
+        None => Vec::new(),
+    };
+    Ok(Some(Replay {
+        first_event_id,
+        chunks,
+        error_message: row.try_get("error_message")?,
+        error_retryable: row.try_get::<Option<bool>, _>("error_retryable")?,
+        provider: row.try_get("provider")?,
+        model: row.try_get("model")?,
+    }))
 }
 
 #[async_trait::async_trait]
@@ -114,7 +135,8 @@ impl ChatStore for SqliteStore {
     async fn list_messages(&self, chat_id: &str) -> Result<Vec<MessageRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, chat_id, role, content, status, error_code, input_tokens, output_tokens, \
-             created_at FROM messages WHERE chat_id = ?1 ORDER BY seq",
+             created_at, first_event_id, chunks, error_message, error_retryable, provider, model \
+             FROM messages WHERE chat_id = ?1 ORDER BY seq",
         )
         .bind(chat_id)
         .fetch_all(&self.pool)
@@ -165,15 +187,17 @@ impl ChatStore for SqliteStore {
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get(0)?;
-        let insert = "INSERT INTO messages (id, chat_id, seq, role, content, status, created_at) \
-                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
-        for (id, seq, role, content, status) in [
+        let insert = "INSERT INTO messages (id, chat_id, seq, role, content, status, created_at, \
+                      first_event_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+        let first_event_id = last_event_id + 1;
+        for (id, seq, role, content, status, first) in [
             (
                 &turn.user_message_id,
                 next_seq,
                 Role::User,
                 turn.message.as_str(),
                 MessageStatus::Complete,
+                None,
             ),
             (
                 &turn.assistant_message_id,
@@ -181,6 +205,7 @@ impl ChatStore for SqliteStore {
                 Role::Assistant,
                 "",
                 MessageStatus::Streaming,
+                Some(first_event_id),
             ),
         ] {
             sqlx::query(insert)
@@ -191,6 +216,7 @@ impl ChatStore for SqliteStore {
                 .bind(content)
                 .bind(status.as_str())
                 .bind(now)
+                .bind(first)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -202,7 +228,8 @@ impl ChatStore for SqliteStore {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE messages SET content = ?2, status = ?3, error_code = ?4, input_tokens = ?5, \
-             output_tokens = ?6 WHERE id = ?1",
+             output_tokens = ?6, chunks = ?7, error_message = ?8, error_retryable = ?9, \
+             provider = ?10, model = ?11 WHERE id = ?1",
         )
         .bind(&turn.assistant_message_id)
         .bind(&turn.content)
@@ -210,6 +237,11 @@ impl ChatStore for SqliteStore {
         .bind(&turn.error_code)
         .bind(turn.usage.map(|u| u.input_tokens as i64))
         .bind(turn.usage.map(|u| u.output_tokens as i64))
+        .bind(serde_json::to_string(&turn.chunks).expect("strings serialise"))
+        .bind(&turn.error_message)
+        .bind(turn.error_retryable)
+        .bind(&turn.provider)
+        .bind(&turn.model)
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE chats SET last_event_id = MAX(last_event_id, ?2), updated_at = ?3 WHERE id = ?1")

@@ -40,6 +40,8 @@ pub struct TestApp {
 pub fn test_config(fake: &FakeUpstream, db_path: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.server.bind = "127.0.0.1:0".into();
+    // Streams still open when a test stops the server end after this long.
+    config.server.drain_secs = 1;
     config.auth.jwt_secret = Some(Secret::new(SECRET));
     config.database.url = format!("sqlite://{}", db_path.display());
     config.providers.bedrock = Some(BedrockConfig {

@@ -1,0 +1,144 @@
+//! The in-process [`EventLog`]: one append-only list per live answer, and a watch channel that
+//! wakes its followers when it grows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use futures_util::stream::{self, BoxStream};
+use tokio::sync::watch;
+
+use super::EventLog;
+use crate::chat::events::StreamEvent;
+
+struct LiveAnswer {
+    events: RwLock<Vec<StreamEvent>>,
+    /// How many events there are, and whether the answer is closed.
+    state: watch::Sender<(usize, bool)>,
+}
+
+#[derive(Default)]
+pub struct MemoryLog {
+    answers: Mutex<HashMap<String, Arc<LiveAnswer>>>,
+}
+
+impl MemoryLog {
+    fn get(&self, chat_id: &str) -> Option<Arc<LiveAnswer>> {
+        self.answers.lock().expect("log lock").get(chat_id).cloned()
+    }
+}
+
+#[async_trait::async_trait]
+impl EventLog for MemoryLog {
+    async fn open(&self, chat_id: &str) {
+        let answer = Arc::new(LiveAnswer {
+            events: RwLock::new(Vec::new()),
+            state: watch::Sender::new((0, false)),
+        });
+        self.answers
+            .lock()
+            .expect("log lock")
+            .insert(chat_id.to_owned(), answer);
+    }
+
+    async fn append(&self, chat_id: &str, event: StreamEvent) {
+        if let Some(answer) = self.get(chat_id) {
+            let len = {
+                let mut events = answer.events.write().expect("events lock");
+                events.push(event);
+                events.len()
+            };
+            answer.state.send_modify(|(count, _)| *count = len);
+        }
+    }
+
+    async fn close(&self, chat_id: &str) {
+        if let Some(answer) = self.answers.lock().expect("log lock").remove(chat_id) {
+            answer.state.send_modify(|(_, closed)| *closed = true);
+        }
+    }
+
+    async fn follow(
+        &self,
+        chat_id: &str,
+        after_id: i64,
+    ) -> Option<BoxStream<'static, StreamEvent>> {
+        let answer = self.get(chat_id)?;
+        let cursor = {
+            let events = answer.events.read().expect("events lock");
+            events.iter().take_while(|e| e.id <= after_id).count()
+        };
+        let updates = answer.state.subscribe();
+        let follower = stream::unfold(
+            (answer, updates, cursor, false),
+            |(answer, mut updates, cursor, ended)| async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    let next = answer
+                        .events
+                        .read()
+                        .expect("events lock")
+                        .get(cursor)
+                        .cloned();
+                    if let Some(event) = next {
+                        let ended = event.kind.is_terminal();
+                        return Some((event, (answer, updates, cursor + 1, ended)));
+                    }
+                    if updates.borrow_and_update().1 {
+                        return None; // closed with nothing more to read
+                    }
+                    if updates.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        );
+        Some(Box::pin(follower))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::chat::events::{EventKind, StreamFailure};
+
+    fn content(id: i64, text: &str) -> StreamEvent {
+        StreamEvent {
+            id,
+            kind: EventKind::Content(text.into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn followers_replay_after_their_id_then_follow_live_to_the_terminal() {
+        let log = MemoryLog::default();
+        log.open("c").await;
+        log.append("c", content(1, "a")).await;
+        log.append("c", content(2, "b")).await;
+        let mut follower = log.follow("c", 1).await.unwrap();
+        assert_eq!(follower.next().await.unwrap().id, 2);
+        log.append("c", content(3, "c")).await;
+        assert_eq!(follower.next().await.unwrap().id, 3);
+        let terminal = StreamEvent {
+            id: 4,
+            kind: EventKind::Error(StreamFailure::new("x", "x", false)),
+        };
+        log.append("c", terminal).await;
+        assert_eq!(follower.next().await.unwrap().id, 4);
+        assert!(follower.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_closed_answer_ends_its_followers_and_is_gone() {
+        let log = MemoryLog::default();
+        log.open("c").await;
+        log.append("c", content(1, "a")).await;
+        let mut follower = log.follow("c", 1).await.unwrap();
+        log.close("c").await;
+        assert!(follower.next().await.is_none());
+        assert!(log.follow("c", 0).await.is_none());
+    }
+}
