@@ -1,7 +1,6 @@
 //! Finished answers, replayed from storage for a client that reconnects with `Last-Event-ID`:
 //! the same events with the same ids as when they were streamed.
 
-use crate::domain::TokenUsage;
 use crate::store::{MessageRecord, MessageStatus};
 
 use super::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
@@ -33,7 +32,7 @@ fn terminal(chat_id: &str, answer: &MessageRecord) -> EventKind {
         MessageStatus::Complete | MessageStatus::Stopped => EventKind::Done(DoneEvent {
             chat_id: chat_id.to_owned(),
             message_id: answer.id.clone(),
-            usage: answer.usage.unwrap_or(TokenUsage::default()),
+            usage: answer.usage.unwrap_or_default(),
             provider: replay.provider.unwrap_or_default(),
             model: replay.model.unwrap_or_default(),
             stopped: answer.status == MessageStatus::Stopped,
