@@ -14,5 +14,6 @@ mod input_errors;
 mod local_model;
 mod providers;
 mod resilience;
+mod resume;
 mod streaming;
 mod upstream_failures;
