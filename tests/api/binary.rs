@@ -8,7 +8,7 @@ use tokio::process::{Child, Command};
 
 use super::helpers::{HANG_GUARD, SseReader, answer_text, assert_well_formed};
 
-fn mangoo() -> Command {
+pub fn mangoo() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mangoo"));
     command
         .env_remove("MANGOO_JWT_SECRET")

@@ -6,6 +6,7 @@ mod auth;
 mod binary;
 mod chats;
 mod cors;
+mod drain;
 mod fake_sse_wires;
 mod fake_upstream;
 mod helpers;

@@ -1,0 +1,136 @@
+//! SIGTERM to a real server process mid-stream: readiness flips at once, new streams are
+//! refused, the running stream gets its retryable end after the drain window with the id to
+//! resume from, the partial answer is stored, and the process exits 0.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::binary::mangoo;
+use super::fake_upstream::{FakeUpstream, Outcome, Script};
+use super::helpers::{BOT, HANG_GUARD, MODEL, SECRET, SseReader};
+
+const DRAIN_SECS: u64 = 2;
+
+fn config(fake: &FakeUpstream, db: &std::path::Path) -> String {
+    format!(
+        r#"
+[server]
+bind = "127.0.0.1:0"
+drain_secs = {DRAIN_SECS}
+
+[auth]
+jwt_secret = "{SECRET}"
+
+[database]
+url = "sqlite://{db}"
+
+[providers.bedrock]
+region = "us-east-1"
+endpoint_url = "{url}"
+max_attempts = 1
+
+[[bots]]
+id = "{BOT}"
+provider = "bedrock"
+model = "{MODEL}"
+"#,
+        db = db.display(),
+        url = fake.url(),
+    )
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let config_path = dir.path().join("mangoo.toml");
+    std::fs::write(&config_path, config(&fake, &db)).unwrap();
+    let mut child = mangoo()
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("no banner");
+            if let Some(url) = line.strip_prefix("Mangoo listening on ") {
+                return url.trim().to_owned();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
+        .issue("alice", Duration::from_secs(600));
+    let ask = || {
+        client
+            .post(format!("{base}/api/v1/chat/stream"))
+            .bearer_auth(&token)
+            .json(&json!({"bot_id": BOT, "message": "a long answer please"}))
+            .send()
+    };
+    fake.push(Script::tokens(&["partial", " answer", " never", " finished"]).gated());
+    let mut stream = SseReader::new(ask().await.unwrap());
+    let chat_id = stream.next_event().await.unwrap().json()["chat_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    fake.release(1);
+    let token_event = stream.next_event().await.unwrap();
+    assert_eq!(token_event.json()["content"], "partial");
+
+    let pid = child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let terminated_at = tokio::time::Instant::now();
+
+    // Readiness flips at once; new streams are refused with the contract's body.
+    let readyz = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    let refused = ask().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "server_shutting_down");
+    assert_eq!(body["type"], "error");
+
+    // The running stream ends after the drain window with the id to resume from.
+    let end = stream.next_event().await.unwrap();
+    assert_eq!(end.event, "error");
+    let end = end.json();
+    assert_eq!(end["code"], "server_shutting_down");
+    assert_eq!(end["retryable"], true);
+    assert_eq!(end["last_event_id"], token_event.id_num());
+    assert!(stream.next_event().await.is_none());
+
+    let status = tokio::time::timeout(Duration::from_secs(DRAIN_SECS) + HANG_GUARD, child.wait())
+        .await
+        .expect("mangoo did not exit")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        terminated_at.elapsed() >= Duration::from_secs(DRAIN_SECS),
+        "the drain window was honoured"
+    );
+    assert_eq!(fake.outcome(0).await, Outcome::Cancelled);
+
+    let store = mangoo::store::SqliteStore::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    use mangoo::store::ChatStore;
+    let messages = store.list_messages(&chat_id).await.unwrap();
+    assert_eq!(
+        messages[1].status,
+        mangoo::store::MessageStatus::Interrupted
+    );
+    assert_eq!(messages[1].content, "partial");
+}
