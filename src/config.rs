@@ -68,6 +68,10 @@ pub struct StreamsConfig {
     pub on_disconnect: DisconnectPolicy,
     /// Sent as the SSE `retry:` hint on the first event: how soon EventSource reconnects.
     pub retry_ms: u64,
+    /// A client that takes no data for this long (its connection stuck with a full window, or
+    /// gone without a word) is dropped: its answer ends as interrupted, or goes on under
+    /// "continue". 0 leaves it to the operating system.
+    pub stalled_client_secs: u64,
 }
 
 impl Default for StreamsConfig {
@@ -78,6 +82,7 @@ impl Default for StreamsConfig {
             max_stream_secs: 600,
             on_disconnect: DisconnectPolicy::Cancel,
             retry_ms: 2000,
+            stalled_client_secs: 60,
         }
     }
 }

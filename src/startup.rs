@@ -44,6 +44,7 @@ pub struct Application {
     shutdown: CancellationToken,
     chat: Arc<ChatService>,
     drain: Duration,
+    stalled_client: Option<Duration>,
 }
 
 impl Application {
@@ -116,6 +117,8 @@ impl Application {
             shutdown: CancellationToken::new(),
             chat,
             drain: Duration::from_secs(config.server.drain_secs),
+            stalled_client: (config.streams.stalled_client_secs > 0)
+                .then(|| Duration::from_secs(config.streams.stalled_client_secs)),
         })
     }
 
@@ -144,12 +147,10 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        // Every event is a small write that must leave at once, not wait for an ACK (Nagle).
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("could not set TCP_NODELAY: {e}");
-            }
-        });
+        let stalled_client = self.stalled_client;
+        let listener = self
+            .listener
+            .tap_io(move |tcp| tune_connection(tcp, stalled_client));
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
@@ -178,6 +179,24 @@ impl Application {
                 Ok(())
             }
         }
+    }
+}
+
+/// Every event is a small write that must leave at once, not wait for an ACK (Nagle). And a client
+/// that stops taking data must not pin its stream forever: TCP_USER_TIMEOUT makes the kernel
+/// drop a connection whose data stays unacknowledged, or unsent behind a zero window, that long.
+/// Heartbeats keep data flowing, so a live but quiet client never trips it.
+fn tune_connection(tcp: &mut tokio::net::TcpStream, stalled_client: Option<Duration>) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!("could not set TCP_NODELAY: {e}");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = stalled_client;
+    #[cfg(target_os = "linux")]
+    if let Some(limit) = stalled_client
+        && let Err(e) = socket2::SockRef::from(&*tcp).set_tcp_user_timeout(Some(limit))
+    {
+        tracing::debug!("could not set TCP_USER_TIMEOUT: {e}");
     }
 }
 

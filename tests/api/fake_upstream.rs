@@ -64,6 +64,15 @@ impl Script {
         }
     }
 
+    /// `n` copies of one token.
+    pub fn repeated(token: &str, n: usize) -> Self {
+        Self {
+            tokens: vec![token.to_owned(); n],
+            usage: (12, n as u32),
+            ..Self::tokens(&[])
+        }
+    }
+
     pub fn gated(mut self) -> Self {
         self.gated = true;
         self

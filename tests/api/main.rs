@@ -16,5 +16,6 @@ mod local_model;
 mod providers;
 mod resilience;
 mod resume;
+mod stalled;
 mod streaming;
 mod upstream_failures;

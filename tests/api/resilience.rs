@@ -93,3 +93,44 @@ async fn a_stream_longer_than_allowed_is_ended_and_cancels_the_upstream() {
     assert_eq!(error["retryable"], false);
     assert_eq!(outcome, Outcome::Cancelled);
 }
+
+#[tokio::test]
+async fn a_provider_that_cannot_be_connected_to_in_time_is_a_connect_timeout() {
+    // A listener whose accept queue is full and never drained: further SYNs go unanswered, so a
+    // connection attempt hangs the way it does towards a black-holed address.
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let filler =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let _ = filler.connect(&addr.into());
+        fillers.push(filler);
+    }
+    let app = spawn_app_with(|c| {
+        let bedrock = c.providers.bedrock.as_mut().unwrap();
+        bedrock.endpoint_url = Some(format!("http://{addr}"));
+        bedrock.connect_timeout_secs = 1;
+    })
+    .await;
+
+    let events = app
+        .chat("alice", json!({"bot_id": BOT, "message": "hi"}))
+        .await;
+
+    let last = events.last().unwrap().json();
+    assert_eq!(last["code"], "upstream_connect_timeout", "{last}");
+    assert_eq!(last["retryable"], true);
+    drop((listener, fillers));
+}
