@@ -93,9 +93,20 @@ async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero()
     assert!(sent.success());
     let terminated_at = tokio::time::Instant::now();
 
-    // Readiness flips at once; new streams are refused with the contract's body.
-    let readyz = client.get(format!("{base}/readyz")).send().await.unwrap();
-    assert_eq!(readyz.status(), 503);
+    // Readiness flips as soon as the signal is handled; new streams are then refused with the
+    // contract's body.
+    tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            let readyz = client.get(format!("{base}/readyz")).send().await.unwrap();
+            if readyz.status() == 503 {
+                return;
+            }
+            assert_eq!(readyz.status(), 200);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("readyz never went 503");
     let refused = ask().await.unwrap();
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().contains_key("retry-after"));
