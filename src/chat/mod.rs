@@ -296,6 +296,30 @@ impl ChatService {
         Ok((!events.is_empty()).then(|| stream::iter(events).boxed()))
     }
 
+    /// A chat request that arrives with a Last-Event-ID is a reconnection (EventSource repeats
+    /// the URL it was opened with), never a new question: it resumes the chat that request
+    /// started, found by its id or as the caller's latest chat with this bot whose last question
+    /// is this message. Nothing is asked twice; `None` when there is nothing to resume.
+    pub async fn reconnect(
+        &self,
+        user: &UserId,
+        request: &TurnRequest,
+        after_id: i64,
+    ) -> Result<Option<EventStream>, ChatError> {
+        let candidates = match &request.chat_id {
+            Some(chat_id) => vec![self.owned_chat(user, chat_id).await?],
+            None => self.store.list_chats(user.as_str(), 5, None).await?,
+        };
+        for chat in candidates.iter().filter(|c| c.bot_id == request.bot_id) {
+            let messages = self.store.list_messages(&chat.id).await?;
+            let last_question = messages.iter().rev().find(|m| m.role == Role::User);
+            if last_question.is_some_and(|q| q.content == request.message) {
+                return self.resume(user, &chat.id, Some(after_id)).await;
+            }
+        }
+        Ok(None)
+    }
+
     /// Stops the chat's running answer from any connection; every listener gets its `done`.
     /// Says whether an answer was running.
     pub async fn stop(&self, user: &UserId, chat_id: &str) -> Result<bool, ChatError> {

@@ -51,23 +51,57 @@ impl StreamRequest {
 pub async fn post_stream(
     State(state): State<AppState>,
     version: Version,
+    headers: HeaderMap,
     AuthUser(user): AuthUser,
     JsonBody(request): JsonBody<StreamRequest>,
 ) -> Result<Response, ApiError> {
-    let turn = state.chat.start_turn(&user, request.into_turn()?).await?;
-    Ok(stream_response(turn, version, state.sse))
+    answer(&state, version, &headers, &user, request.into_turn()?).await
 }
 
 pub async fn get_stream(
     State(state): State<AppState>,
     version: Version,
+    headers: HeaderMap,
     AuthUser(user): AuthUser,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let request: StreamRequest = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
-    let turn = state.chat.start_turn(&user, request.into_turn()?).await?;
-    Ok(stream_response(turn, version, state.sse))
+    answer(&state, version, &headers, &user, request.into_turn()?).await
+}
+
+/// A new answer, or — when the request carries Last-Event-ID, as EventSource's automatic
+/// reconnection does — the rest of the answer it started.
+async fn answer(
+    state: &AppState,
+    version: Version,
+    headers: &HeaderMap,
+    user: &crate::auth::UserId,
+    request: TurnRequest,
+) -> Result<Response, ApiError> {
+    let events = match last_event_id(headers, None)? {
+        Some(after) => match state.chat.reconnect(user, &request, after).await? {
+            Some(events) => events,
+            None => return Ok(StatusCode::NO_CONTENT.into_response()),
+        },
+        None => state.chat.start_turn(user, request).await?,
+    };
+    Ok(stream_response(events, version, state.sse))
+}
+
+/// The `Last-Event-ID` header, else the `last_event_id` query parameter.
+fn last_event_id(headers: &HeaderMap, query: Option<&str>) -> Result<Option<i64>, ApiError> {
+    headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .or_else(|| query_param(query, "last_event_id"))
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            v.trim().parse::<i64>().map_err(|_| {
+                ApiError::bad_request("invalid_request", "Last-Event-ID must be an event id")
+            })
+        })
+        .transpose()
 }
 
 /// Replays the chat's latest answer after `Last-Event-ID` (header, or `?last_event_id=`), then
@@ -81,18 +115,8 @@ pub async fn resume_stream(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let last_event_id = headers
-        .get("last-event-id")
-        .map(|v| v.to_str().unwrap_or("?").to_owned())
-        .or_else(|| query_param(query.as_deref(), "last_event_id"))
-        .filter(|v| !v.trim().is_empty())
-        .map(|v| {
-            v.trim().parse::<i64>().map_err(|_| {
-                ApiError::bad_request("invalid_request", "Last-Event-ID must be an event id")
-            })
-        })
-        .transpose()?;
-    match state.chat.resume(&user, &chat_id, last_event_id).await? {
+    let after = last_event_id(&headers, query.as_deref())?;
+    match state.chat.resume(&user, &chat_id, after).await? {
         Some(events) => Ok(stream_response(events, version, state.sse)),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }

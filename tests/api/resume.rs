@@ -230,3 +230,53 @@ async fn stop_from_a_second_connection_ends_the_answer_for_every_listener() {
         .unwrap();
     assert_eq!(again.status(), 404, "another user cannot stop it");
 }
+
+#[tokio::test]
+async fn eventsource_reconnecting_to_the_chat_stream_url_resumes_instead_of_asking_again() {
+    let app = spawn_app_with(|c| c.streams.on_disconnect = DisconnectPolicy::Continue).await;
+    app.fake.push(Script::tokens(&ANSWER).gated());
+    let token = app.token("alice");
+    let query = [
+        ("bot_id", super::helpers::BOT),
+        ("message", "describe the sea"),
+        ("token", token.as_str()),
+    ];
+    let open = |last_event_id: Option<i64>| {
+        let mut request = app.client.get(app.url("/api/v1/chat/stream")).query(&query);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        request.send()
+    };
+    let mut first = SseReader::new(open(None).await.unwrap());
+    let mut seen = vec![first.next_event().await.unwrap()];
+    app.fake.release(1);
+    seen.push(first.next_event().await.unwrap());
+    drop(first);
+
+    // The same URL again, with the id EventSource remembers.
+    let again = open(Some(seen[1].id_num())).await.unwrap();
+    assert_eq!(again.status(), 200);
+    let mut again = SseReader::new(again);
+    app.fake.release(4);
+    let mut rest = Vec::new();
+    while let Some(event) = again.next_event().await {
+        rest.push(event);
+    }
+
+    assert_contiguous(&seen, &rest);
+    assert_eq!(
+        format!("{}{}", answer_text(&seen), answer_text(&rest)),
+        ANSWER.concat()
+    );
+    assert_eq!(
+        app.fake.requests().len(),
+        1,
+        "the question was not asked twice"
+    );
+    let chats = app.get_json("alice", "/api/v1/chats").await.1;
+    assert_eq!(chats["chats"].as_array().unwrap().len(), 1);
+    // Once everything was received, a further reconnection is told there is nothing more.
+    let done = open(Some(rest.last().unwrap().id_num())).await.unwrap();
+    assert_eq!(done.status(), 204);
+}
