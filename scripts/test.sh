@@ -18,5 +18,15 @@ if ! python3 -m pip --version >/dev/null 2>&1 && ! command -v pip >/dev/null 2>&
   fi
 fi
 cargo run --locked --quiet --bin mangoo -- model fetch
+echo "== browser test tools (Debian chromium, playwright-core from npm)"
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium is missing: install Debian's chromium package" >&2
+    exit 1
+  fi
+fi
+(cd e2e && npm ci --no-audit --no-fund --loglevel=error)
 echo "== cargo test"
 cargo test --locked --all-targets

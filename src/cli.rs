@@ -169,6 +169,7 @@ fn print_banner(app: &Application, first_bot: Option<&str>) {
             text,
             "\nNo auth.jwt_secret configured: generated one for this run only.\n\
              Token for user '{DEV_USER}' (valid 24 h):\n\n    {token}\n\n\
+             Open the chat page, signed in:\n\n    {base}/#token={token}\n\n\
              Try it:\n\n    curl -N -H 'Authorization: Bearer {token}' \
              -H 'Content-Type: application/json' \\\n      \
              -d '{{\"bot_id\":\"{bot}\",\"message\":\"Hello!\"}}' {base}/api/v1/chat/stream\n\n"

@@ -87,7 +87,17 @@ pub struct StreamTimeouts {
     pub total: Duration,
 }
 
+/// What users see of a bot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BotInfo {
+    pub id: String,
+    /// The first target's provider and model.
+    pub provider: String,
+    pub model: String,
+}
+
 pub struct ChatService {
+    bot_order: Vec<BotInfo>,
     store: Arc<dyn ChatStore>,
     log: Arc<dyn EventLog>,
     providers: ProviderRegistry,
@@ -116,7 +126,22 @@ impl ChatService {
         limits: ChatLimits,
         tasks: TaskTracker,
     ) -> Self {
+        let bot_order = bots
+            .iter()
+            .map(|b| {
+                let first = b.targets().into_iter().next();
+                BotInfo {
+                    id: b.id.clone(),
+                    provider: first
+                        .as_ref()
+                        .map(|t| t.provider.clone())
+                        .unwrap_or_default(),
+                    model: first.map(|t| t.model).unwrap_or_default(),
+                }
+            })
+            .collect();
         Self {
+            bot_order,
             store,
             log,
             providers,
@@ -126,6 +151,10 @@ impl ChatService {
             draining: CancellationToken::new(),
             active: ActiveAnswers::default(),
         }
+    }
+
+    pub fn bots(&self) -> Vec<BotInfo> {
+        self.bot_order.clone()
     }
 
     pub fn is_draining(&self) -> bool {

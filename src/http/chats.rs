@@ -184,3 +184,15 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
     }
 }
+
+#[derive(Serialize)]
+pub struct BotList {
+    bots: Vec<crate::chat::BotInfo>,
+}
+
+/// The bots a user may pick, in configuration order.
+pub async fn list_bots(State(state): State<AppState>, AuthUser(_user): AuthUser) -> Json<BotList> {
+    Json(BotList {
+        bots: state.chat.bots(),
+    })
+}

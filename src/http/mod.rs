@@ -14,6 +14,7 @@ mod chat_stream;
 mod chats;
 pub mod extract;
 pub mod sse;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,10 @@ pub fn router(state: AppState, allowed_origins: &[String]) -> Router {
             get(chat_stream::resume_stream),
         )
         .route("/api/v1/chats/{chat_id}/stop", post(chat_stream::stop))
+        .route("/api/v1/bots", get(chats::list_bots))
+        .route("/", get(ui::index))
+        .route("/app.js", get(ui::app_js))
+        .route("/style.css", get(ui::style_css))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)

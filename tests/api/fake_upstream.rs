@@ -134,6 +134,8 @@ pub struct Inner {
     requests: Mutex<Vec<Recorded>>,
     outcomes: watch::Sender<Vec<Outcome>>,
     gate: Semaphore,
+    /// Bumped by `/control/cut`: proxies watching it drop their connections.
+    cuts: watch::Sender<u64>,
 }
 
 impl Inner {
@@ -151,11 +153,16 @@ impl FakeUpstream {
             requests: Mutex::default(),
             outcomes: watch::Sender::new(Vec::new()),
             gate: Semaphore::new(0),
+            cuts: watch::Sender::new(0),
         });
         let app = Router::new()
             .route("/model/{model}/converse-stream", post(converse_stream))
             .route("/v1/messages", post(anthropic))
             .route("/v1/chat/completions", post(openai))
+            // For tests driven from outside this process (the browser tests).
+            .route("/control/script", post(control_script))
+            .route("/control/release", post(control_release))
+            .route("/control/cut", post(control_cut))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -177,6 +184,11 @@ impl FakeUpstream {
         self.inner.gate.add_permits(n);
     }
 
+    /// Bumped whenever a test asks connections to be cut.
+    pub fn cuts(&self) -> watch::Receiver<u64> {
+        self.inner.cuts.subscribe()
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.requests.lock().unwrap().clone()
     }
@@ -190,6 +202,27 @@ impl FakeUpstream {
             .unwrap();
         outcomes[index]
     }
+}
+
+async fn control_script(State(inner): State<Arc<Inner>>, body: axum::Json<Value>) -> StatusCode {
+    let tokens: Vec<String> = serde_json::from_value(body["tokens"].clone()).unwrap_or_default();
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let mut script = Script::tokens(&refs);
+    script.gated = body["gated"].as_bool().unwrap_or(false);
+    inner.scripts.lock().unwrap().push_back(script);
+    StatusCode::NO_CONTENT
+}
+
+async fn control_release(State(inner): State<Arc<Inner>>, body: axum::Json<Value>) -> StatusCode {
+    inner
+        .gate
+        .add_permits(body["n"].as_u64().unwrap_or(1) as usize);
+    StatusCode::NO_CONTENT
+}
+
+async fn control_cut(State(inner): State<Arc<Inner>>) -> StatusCode {
+    inner.cuts.send_modify(|n| *n += 1);
+    StatusCode::NO_CONTENT
 }
 
 /// Records how a stream ended when it is dropped: dropped before `finish` means cancelled.

@@ -1,11 +1,13 @@
 //! A TCP proxy that cuts connections idle for longer than a limit, like a load balancer's idle
-//! timeout (AWS ALB: 60 s) or a CDN's. Bytes in either direction count as activity.
+//! timeout (AWS ALB: 60 s) or a CDN's. Bytes in either direction count as activity. It can also
+//! cut every open connection on demand, like a flaky mobile network.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 pub struct IdleProxy {
     pub addr: SocketAddr,
@@ -13,11 +15,27 @@ pub struct IdleProxy {
 
 impl IdleProxy {
     pub async fn start(upstream: SocketAddr, idle_limit: Duration) -> Self {
+        Self::cuttable(upstream, idle_limit, watch::channel(0).1).await
+    }
+
+    /// Also drops every open connection each time `cuts` changes.
+    pub async fn cuttable(
+        upstream: SocketAddr,
+        idle_limit: Duration,
+        cuts: watch::Receiver<u64>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(relay(client, upstream, idle_limit));
+                let mut cuts = cuts.clone();
+                cuts.mark_unchanged();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = relay(client, upstream, idle_limit) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
             }
         });
         Self { addr }

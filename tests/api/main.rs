@@ -4,6 +4,7 @@
 
 mod auth;
 mod binary;
+mod browser;
 mod chats;
 mod cors;
 mod drain;
