@@ -158,12 +158,25 @@ test("model output is rendered as text, never as HTML", async () => {
   await page.screenshot({ path: `${ARTIFACTS}/5-untrusted-output.png` });
 });
 
+test("an error shows its message and Retry asks again", async () => {
+  await control("script", { http_error: 429 });
+  await control("script", { tokens: ["Second", " time", " lucky."] });
+  await send("Try twice");
+  await page.waitForSelector("#status.error");
+  assert.match(await page.locator("#status").innerText(), /ThrottlingException/);
+  await page.click("#retry");
+  await waitForAnswer("Second time lucky.");
+  await waitIdle();
+  assert.equal(await page.locator("#status.error").count(), 0);
+  assert.equal(await page.locator("#retry").isHidden(), true);
+});
+
 test("after a reload the chat list is there, newest first, and old chats open", async () => {
   await page.reload();
   await page.waitForSelector("#chat-list li");
   const titles = await page.locator("#chat-list li .open").allInnerTexts();
-  assert.ok(titles.length >= 4, titles.join(" | "));
-  assert.equal(titles[0], "Say something dangerous");
+  assert.ok(titles.length >= 5, titles.join(" | "));
+  assert.equal(titles[0], "Try twice");
   const older = page.locator("#chat-list li .open", { hasText: "Tell me about streaming" });
   await older.click();
   await waitForAnswer("Streams arrive one token at a time.");

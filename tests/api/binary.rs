@@ -120,9 +120,13 @@ async fn read_banner(child: &mut Child) -> Banner {
     let mut lines = BufReader::new(stdout).lines();
     let read = async {
         let mut base = None;
+        let mut page_link = None;
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Some(url) = line.strip_prefix("Mangoo listening on ") {
                 base = Some(url.trim().to_owned());
+            }
+            if line.trim().starts_with("http") && line.contains("/#token=") {
+                page_link = Some(line.trim().to_owned());
             }
             let Some(rest) = line
                 .trim()
@@ -134,8 +138,14 @@ async fn read_banner(child: &mut Child) -> Banner {
             let data_line = lines.next_line().await.unwrap().unwrap();
             let data = data_line.trim().strip_prefix("-d '").unwrap();
             let (body, url) = data.split_once("' ").unwrap();
+            let base = base.expect("no listening line");
+            assert_eq!(
+                page_link,
+                Some(format!("{base}/#token={token}")),
+                "the page link"
+            );
             return Banner {
-                base: base.expect("no listening line"),
+                base,
                 token,
                 body: serde_json::from_str(body).unwrap(),
                 url: url.trim().to_owned(),

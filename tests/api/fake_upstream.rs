@@ -209,6 +209,9 @@ async fn control_script(State(inner): State<Arc<Inner>>, body: axum::Json<Value>
     let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let mut script = Script::tokens(&refs);
     script.gated = body["gated"].as_bool().unwrap_or(false);
+    if let Some(status) = body["http_error"].as_u64() {
+        script.http_error = Some((status as u16, "ThrottlingException"));
+    }
     inner.scripts.lock().unwrap().push_back(script);
     StatusCode::NO_CONTENT
 }
