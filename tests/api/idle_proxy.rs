@@ -31,9 +31,15 @@ impl IdleProxy {
                 let mut cuts = cuts.clone();
                 cuts.mark_unchanged();
                 tokio::spawn(async move {
+                    let cut = async {
+                        // A proxy nobody can cut (its sender is gone) just relays.
+                        if cuts.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
                     tokio::select! {
                         () = relay(client, upstream, idle_limit) => {}
-                        _ = cuts.changed() => {}
+                        () = cut => {}
                     }
                 });
             }
