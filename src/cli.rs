@@ -124,8 +124,8 @@ fn token(config: Option<PathBuf>, sub: &str, ttl: Duration) -> Result<(), String
 }
 
 fn serve(config_path: Option<PathBuf>) -> Result<(), String> {
-    crate::telemetry::init();
     let config = Config::load(config_path.as_deref()).map_err(|e| e.to_string())?;
+    crate::telemetry::init(config.log.format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

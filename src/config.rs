@@ -16,6 +16,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub log: LogConfig,
     pub streams: StreamsConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
@@ -52,6 +53,22 @@ impl Default for ServerConfig {
             drain_secs: 30,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, the request's `request_id` and `user_id` as fields.
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, random_secret};
 use crate::chat::{ChatLimits, ChatService, StreamTimeouts};
 use crate::config::{BotConfig, Config, ConfigError};
+use crate::http::client::TrustedProxies;
 use crate::http::sse::SseSettings;
 use crate::http::{AppState, router};
 use crate::providers::ProviderRegistry;
@@ -100,7 +101,11 @@ impl Application {
                 retry_ms: config.streams.retry_ms,
             },
         };
-        let router = router(state, &config.cors.allowed_origins);
+        let router = router(
+            state,
+            &config.cors.allowed_origins,
+            TrustedProxies::new(&config.server.trusted_proxies),
+        );
         let addr = config.server.bind_addr()?;
         let listener = TcpListener::bind(addr)
             .await

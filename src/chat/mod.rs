@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::auth::UserId;
 use crate::config::{BotConfig, DisconnectPolicy};
@@ -296,10 +297,15 @@ impl ChatService {
     fn spawn_producer(&self, producer: turn::Turn) {
         let active = self.active.clone();
         let chat_id = producer.chat_id.clone();
-        self.tasks.spawn(async move {
-            producer.run().await;
-            active.release(&chat_id);
-        });
+        // The producer's log lines keep the request's id and user.
+        let span = tracing::Span::current();
+        self.tasks.spawn(
+            async move {
+                producer.run().await;
+                active.release(&chat_id);
+            }
+            .instrument(span),
+        );
     }
 
     /// The events of the chat's latest answer after `after_id` (from its start when `None`):

@@ -1,36 +1,61 @@
-//! One access line per request, written when the response body is finished or dropped, so a
-//! stream's line carries its whole duration and is written even when the client walks away.
-//! Only the path is logged, never the query string: it may hold a `token`.
+//! The outermost layer: works out who is asking (client address behind trusted proxies, request
+//! id), opens the request's log span — every line logged while serving it carries its
+//! `request_id`, and its `user_id` once authenticated — echoes `X-Request-Id`, and writes one
+//! access line per request when the response body is finished or dropped, so a stream's line
+//! carries its whole duration and is written even when the client walks away. Only the path is
+//! logged, never the query string: it may hold a `token`.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Request};
-use axum::http::{Method, StatusCode};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body::{Frame, SizeHint};
+use tracing::Instrument;
 
-pub async fn access_log(request: Request, next: Next) -> Response {
+use super::client::{RequestContext, TrustedProxies, request_id};
+
+pub async fn access_log(
+    State(proxies): State<Arc<TrustedProxies>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let client = request
+    let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip().to_string())
-        .unwrap_or_else(|| "-".into());
-    let response = next.run(request).await;
+        .map_or(Ipv4Addr::UNSPECIFIED.into(), |ConnectInfo(addr)| addr.ip());
+    let client_ip = proxies.client_ip(peer, request.headers());
+    let request_id = request_id(proxies.trusts(peer), request.headers());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        user_id = tracing::field::Empty,
+    );
+    request.extensions_mut().insert(RequestContext {
+        request_id: request_id.clone(),
+        client_ip,
+    });
+    let mut response = next.run(request).instrument(span.clone()).await;
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
     let status = response.status();
     let line = AccessLine {
         method,
         path,
         status,
-        client,
+        client: client_ip.to_string(),
         started,
+        span,
     };
     response.map(|body| {
         Body::new(LoggedBody {
@@ -46,10 +71,12 @@ struct AccessLine {
     status: StatusCode,
     client: String,
     started: Instant,
+    span: tracing::Span,
 }
 
 impl AccessLine {
     fn write(self, completed: bool) {
+        let _in_request = self.span.enter();
         tracing::info!(
             target: "mangoo::access",
             method = %self.method,

@@ -24,7 +24,9 @@ impl FromRequestParts<AppState> for AuthUser {
             None => query_param(parts.uri.query(), "token"),
         };
         let token = token.ok_or(AuthError::Missing)?;
-        Ok(AuthUser(state.auth.verify(&token)?))
+        let user = state.auth.verify(&token)?;
+        tracing::Span::current().record("user_id", user.as_str());
+        Ok(AuthUser(user))
     }
 }
 

@@ -12,6 +12,7 @@
 mod access_log;
 mod chat_stream;
 mod chats;
+pub mod client;
 pub mod extract;
 pub mod sse;
 mod ui;
@@ -40,7 +41,11 @@ pub struct AppState {
     pub sse: sse::SseSettings,
 }
 
-pub fn router(state: AppState, allowed_origins: &[String]) -> Router {
+pub fn router(
+    state: AppState,
+    allowed_origins: &[String],
+    proxies: client::TrustedProxies,
+) -> Router {
     let api = Router::new()
         .route(
             "/api/v1/chat/stream",
@@ -77,7 +82,10 @@ pub fn router(state: AppState, allowed_origins: &[String]) -> Router {
         )),
         None => api,
     };
-    api.layer(axum::middleware::from_fn(access_log::access_log))
+    api.layer(axum::middleware::from_fn_with_state(
+        Arc::new(proxies),
+        access_log::access_log,
+    ))
 }
 
 /// Credentials are allowed, so origins are an explicit list (validated at start: no wildcard).

@@ -124,7 +124,7 @@ async fn start(
     db_path: PathBuf,
 ) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        mangoo::telemetry::init();
+        mangoo::telemetry::init(mangoo::config::LogFormat::Text);
     }
     let app = Application::build(config).await.expect("the app starts");
     let addr = app.local_addr();

@@ -14,6 +14,7 @@ mod helpers;
 mod idle_proxy;
 mod input_errors;
 mod local_model;
+mod operations;
 mod providers;
 mod resilience;
 mod resume;

@@ -1,0 +1,145 @@
+//! Who is on the other end of a request: the client's address (believing `X-Forwarded-For` only
+//! from trusted proxies) and the request id (taken from a trusted proxy's `X-Request-Id`, else
+//! generated). Computed once per request by the context middleware and kept in its extensions.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::http::HeaderMap;
+
+use crate::config::parse_cidr;
+
+/// The peers whose forwarding headers are believed (`[server] trusted_proxies`).
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies {
+    any: bool,
+    networks: Vec<(IpAddr, u8)>,
+}
+
+impl TrustedProxies {
+    /// From the validated configuration: CIDRs, bare addresses or "*".
+    pub fn new(entries: &[String]) -> Self {
+        Self {
+            any: entries.iter().any(|e| e == "*"),
+            networks: entries.iter().filter_map(|e| parse_cidr(e).ok()).collect(),
+        }
+    }
+
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.any
+            || self
+                .networks
+                .iter()
+                .any(|(network, prefix)| in_network(ip, *network, *prefix))
+    }
+
+    /// The client's address: the peer's own, unless the peer is a trusted proxy, in which case
+    /// the right-most `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its
+    /// left were written by the client and prove nothing).
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|entry| parse_forwarded(entry.trim()))
+            .collect();
+        forwarded
+            .iter()
+            .rev()
+            .find(|ip| !self.trusts(**ip))
+            .or(forwarded.first())
+            .copied()
+            .unwrap_or(peer)
+    }
+}
+
+/// `203.0.113.7`, `[2001:db8::1]:443` or `203.0.113.7:5000`.
+fn parse_forwarded(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
+}
+
+fn in_network(ip: IpAddr, network: IpAddr, prefix: u8) -> bool {
+    match (ip, network) {
+        (IpAddr::V4(ip), IpAddr::V4(net)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(ip) & mask == u32::from(net) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V6(net)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(ip) & mask == u128::from(net) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V4(_)) => ip
+            .to_ipv4_mapped()
+            .is_some_and(|v4| in_network(IpAddr::V4(v4), network, prefix)),
+        _ => false,
+    }
+}
+
+/// A request id from a trusted proxy is kept when it is short and printable; otherwise one is made.
+pub fn request_id(trusted_peer: bool, headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .filter(|_| trusted_peer)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+/// What the context middleware learned about a request.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub request_id: String,
+    pub client_ip: IpAddr,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(xff: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", xff.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn forwarded_addresses_are_believed_only_from_trusted_peers() {
+        let proxies = TrustedProxies::new(&["10.0.0.0/8".into()]);
+        let from_proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let stranger: IpAddr = "198.51.100.9".parse().unwrap();
+        let xff = headers("1.1.1.1, 203.0.113.7, 10.0.0.5");
+        assert_eq!(
+            proxies.client_ip(from_proxy, &xff),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(proxies.client_ip(stranger, &xff), stranger);
+        assert_eq!(proxies.client_ip(from_proxy, &HeaderMap::new()), from_proxy);
+    }
+
+    #[test]
+    fn a_wildcard_trusts_everyone_and_networks_match_by_prefix() {
+        assert!(TrustedProxies::new(&["*".into()]).trusts("8.8.8.8".parse().unwrap()));
+        let loopback = TrustedProxies::new(&["127.0.0.1".into(), "::1".into()]);
+        assert!(loopback.trusts("127.0.0.1".parse().unwrap()));
+        assert!(!loopback.trusts("127.0.0.2".parse().unwrap()));
+        assert!(loopback.trusts("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!TrustedProxies::default().trusts("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn request_ids_come_from_trusted_peers_only() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", "abc-123".parse().unwrap());
+        assert_eq!(request_id(true, &headers), "abc-123");
+        assert_ne!(request_id(false, &headers), "abc-123");
+        headers.insert("x-request-id", "has space".parse().unwrap());
+        assert_ne!(request_id(true, &headers), "has space");
+    }
+}
