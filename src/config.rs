@@ -17,6 +17,7 @@ use serde::Deserialize;
 pub struct Config {
     pub server: ServerConfig,
     pub log: LogConfig,
+    pub rate_limit: RateLimitConfig,
     pub streams: StreamsConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
@@ -51,6 +52,27 @@ impl Default for ServerConfig {
             max_message_chars: 32 * 1024,
             heartbeat_secs: 15,
             drain_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second, per user (or per client address when unauthenticated).
+    pub requests_per_second: f64,
+    /// Requests allowed at once on top of the sustained rate.
+    pub burst: u32,
+    /// Streams one user may have open at once.
+    pub max_concurrent_streams: usize,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 100.0,
+            burst: 200,
+            max_concurrent_streams: 4,
         }
     }
 }

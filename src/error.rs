@@ -30,6 +30,14 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{message}")]
     Unavailable { code: &'static str, message: String },
+    #[error("{message}")]
+    TooManyRequests {
+        code: &'static str,
+        message: String,
+        retry_after: std::time::Duration,
+        limit: Option<crate::rate_limit::Decision>,
+        policy: u32,
+    },
     /// Logged in full, answered as a bare 500.
     #[error("internal error: {0}")]
     Internal(String),
@@ -66,6 +74,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+            ApiError::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -87,6 +96,21 @@ impl IntoResponse for ApiError {
             code,
         };
         let mut response = (status, Json(body)).into_response();
+        if let ApiError::TooManyRequests {
+            retry_after,
+            limit,
+            policy,
+            ..
+        } = &self
+        {
+            let headers = response.headers_mut();
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            if let Some(decision) = limit {
+                crate::http::limits::rate_limit_headers(headers, decision, *policy);
+            }
+            return response;
+        }
         match status {
             StatusCode::UNAUTHORIZED => {
                 response

@@ -34,6 +34,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod providers;
+pub mod rate_limit;
 pub mod startup;
 pub mod store;
 pub mod stream_log;

@@ -19,6 +19,7 @@ use crate::http::client::TrustedProxies;
 use crate::http::sse::SseSettings;
 use crate::http::{AppState, router};
 use crate::providers::ProviderRegistry;
+use crate::rate_limit::{MemoryRateLimiter, StreamSlots};
 use crate::store::{self, StoreError};
 use crate::stream_log::memory::MemoryLog;
 
@@ -95,6 +96,11 @@ impl Application {
             chat: chat.clone(),
             auth: authenticator.clone(),
             max_body_bytes: config.server.max_body_bytes,
+            limiter: Arc::new(MemoryRateLimiter::new(
+                config.rate_limit.requests_per_second,
+                config.rate_limit.burst,
+            )),
+            streams: StreamSlots::new(config.rate_limit.max_concurrent_streams),
             sse: SseSettings {
                 heartbeat: (config.server.heartbeat_secs > 0)
                     .then(|| Duration::from_secs(config.server.heartbeat_secs)),

@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::extract::{AuthUser, JsonBody, query_param};
 use super::sse::stream_response;
+use crate::auth::UserId;
 use crate::chat::TurnRequest;
 use crate::error::ApiError;
+use crate::rate_limit::StreamSlot;
 
 #[derive(Debug, Deserialize)]
 pub struct StreamRequest {
@@ -76,9 +78,10 @@ async fn answer(
     state: &AppState,
     version: Version,
     headers: &HeaderMap,
-    user: &crate::auth::UserId,
+    user: &UserId,
     request: TurnRequest,
 ) -> Result<Response, ApiError> {
+    let slot = stream_slot(state, user)?;
     let events = match last_event_id(headers, None)? {
         Some(after) => match state.chat.reconnect(user, &request, after).await? {
             Some(events) => events,
@@ -86,7 +89,22 @@ async fn answer(
         },
         None => state.chat.start_turn(user, request).await?,
     };
-    Ok(stream_response(events, version, state.sse))
+    Ok(stream_response(events, version, state.sse, slot))
+}
+
+/// One of the caller's concurrent-stream places, taken before anything starts (a refused
+/// request leaves no trace).
+fn stream_slot(state: &AppState, user: &UserId) -> Result<StreamSlot, ApiError> {
+    state
+        .streams
+        .take(user.as_str())
+        .ok_or_else(|| ApiError::TooManyRequests {
+            code: "too_many_streams",
+            message: "too many streams open at once; close one first".into(),
+            retry_after: std::time::Duration::from_secs(1),
+            limit: None,
+            policy: 0,
+        })
 }
 
 /// The `Last-Event-ID` header, else the `last_event_id` query parameter.
@@ -116,8 +134,9 @@ pub async fn resume_stream(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let after = last_event_id(&headers, query.as_deref())?;
+    let slot = stream_slot(&state, &user)?;
     match state.chat.resume(&user, &chat_id, after).await? {
-        Some(events) => Ok(stream_response(events, version, state.sse)),
+        Some(events) => Ok(stream_response(events, version, state.sse, slot)),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }

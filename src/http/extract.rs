@@ -2,9 +2,9 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
@@ -19,14 +19,18 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = match parts.headers.get(AUTHORIZATION) {
-            Some(value) => Some(bearer_token(value.as_bytes())?),
-            None => query_param(parts.uri.query(), "token"),
-        };
-        let token = token.ok_or(AuthError::Missing)?;
+        let token = token_in(&parts.headers, parts.uri.query())?.ok_or(AuthError::Missing)?;
         let user = state.auth.verify(&token)?;
         tracing::Span::current().record("user_id", user.as_str());
         Ok(AuthUser(user))
+    }
+}
+
+/// The request's token, if it has one: the bearer header, else the `token` query parameter.
+pub fn token_in(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, ApiError> {
+    match headers.get(AUTHORIZATION) {
+        Some(value) => bearer_token(value.as_bytes()).map(Some),
+        None => Ok(query_param(query, "token")),
     }
 }
 

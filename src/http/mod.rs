@@ -14,6 +14,7 @@ mod chat_stream;
 mod chats;
 pub mod client;
 pub mod extract;
+pub mod limits;
 pub mod sse;
 mod ui;
 
@@ -39,6 +40,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub max_body_bytes: usize,
     pub sse: sse::SseSettings,
+    pub limiter: Arc<dyn crate::rate_limit::RateLimiter>,
+    pub streams: crate::rate_limit::StreamSlots,
 }
 
 pub fn router(
@@ -46,6 +49,7 @@ pub fn router(
     allowed_origins: &[String],
     proxies: client::TrustedProxies,
 ) -> Router {
+    // Every API route counts against its caller's rate limit; the page and health checks do not.
     let api = Router::new()
         .route(
             "/api/v1/chat/stream",
@@ -66,6 +70,12 @@ pub fn router(
         )
         .route("/api/v1/chats/{chat_id}/stop", post(chat_stream::stop))
         .route("/api/v1/bots", get(chats::list_bots))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::rate_limit,
+        ));
+    let api = Router::new()
+        .merge(api)
         .route("/", get(ui::index))
         .route("/app.js", get(ui::app_js))
         .route("/style.css", get(ui::style_css))

@@ -17,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::chat::events::{EventKind, StreamEvent};
 use crate::domain::TokenUsage;
+use crate::rate_limit::StreamSlot;
 
 /// How streams are written: the heartbeat interval and the reconnection hint.
 #[derive(Debug, Clone, Copy)]
@@ -35,8 +36,10 @@ pub fn stream_response(
     events: impl Stream<Item = StreamEvent> + Send + 'static,
     version: Version,
     settings: SseSettings,
+    slot: StreamSlot,
 ) -> Response {
     let body = Body::from_stream(SseBody {
+        _slot: slot,
         events: Box::pin(events),
         heartbeat: settings
             .heartbeat
@@ -64,6 +67,8 @@ pub fn stream_response(
 
 /// Encodes events and interleaves heartbeats whenever nothing was written for the interval.
 struct SseBody {
+    /// The caller's place among their concurrent streams, given back when the body is dropped.
+    _slot: StreamSlot,
     events: Pin<Box<dyn Stream<Item = StreamEvent> + Send>>,
     heartbeat: Option<(Duration, Pin<Box<Sleep>>)>,
     /// Sent once, on the first event.

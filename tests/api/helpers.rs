@@ -42,6 +42,10 @@ pub fn test_config(fake: &FakeUpstream, db_path: &std::path::Path) -> Config {
     config.server.bind = "127.0.0.1:0".into();
     // Streams still open when a test stops the server end after this long.
     config.server.drain_secs = 1;
+    // Tests poll; only the rate-limit tests want the limits near.
+    config.rate_limit.requests_per_second = 10_000.0;
+    config.rate_limit.burst = 10_000;
+    config.rate_limit.max_concurrent_streams = 64;
     config.auth.jwt_secret = Some(Secret::new(SECRET));
     config.database.url = format!("sqlite://{}", db_path.display());
     config.providers.bedrock = Some(BedrockConfig {

@@ -126,3 +126,129 @@ async fn from_an_untrusted_peer_spoofed_forwarding_headers_change_nothing() {
     assert_eq!(access["client"], "127.0.0.1");
     assert_eq!(access["span"]["request_id"], request_id.as_str());
 }
+
+#[tokio::test]
+async fn each_user_gets_a_burst_then_429_with_retry_after_and_ratelimit_headers() {
+    let app = super::helpers::spawn_app_with(|c| {
+        c.rate_limit.requests_per_second = 1.0;
+        c.rate_limit.burst = 3;
+    })
+    .await;
+    for remaining in [2, 1, 0] {
+        let (status, _) = app.get_json("alice", "/api/v1/chats").await;
+        assert_eq!(status, 200);
+        let response = app
+            .client
+            .get(app.url("/api/v1/bots"))
+            .bearer_auth(app.token("carol"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["ratelimit-limit"], "3");
+        assert_eq!(
+            response.headers()["ratelimit-remaining"],
+            remaining.to_string().as_str()
+        );
+    }
+
+    let refused = app
+        .client
+        .get(app.url("/api/v1/chats"))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(refused.headers()["ratelimit-remaining"], "0");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["code"], "rate_limited");
+    // Another user is not affected, and neither are health checks.
+    assert_eq!(app.get_json("bob", "/api/v1/chats").await.0, 200);
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_requests_are_limited_per_address_and_spoofing_does_not_help() {
+    let app = super::helpers::spawn_app_with(|c| {
+        c.rate_limit.requests_per_second = 1.0;
+        c.rate_limit.burst = 2;
+    })
+    .await;
+    let guess = |n: u32| {
+        app.client
+            .get(app.url("/api/v1/chats"))
+            .bearer_auth(format!("guess-{n}"))
+            .header("x-forwarded-for", format!("198.51.100.{n}"))
+            .send()
+    };
+    assert_eq!(guess(1).await.unwrap().status(), 401);
+    assert_eq!(guess(2).await.unwrap().status(), 401);
+    // A new X-Forwarded-For from an untrusted peer is the same client: still limited.
+    let limited = guess(3).await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
+    // A real user's token has its own allowance.
+    assert_eq!(app.get_json("alice", "/api/v1/chats").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_user_may_hold_only_so_many_streams_at_once() {
+    use super::fake_upstream::Script;
+    let app = super::helpers::spawn_app_with(|c| c.rate_limit.max_concurrent_streams = 2).await;
+    app.fake.push(Script::tokens(&["a"]).gated());
+    app.fake.push(Script::tokens(&["b"]).gated());
+    let (first, _) = app.open_stream("alice", "one").await;
+    let (_second, _) = app.open_stream("alice", "two").await;
+
+    let third = app
+        .post_stream(
+            "alice",
+            serde_json::json!({"bot_id": super::helpers::BOT, "message": "three"}),
+        )
+        .await;
+    assert_eq!(third.status(), 429);
+    assert!(third.headers().contains_key("retry-after"));
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_streams");
+    assert_eq!(
+        app.get_json("alice", "/api/v1/chats").await.1["chats"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Another user is not affected; closing a stream gives its place back.
+    let (_other, _) = app.open_stream("bob", "mine").await;
+    drop(first);
+    app.fake.release(3);
+    let fourth = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            let response = app
+                .post_stream(
+                    "alice",
+                    serde_json::json!({"bot_id": super::helpers::BOT, "message": "four"}),
+                )
+                .await;
+            if response.status() == 200 {
+                return response;
+            }
+            assert_eq!(response.status(), 429);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(fourth.status(), 200);
+}

@@ -1,0 +1,60 @@
+//! Rate limits at the edge: every API request is counted against its user (when it carries a
+//! valid token) or its client address (when it does not), and answered 429 past the limit, with
+//! `Retry-After` and the draft IETF `RateLimit-*` headers on every counted response.
+
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::client::RequestContext;
+use super::extract::token_in;
+use crate::error::ApiError;
+use crate::rate_limit::Decision;
+
+pub async fn rate_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let user = token_in(request.headers(), request.uri().query())
+        .ok()
+        .flatten()
+        .and_then(|token| state.auth.verify(&token).ok());
+    let key = match &user {
+        Some(user) => format!("user:{}", user.as_str()),
+        None => match request.extensions().get::<RequestContext>() {
+            Some(context) => format!("ip:{}", context.client_ip),
+            None => "ip:unknown".to_owned(),
+        },
+    };
+    let decision = state.limiter.check(&key);
+    let policy = state.limiter.limit();
+    if !decision.allowed {
+        tracing::info!(key = %key.split(':').next().unwrap_or(""), "rate limited");
+        return ApiError::TooManyRequests {
+            code: "rate_limited",
+            message: "too many requests; slow down".into(),
+            retry_after: decision.retry_after,
+            limit: Some(decision),
+            policy,
+        }
+        .into_response();
+    }
+    let mut response = next.run(request).await;
+    rate_limit_headers(response.headers_mut(), &decision, policy);
+    response
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (whole seconds, rounded up).
+pub fn rate_limit_headers(headers: &mut HeaderMap, decision: &Decision, limit: u32) {
+    headers.insert("ratelimit-limit", HeaderValue::from(limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert(
+        "ratelimit-reset",
+        HeaderValue::from(ceil_secs(decision.reset_after)),
+    );
+}
+
+fn ceil_secs(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
