@@ -39,3 +39,4 @@ pub mod startup;
 pub mod store;
 pub mod stream_log;
 pub mod telemetry;
+pub mod tickets;

@@ -101,6 +101,7 @@ impl Application {
                 config.rate_limit.burst,
             )),
             streams: StreamSlots::new(config.rate_limit.max_concurrent_streams),
+            tickets: Arc::default(),
             sse: SseSettings {
                 heartbeat: (config.server.heartbeat_secs > 0)
                     .then(|| Duration::from_secs(config.server.heartbeat_secs)),

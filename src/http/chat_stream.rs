@@ -156,3 +156,27 @@ pub async fn stop(
     let stopped = state.chat.stop(&user, &chat_id).await?;
     Ok(Json(Stopped { chat_id, stopped }))
 }
+
+#[derive(Serialize)]
+pub struct Ticket {
+    ticket: String,
+    /// Seconds it stays valid (once).
+    expires_in: u64,
+}
+
+/// `POST /api/v1/stream-tickets` (bearer auth): a single-use ticket, valid for 60 s, that the GET
+/// stream endpoints take as `?ticket=` instead of a token in the URL.
+pub async fn issue_ticket(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<(StatusCode, Json<Ticket>), ApiError> {
+    let ticket = state
+        .tickets
+        .issue(&user)
+        .ok_or_else(|| ApiError::Unavailable {
+            code: "service_unavailable",
+            message: "too many outstanding tickets; retry shortly".into(),
+        })?;
+    let expires_in = crate::tickets::TICKET_TTL.as_secs();
+    Ok((StatusCode::CREATED, Json(Ticket { ticket, expires_in })))
+}

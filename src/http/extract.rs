@@ -19,11 +19,27 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = token_in(&parts.headers, parts.uri.query())?.ok_or(AuthError::Missing)?;
-        let user = state.auth.verify(&token)?;
+        let user = match stream_ticket(parts) {
+            Some(ticket) => state.tickets.redeem(&ticket).ok_or_else(|| {
+                AuthError::Invalid("the stream ticket is unknown, used or expired".into())
+            })?,
+            None => {
+                let token =
+                    token_in(&parts.headers, parts.uri.query())?.ok_or(AuthError::Missing)?;
+                state.auth.verify(&token)?
+            }
+        };
         tracing::Span::current().record("user_id", user.as_str());
         Ok(AuthUser(user))
     }
+}
+
+/// A `?ticket=` on a GET of a stream endpoint (the only place tickets are accepted).
+fn stream_ticket(parts: &Parts) -> Option<String> {
+    if parts.method != axum::http::Method::GET || !parts.uri.path().ends_with("/stream") {
+        return None;
+    }
+    query_param(parts.uri.query(), "ticket")
 }
 
 /// The request's token, if it has one: the bearer header, else the `token` query parameter.

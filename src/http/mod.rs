@@ -42,6 +42,7 @@ pub struct AppState {
     pub sse: sse::SseSettings,
     pub limiter: Arc<dyn crate::rate_limit::RateLimiter>,
     pub streams: crate::rate_limit::StreamSlots,
+    pub tickets: Arc<crate::tickets::TicketBook>,
 }
 
 pub fn router(
@@ -70,6 +71,7 @@ pub fn router(
         )
         .route("/api/v1/chats/{chat_id}/stop", post(chat_stream::stop))
         .route("/api/v1/bots", get(chats::list_bots))
+        .route("/api/v1/stream-tickets", post(chat_stream::issue_ticket))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::rate_limit,

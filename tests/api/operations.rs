@@ -252,3 +252,69 @@ async fn a_user_may_hold_only_so_many_streams_at_once() {
     .unwrap();
     assert_eq!(fourth.status(), 200);
 }
+
+#[tokio::test]
+async fn a_stream_ticket_opens_one_stream_once_instead_of_a_token_in_the_url() {
+    let app = spawn_app().await;
+    let issue = || {
+        app.client
+            .post(app.url("/api/v1/stream-tickets"))
+            .bearer_auth(app.token("alice"))
+            .send()
+    };
+    let response = issue().await.unwrap();
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["expires_in"], 60);
+    let ticket = body["ticket"].as_str().unwrap().to_owned();
+    let stream = |ticket: String| {
+        app.client
+            .get(app.url("/api/v1/chat/stream"))
+            .query(&[
+                ("bot_id", super::helpers::BOT),
+                ("message", "hi"),
+                ("ticket", &ticket),
+            ])
+            .send()
+    };
+
+    let first = stream(ticket.clone()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let events = super::helpers::SseReader::new(first).collect().await;
+    assert_eq!(events.last().unwrap().event, "done");
+    let chat_id = events[0].json()["chat_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.get_json("alice", "/api/v1/chats").await.1["chats"][0]["chat_id"],
+        chat_id.as_str()
+    );
+
+    let again = stream(ticket).await.unwrap();
+    assert_eq!(again.status(), 401, "a ticket works once");
+    assert_eq!(stream("made-up".into()).await.unwrap().status(), 401);
+    // Tickets are for the GET stream endpoints only, and issuing one needs a real token.
+    let ticket = issue().await.unwrap().json::<Value>().await.unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let listing = app
+        .client
+        .get(app.url(&format!("/api/v1/chats?ticket={ticket}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listing.status(), 401);
+    let resume = app
+        .client
+        .get(app.url(&format!("/api/v1/chats/{chat_id}/stream?ticket={ticket}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resume.status(), 200);
+    let unauthenticated = app
+        .client
+        .post(app.url("/api/v1/stream-tickets"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+}
