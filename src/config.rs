@@ -18,6 +18,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub log: LogConfig,
     pub rate_limit: RateLimitConfig,
+    pub metrics: MetricsConfig,
     pub streams: StreamsConfig,
     pub auth: AuthConfig,
     pub cors: CorsConfig,
@@ -75,6 +76,15 @@ impl Default for RateLimitConfig {
             max_concurrent_streams: 4,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// When set, `/metrics` wants `Authorization: Bearer <this>`.
+    pub bearer_token: Option<Secret>,
+    /// When set, `/metrics` is served on this address instead of the main listener.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -442,12 +452,7 @@ impl Config {
         if self.server.max_message_chars == 0 {
             return Err(invalid("server.max_message_chars", "must be at least 1"));
         }
-        if self.streams.first_token_timeout_secs == 0 {
-            return Err(invalid(
-                "streams.first_token_timeout_secs",
-                "must be at least 1",
-            ));
-        }
+        self.validate_limits()?;
         if let Some(secret) = &self.auth.jwt_secret
             && secret.expose().is_empty()
         {
@@ -468,6 +473,43 @@ impl Config {
         }
         self.validate_providers()?;
         self.validate_bots()
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let positive = [
+            (
+                "streams.first_token_timeout_secs",
+                self.streams.first_token_timeout_secs,
+            ),
+            ("streams.idle_timeout_secs", self.streams.idle_timeout_secs),
+            ("streams.max_stream_secs", self.streams.max_stream_secs),
+            ("rate_limit.burst", u64::from(self.rate_limit.burst)),
+            (
+                "rate_limit.max_concurrent_streams",
+                self.rate_limit.max_concurrent_streams as u64,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        let rate = self.rate_limit.requests_per_second;
+        if !(rate > 0.0 && rate.is_finite()) {
+            return Err(invalid(
+                "rate_limit.requests_per_second",
+                "must be a positive number",
+            ));
+        }
+        if let Some(listen) = &self.metrics.listen
+            && listen.parse::<SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                format!("'{listen}' is not an address like 127.0.0.1:9090"),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_providers(&self) -> Result<(), ConfigError> {
@@ -693,6 +735,21 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().starts_with("bots[0].provider:"), "{err}");
+    }
+
+    #[test]
+    fn limits_must_be_positive() {
+        for toml in [
+            "[streams]\nidle_timeout_secs = 0\n",
+            "[streams]\nmax_stream_secs = 0\n",
+            "[rate_limit]\nburst = 0\n",
+            "[rate_limit]\nrequests_per_second = 0.0\n",
+            "[metrics]\nlisten = \"nope\"\n",
+        ] {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
+            let key = toml.lines().nth(1).unwrap().split(' ').next().unwrap();
+            assert!(err.to_string().contains(key), "{toml} -> {err}");
+        }
     }
 
     #[test]

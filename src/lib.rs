@@ -33,6 +33,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod providers;
 pub mod rate_limit;
 pub mod startup;

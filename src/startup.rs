@@ -17,7 +17,8 @@ use crate::chat::{ChatLimits, ChatService, StreamTimeouts};
 use crate::config::{BotConfig, Config, ConfigError};
 use crate::http::client::TrustedProxies;
 use crate::http::sse::SseSettings;
-use crate::http::{AppState, router};
+use crate::http::{AppState, metrics_router, router};
+use crate::metrics::Metrics;
 use crate::providers::ProviderRegistry;
 use crate::rate_limit::{MemoryRateLimiter, StreamSlots};
 use crate::store::{self, StoreError};
@@ -47,6 +48,8 @@ pub struct Application {
     chat: Arc<ChatService>,
     drain: Duration,
     stalled_client: Option<Duration>,
+    /// `[metrics] listen`: a second listener that serves only `/metrics`.
+    metrics_listener: Option<(TcpListener, axum::Router)>,
 }
 
 impl Application {
@@ -74,44 +77,26 @@ impl Application {
         }
         let authenticator = Arc::new(Authenticator::hs256(secret.as_bytes()));
         let providers = ProviderRegistry::from_config(&config).await;
-        let tasks = TaskTracker::new();
-        let chat = ChatService::new(
+        let metrics = Arc::new(Metrics::new());
+        let chat = Arc::new(ChatService::new(
             store,
             Arc::new(MemoryLog::default()),
             providers,
             &config.bots,
-            ChatLimits {
-                max_message_chars: config.server.max_message_chars,
-                on_disconnect: config.streams.on_disconnect,
-                timeouts: StreamTimeouts {
-                    first_token: Duration::from_secs(config.streams.first_token_timeout_secs),
-                    idle: Duration::from_secs(config.streams.idle_timeout_secs),
-                    total: Duration::from_secs(config.streams.max_stream_secs),
-                },
-            },
-            tasks,
-        );
-        let chat = Arc::new(chat);
-        let state = AppState {
-            chat: chat.clone(),
-            auth: authenticator.clone(),
-            max_body_bytes: config.server.max_body_bytes,
-            limiter: Arc::new(MemoryRateLimiter::new(
-                config.rate_limit.requests_per_second,
-                config.rate_limit.burst,
-            )),
-            streams: StreamSlots::new(config.rate_limit.max_concurrent_streams),
-            tickets: Arc::default(),
-            sse: SseSettings {
-                heartbeat: (config.server.heartbeat_secs > 0)
-                    .then(|| Duration::from_secs(config.server.heartbeat_secs)),
-                retry_ms: config.streams.retry_ms,
-            },
+            chat_limits(&config),
+            TaskTracker::new(),
+            metrics.clone(),
+        ));
+        let state = app_state(&config, chat.clone(), authenticator.clone(), metrics);
+        let metrics_listener = match &config.metrics.listen {
+            Some(listen) => Some((bind(listen).await?, metrics_router(state.clone()))),
+            None => None,
         };
         let router = router(
             state,
             &config.cors.allowed_origins,
             TrustedProxies::new(&config.server.trusted_proxies),
+            metrics_listener.is_none(),
         );
         let addr = config.server.bind_addr()?;
         let listener = TcpListener::bind(addr)
@@ -131,7 +116,15 @@ impl Application {
             drain: Duration::from_secs(config.server.drain_secs),
             stalled_client: (config.streams.stalled_client_secs > 0)
                 .then(|| Duration::from_secs(config.streams.stalled_client_secs)),
+            metrics_listener,
         })
+    }
+
+    /// Where `/metrics` is served when `[metrics] listen` moved it off the main listener.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -171,6 +164,19 @@ impl Application {
         let server = axum::serve(listener, service)
             .with_graceful_shutdown(async move { closing.cancelled().await })
             .into_future();
+        // The metrics listener lives exactly as long as the main one.
+        let metrics = async move {
+            match self.metrics_listener {
+                Some((listener, router)) => axum::serve(listener, router).await,
+                None => std::future::pending().await,
+            }
+        };
+        let server = async move {
+            tokio::select! {
+                served = server => served,
+                served = metrics => served,
+            }
+        };
         tokio::pin!(server);
         tokio::select! {
             served = &mut server => return served,
@@ -192,6 +198,57 @@ impl Application {
             }
         }
     }
+}
+
+fn chat_limits(config: &Config) -> ChatLimits {
+    let streams = &config.streams;
+    ChatLimits {
+        max_message_chars: config.server.max_message_chars,
+        on_disconnect: streams.on_disconnect,
+        timeouts: StreamTimeouts {
+            first_token: Duration::from_secs(streams.first_token_timeout_secs),
+            idle: Duration::from_secs(streams.idle_timeout_secs),
+            total: Duration::from_secs(streams.max_stream_secs),
+        },
+    }
+}
+
+fn app_state(
+    config: &Config,
+    chat: Arc<ChatService>,
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+) -> AppState {
+    let limits = &config.rate_limit;
+    AppState {
+        chat,
+        auth,
+        max_body_bytes: config.server.max_body_bytes,
+        limiter: Arc::new(MemoryRateLimiter::new(
+            limits.requests_per_second,
+            limits.burst,
+        )),
+        streams: StreamSlots::new(limits.max_concurrent_streams),
+        tickets: Arc::default(),
+        sse: SseSettings {
+            heartbeat: (config.server.heartbeat_secs > 0)
+                .then(|| Duration::from_secs(config.server.heartbeat_secs)),
+            retry_ms: config.streams.retry_ms,
+            metrics: metrics.clone(),
+        },
+        metrics_token: config.metrics.bearer_token.clone(),
+        metrics,
+    }
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, StartupError> {
+    let addr: SocketAddr = addr.parse().map_err(|_| ConfigError::Invalid {
+        key: "metrics.listen".into(),
+        reason: format!("'{addr}' is not an address"),
+    })?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })
 }
 
 /// Every event is a small write that must leave at once, not wait for an ACK (Nagle). And a client

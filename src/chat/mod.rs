@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::auth::UserId;
 use crate::config::{BotConfig, DisconnectPolicy};
 use crate::domain::Role;
+use crate::metrics::Metrics;
 use crate::providers::{
     Admission, ModelMessage, ModelRequest, ProviderError, ProviderRegistry, Target,
 };
@@ -108,6 +109,7 @@ pub struct ChatService {
     /// Cancelled when the server starts draining: new answers are refused.
     draining: CancellationToken,
     active: ActiveAnswers,
+    metrics: Arc<Metrics>,
 }
 
 /// One page of a user's chats.
@@ -126,6 +128,7 @@ impl ChatService {
         bots: &[BotConfig],
         limits: ChatLimits,
         tasks: TaskTracker,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let bot_order = bots
             .iter()
@@ -151,6 +154,7 @@ impl ChatService {
             tasks,
             draining: CancellationToken::new(),
             active: ActiveAnswers::default(),
+            metrics,
         }
     }
 
@@ -247,6 +251,7 @@ impl ChatService {
             control: answer.control,
             all_gone: answer.audience.all_gone(),
             deadline: tokio::time::Instant::now(),
+            metrics: self.metrics.clone(),
         };
         self.spawn_producer(producer);
         Ok(Box::pin(listener))
@@ -318,6 +323,7 @@ impl ChatService {
         after_id: Option<i64>,
     ) -> Result<Option<EventStream>, ChatError> {
         self.owned_chat(user, chat_id).await?;
+        self.metrics.resumes.inc();
         if let Some(answer) = self.active.get(chat_id)
             && let Some(events) = self.log.follow(chat_id, after_id.unwrap_or(0)).await
         {

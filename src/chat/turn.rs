@@ -20,12 +20,15 @@ use super::StreamTimeouts;
 use super::control::{StopCause, TurnControl};
 use super::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
 use crate::domain::TokenUsage;
+use crate::metrics::{Metrics, OutcomeLabels, TokenLabels, UpstreamErrorLabels, UpstreamLabels};
 use crate::providers::{
     Admission, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream,
     Target,
 };
 use crate::store::{ChatStore, FinishedTurn, MessageStatus};
 use crate::stream_log::EventLog;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 
 pub(super) struct Turn {
     pub chat_id: String,
@@ -46,6 +49,7 @@ pub(super) struct Turn {
     pub all_gone: CancellationToken,
     /// When the whole answer must be over; set when the producer starts.
     pub deadline: Instant,
+    pub metrics: Arc<Metrics>,
 }
 
 /// How generation ended, before anything is stored.
@@ -76,6 +80,8 @@ struct Emitter {
     usage: Option<TokenUsage>,
     /// The target that started answering, if one did.
     answering: Option<usize>,
+    /// When the last text went out, for the inter-token gap.
+    last_text_at: Option<Instant>,
 }
 
 impl Emitter {
@@ -88,7 +94,11 @@ impl Emitter {
         self.log.append(&self.chat_id, event).await;
     }
 
-    async fn send_text(&mut self, text: String) {
+    async fn send_text(&mut self, text: String, gaps: &Histogram) {
+        let now = Instant::now();
+        if let Some(previous) = self.last_text_at.replace(now) {
+            gaps.observe((now - previous).as_secs_f64());
+        }
         self.chunks.push(text.clone());
         self.send(EventKind::Content(text)).await;
     }
@@ -104,6 +114,7 @@ impl Turn {
             chunks: Vec::new(),
             usage: None,
             answering: None,
+            last_text_at: None,
         };
         let start = EventKind::Start {
             chat_id: self.chat_id.clone(),
@@ -131,8 +142,13 @@ impl Turn {
             match opening {
                 Opening::Answering(upstream, first) => {
                     emitter.answering = Some(index);
-                    emitter.send_text(first).await;
-                    return self.relay(upstream, emitter).await;
+                    let gaps = self.upstream_histogram(&self.metrics.inter_token_gap, target);
+                    emitter.send_text(first, &gaps).await;
+                    let ending = self.relay(upstream, emitter, &gaps).await;
+                    if let Ending::Failed(e) = &ending {
+                        self.count_failure(target, e);
+                    }
+                    return ending;
                 }
                 Opening::Empty => {
                     emitter.answering = Some(index);
@@ -140,6 +156,7 @@ impl Turn {
                 }
                 Opening::Stopped(ending) => return ending,
                 Opening::Failed(e) => {
+                    self.count_failure(target, &e);
                     if index + 1 < self.targets.len() {
                         tracing::warn!(
                             chat_id = %self.chat_id,
@@ -161,8 +178,11 @@ impl Turn {
     async fn open(&self, target: &Target, admission: Admission, emitter: &mut Emitter) -> Opening {
         let mut request = self.request.clone();
         request.model = target.model.clone();
+        let called = Instant::now();
         let first_text = async {
             let mut upstream = target.provider.stream(request, admission).await?;
+            self.upstream_histogram(&self.metrics.upstream_latency, target)
+                .observe(called.elapsed().as_secs_f64());
             loop {
                 match upstream.next().await {
                     Some(Ok(ProviderEvent::TextDelta(text))) => {
@@ -181,7 +201,11 @@ impl Turn {
             waited = tokio::time::timeout(timeout, first_text) => waited,
         };
         match waited {
-            Ok(Ok(Some((upstream, text)))) => Opening::Answering(upstream, text),
+            Ok(Ok(Some((upstream, text)))) => {
+                self.upstream_histogram(&self.metrics.time_to_first_token, target)
+                    .observe(called.elapsed().as_secs_f64());
+                Opening::Answering(upstream, text)
+            }
             Ok(Ok(None)) => Opening::Empty,
             Ok(Err(e)) => Opening::Failed(e),
             Err(_) => Opening::Failed(ProviderError::new(
@@ -197,7 +221,12 @@ impl Turn {
 
     /// Streams the rest of a target's answer. Dropping `upstream` on any return closes the
     /// provider connection, which is what cancels the request upstream.
-    async fn relay(&self, mut upstream: ProviderStream, emitter: &mut Emitter) -> Ending {
+    async fn relay(
+        &self,
+        mut upstream: ProviderStream,
+        emitter: &mut Emitter,
+        gaps: &Histogram,
+    ) -> Ending {
         loop {
             let item = tokio::select! {
                 biased;
@@ -212,10 +241,60 @@ impl Turn {
                 ));
             };
             match item {
-                Some(Ok(ProviderEvent::TextDelta(text))) => emitter.send_text(text).await,
+                Some(Ok(ProviderEvent::TextDelta(text))) => emitter.send_text(text, gaps).await,
                 Some(Ok(ProviderEvent::Usage(usage))) => emitter.usage = Some(usage),
                 Some(Err(e)) => return Ending::Failed(e),
                 None => return Ending::Complete,
+            }
+        }
+    }
+
+    fn upstream_histogram(
+        &self,
+        family: &Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+        target: &Target,
+    ) -> Histogram {
+        family
+            .get_or_create(&Metrics::upstream(target.provider.name(), &target.model))
+            .clone()
+    }
+
+    fn count_failure(&self, target: &Target, error: &ProviderError) {
+        let labels = UpstreamErrorLabels {
+            provider: target.provider.name().to_owned(),
+            model: target.model.clone(),
+            code: error.kind.code().to_owned(),
+        };
+        self.metrics.upstream_errors.get_or_create(&labels).inc();
+    }
+
+    /// Counts the answer's outcome, duration and tokens.
+    fn count_answer(&self, emitter: &Emitter, status: MessageStatus, terminal: &EventKind) {
+        let outcome = match (status, terminal) {
+            (_, EventKind::Error(failure)) => failure.code.clone(),
+            (MessageStatus::Stopped, _) => "stopped".to_owned(),
+            _ => "done".to_owned(),
+        };
+        let metrics = &self.metrics;
+        metrics
+            .streams
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        metrics
+            .stream_duration
+            .observe((Instant::now() - (self.deadline - self.timeouts.total)).as_secs_f64());
+        if let (Some(index), Some(usage)) = (emitter.answering, emitter.usage) {
+            let target = &self.targets[index];
+            for (direction, count) in [
+                ("input", usage.input_tokens),
+                ("output", usage.output_tokens),
+            ] {
+                let labels = TokenLabels {
+                    provider: target.provider.name().to_owned(),
+                    model: target.model.clone(),
+                    direction: direction.to_owned(),
+                };
+                metrics.tokens.get_or_create(&labels).inc_by(count);
             }
         }
     }
@@ -273,6 +352,7 @@ impl Turn {
                 ))
             }
         };
+        self.count_answer(&emitter, status, &terminal);
         emitter.send(terminal).await;
         self.log.close(&self.chat_id).await;
     }

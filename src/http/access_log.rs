@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -20,12 +20,31 @@ use http_body::{Frame, SizeHint};
 use tracing::Instrument;
 
 use super::client::{RequestContext, TrustedProxies, request_id};
+use crate::metrics::{HttpLabels, Metrics};
+
+/// Set on a response by [`remember_route`]: the route template that matched.
+#[derive(Clone)]
+struct MatchedRoute(String);
+
+/// Runs inside routing, where the matched route is known, and hands it out on the response.
+pub async fn remember_route(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(MatchedRoute(route));
+    }
+    response
+}
 
 pub async fn access_log(
-    State(proxies): State<Arc<TrustedProxies>>,
+    State(shared): State<Arc<(TrustedProxies, Arc<Metrics>)>>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    let (proxies, metrics) = (&shared.0, &shared.1);
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -49,6 +68,18 @@ pub async fn access_log(
         response.headers_mut().insert("x-request-id", value);
     }
     let status = response.status();
+    let route = response
+        .extensions()
+        .get::<MatchedRoute>()
+        .map_or_else(|| "unmatched".to_owned(), |r| r.0.clone());
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method: method.to_string(),
+            route,
+            status: status.as_u16(),
+        })
+        .inc();
     let line = AccessLine {
         method,
         path,

@@ -89,22 +89,25 @@ async fn answer(
         },
         None => state.chat.start_turn(user, request).await?,
     };
-    Ok(stream_response(events, version, state.sse, slot))
+    Ok(stream_response(events, version, state.sse.clone(), slot))
 }
 
 /// One of the caller's concurrent-stream places, taken before anything starts (a refused
 /// request leaves no trace).
 fn stream_slot(state: &AppState, user: &UserId) -> Result<StreamSlot, ApiError> {
-    state
-        .streams
-        .take(user.as_str())
-        .ok_or_else(|| ApiError::TooManyRequests {
+    state.streams.take(user.as_str()).ok_or_else(|| {
+        let reason = crate::metrics::ReasonLabels {
+            reason: "streams".into(),
+        };
+        state.metrics.rate_limited.get_or_create(&reason).inc();
+        ApiError::TooManyRequests {
             code: "too_many_streams",
             message: "too many streams open at once; close one first".into(),
             retry_after: std::time::Duration::from_secs(1),
             limit: None,
             policy: 0,
-        })
+        }
+    })
 }
 
 /// The `Last-Event-ID` header, else the `last_event_id` query parameter.
@@ -136,7 +139,7 @@ pub async fn resume_stream(
     let after = last_event_id(&headers, query.as_deref())?;
     let slot = stream_slot(&state, &user)?;
     match state.chat.resume(&user, &chat_id, after).await? {
-        Some(events) => Ok(stream_response(events, version, state.sse, slot)),
+        Some(events) => Ok(stream_response(events, version, state.sse.clone(), slot)),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }

@@ -13,6 +13,7 @@ use super::AppState;
 use super::client::RequestContext;
 use super::extract::token_in;
 use crate::error::ApiError;
+use crate::metrics::ReasonLabels;
 use crate::rate_limit::Decision;
 
 pub async fn rate_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -30,6 +31,13 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
     let decision = state.limiter.check(&key);
     let policy = state.limiter.limit();
     if !decision.allowed {
+        state
+            .metrics
+            .rate_limited
+            .get_or_create(&ReasonLabels {
+                reason: "requests".into(),
+            })
+            .inc();
         tracing::info!(key = %key.split(':').next().unwrap_or(""), "rate limited");
         return ApiError::TooManyRequests {
             code: "rate_limited",

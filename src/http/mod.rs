@@ -43,12 +43,16 @@ pub struct AppState {
     pub limiter: Arc<dyn crate::rate_limit::RateLimiter>,
     pub streams: crate::rate_limit::StreamSlots,
     pub tickets: Arc<crate::tickets::TicketBook>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// `None`: `/metrics` is open (or served elsewhere).
+    pub metrics_token: Option<crate::config::Secret>,
 }
 
 pub fn router(
     state: AppState,
     allowed_origins: &[String],
     proxies: client::TrustedProxies,
+    metrics_on_main: bool,
 ) -> Router {
     // Every API route counts against its caller's rate limit; the page and health checks do not.
     let api = Router::new()
@@ -76,8 +80,12 @@ pub fn router(
             state.clone(),
             limits::rate_limit,
         ));
-    let api = Router::new()
-        .merge(api)
+    let mut api = Router::new().merge(api);
+    if metrics_on_main {
+        api = api.route("/metrics", get(metrics));
+    }
+    let metrics_for_log = state.metrics.clone();
+    let api = api
         .route("/", get(ui::index))
         .route("/app.js", get(ui::app_js))
         .route("/style.css", get(ui::style_css))
@@ -85,6 +93,7 @@ pub fn router(
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(axum::middleware::from_fn(access_log::remember_route))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state);
     let api = match cors_layer(allowed_origins) {
@@ -95,9 +104,35 @@ pub fn router(
         None => api,
     };
     api.layer(axum::middleware::from_fn_with_state(
-        Arc::new(proxies),
+        Arc::new((proxies, metrics_for_log)),
         access_log::access_log,
     ))
+}
+
+/// A router with `/metrics` alone, for `[metrics] listen`.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Prometheus scrapes this; behind `[metrics] bearer_token` when one is set.
+async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(expected) = &state.metrics_token {
+        let given = extract::token_in(&headers, None).ok().flatten();
+        if given.as_deref() != Some(expected.expose()) {
+            return ApiError::Unauthorized("metrics need the configured bearer token".into())
+                .into_response();
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Credentials are allowed, so origins are an explicit list (validated at start: no wildcard).

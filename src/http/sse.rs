@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,14 +18,16 @@ use tokio::time::{Instant, Sleep};
 
 use crate::chat::events::{EventKind, StreamEvent};
 use crate::domain::TokenUsage;
+use crate::metrics::Metrics;
 use crate::rate_limit::StreamSlot;
 
 /// How streams are written: the heartbeat interval and the reconnection hint.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct SseSettings {
     /// `None`: no heartbeats.
     pub heartbeat: Option<Duration>,
     pub retry_ms: u64,
+    pub metrics: Arc<Metrics>,
 }
 
 const HEARTBEAT: &[u8] = b": ping\n\n";
@@ -38,7 +41,9 @@ pub fn stream_response(
     settings: SseSettings,
     slot: StreamSlot,
 ) -> Response {
+    settings.metrics.streams_open.inc();
     let body = Body::from_stream(SseBody {
+        metrics: settings.metrics.clone(),
         _slot: slot,
         events: Box::pin(events),
         heartbeat: settings
@@ -67,6 +72,7 @@ pub fn stream_response(
 
 /// Encodes events and interleaves heartbeats whenever nothing was written for the interval.
 struct SseBody {
+    metrics: Arc<Metrics>,
     /// The caller's place among their concurrent streams, given back when the body is dropped.
     _slot: StreamSlot,
     events: Pin<Box<dyn Stream<Item = StreamEvent> + Send>>,
@@ -95,9 +101,16 @@ impl Stream for SseBody {
             && timer.as_mut().poll(cx).is_ready()
         {
             timer.as_mut().reset(Instant::now() + *every);
+            this.metrics.heartbeats.inc();
             return Poll::Ready(Some(Ok(Bytes::from_static(HEARTBEAT))));
         }
         Poll::Pending
+    }
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        self.metrics.streams_open.dec();
     }
 }
 

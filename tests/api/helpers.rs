@@ -28,6 +28,8 @@ pub const OPENAI_KEY: &str = "test-openai-key";
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served when `[metrics] listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub client: reqwest::Client,
     pub fake: FakeUpstream,
     pub db_path: PathBuf,
@@ -132,10 +134,12 @@ async fn start(
     }
     let app = Application::build(config).await.expect("the app starts");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let shutdown = app.shutdown_token();
     let server = tokio::spawn(app.run_until_stopped());
     TestApp {
         addr,
+        metrics_addr,
         client: reqwest::Client::builder().no_proxy().build().unwrap(),
         fake,
         db_path,

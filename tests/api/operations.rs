@@ -318,3 +318,203 @@ async fn a_stream_ticket_opens_one_stream_once_instead_of_a_token_in_the_url() {
         .unwrap();
     assert_eq!(unauthenticated.status(), 401);
 }
+
+/// One sample of the Prometheus text format.
+struct Sample {
+    name: String,
+    labels: std::collections::HashMap<String, String>,
+    value: f64,
+}
+
+/// Scrapes `/metrics` and parses the Prometheus text format (label values may hold any
+/// character, braces of route templates included, with `\\`, `\"` and `\n` escapes).
+async fn scrape(app: &super::helpers::TestApp, url: &str) -> Vec<Sample> {
+    let text = app
+        .client
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("name and value");
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line}"));
+            let Some((name, labels)) = series.split_once('{') else {
+                return Sample {
+                    name: series.to_owned(),
+                    labels: Default::default(),
+                    value,
+                };
+            };
+            let mut parsed = std::collections::HashMap::new();
+            let mut chars = labels
+                .strip_suffix('}')
+                .expect("closing brace")
+                .chars()
+                .peekable();
+            while chars.peek().is_some() {
+                let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                assert_eq!(chars.next(), Some('"'), "{line}");
+                let mut value = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => match chars.next() {
+                            Some('n') => value.push('\n'),
+                            Some(other) => value.push(other),
+                            None => panic!("{line}"),
+                        },
+                        '"' => break,
+                        c => value.push(c),
+                    }
+                }
+                parsed.insert(key.trim_start_matches(',').to_owned(), value);
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                }
+            }
+            Sample {
+                name: name.to_owned(),
+                labels: parsed,
+                value,
+            }
+        })
+        .collect()
+}
+
+/// The sum of matching samples; for a histogram name, its `_count`.
+fn sample(scrape: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let count = format!("{name}_count");
+    scrape
+        .iter()
+        .filter(|s| s.name == name || s.name == count)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum::<f64>()
+        + 0.0
+}
+
+#[tokio::test]
+async fn metrics_count_what_happened() {
+    use super::fake_upstream::Script;
+    use super::helpers::{BOT, MODEL};
+    let app = spawn_app().await;
+    let events = app
+        .chat("alice", serde_json::json!({"bot_id": BOT, "message": "hi"}))
+        .await;
+    let chat_id = events[0].json()["chat_id"].as_str().unwrap().to_owned();
+    app.fake
+        .push(Script::http_error(429, "ThrottlingException"));
+    app.chat(
+        "alice",
+        serde_json::json!({"bot_id": BOT, "message": "again"}),
+    )
+    .await;
+    let resumed = app
+        .client
+        .get(app.url(&format!("/api/v1/chats/{chat_id}/stream")))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    super::helpers::SseReader::new(resumed).collect().await;
+    for _ in 0..3 {
+        assert_eq!(app.get_json("alice", "/api/v1/chats").await.0, 200);
+    }
+
+    let metrics = scrape(&app, &app.url("/metrics")).await;
+
+    let route = |path: &str, status: &str| {
+        sample(
+            &metrics,
+            "mangoo_http_requests_total",
+            &[("route", path), ("status", status)],
+        )
+    };
+    assert_eq!(route("/api/v1/chats", "200"), 3.0);
+    assert_eq!(route("/api/v1/chat/stream", "200"), 2.0);
+    assert_eq!(route("/api/v1/chats/{chat_id}/stream", "200"), 1.0);
+    assert_eq!(
+        sample(&metrics, "mangoo_streams_total", &[("outcome", "done")]),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "mangoo_streams_total",
+            &[("outcome", "upstream_throttled")]
+        ),
+        1.0
+    );
+    assert_eq!(sample(&metrics, "mangoo_streams_open", &[]), 0.0);
+    assert_eq!(sample(&metrics, "mangoo_resumes_total", &[]), 1.0);
+    let upstream = [("provider", "bedrock"), ("model", MODEL)];
+    assert_eq!(
+        sample(&metrics, "mangoo_time_to_first_token_seconds", &upstream),
+        1.0
+    );
+    assert_eq!(
+        sample(&metrics, "mangoo_inter_token_gap_seconds", &upstream),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "mangoo_upstream_errors_total",
+            &[("code", "upstream_throttled")]
+        ),
+        1.0
+    );
+    let tokens = |direction| {
+        sample(
+            &metrics,
+            "mangoo_tokens_total",
+            &[("provider", "bedrock"), ("direction", direction)],
+        )
+    };
+    assert_eq!(tokens("input"), 12.0);
+    assert_eq!(tokens("output"), 4.0);
+    assert_eq!(sample(&metrics, "mangoo_stream_duration_seconds", &[]), 2.0);
+}
+
+#[tokio::test]
+async fn metrics_can_need_a_bearer_token_or_move_to_their_own_listener() {
+    let app = super::helpers::spawn_app_with(|c| {
+        c.metrics.bearer_token = Some(mangoo::config::Secret::new("scrape-me"));
+    })
+    .await;
+    let open = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(open.status(), 401);
+    let authorised = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth("scrape-me")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(authorised.status(), 200);
+    assert!(
+        authorised
+            .text()
+            .await
+            .unwrap()
+            .contains("mangoo_streams_open")
+    );
+
+    let app =
+        super::helpers::spawn_app_with(|c| c.metrics.listen = Some("127.0.0.1:0".into())).await;
+    let main = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(main.status(), 404, "not on the main listener any more");
+    let elsewhere = format!("http://{}/metrics", app.metrics_addr.unwrap());
+    let metrics = scrape(&app, &elsewhere).await;
+    assert_eq!(sample(&metrics, "mangoo_streams_open", &[]), 0.0);
+}
