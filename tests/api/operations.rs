@@ -518,3 +518,35 @@ async fn metrics_can_need_a_bearer_token_or_move_to_their_own_listener() {
     let metrics = scrape(&app, &elsewhere).await;
     assert_eq!(sample(&metrics, "mangoo_streams_open", &[]), 0.0);
 }
+
+#[tokio::test]
+async fn streams_work_over_cleartext_http2_beside_http1() {
+    let app = spawn_app().await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+
+    let response = h2
+        .post(app.url("/api/v1/chat/stream"))
+        .bearer_auth(app.token("alice"))
+        .json(&serde_json::json!({"bot_id": super::helpers::BOT, "message": "over h2c"}))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert!(
+        response.headers().get("connection").is_none(),
+        "no connection header on h2"
+    );
+    let events = super::helpers::SseReader::new(response).collect().await;
+    super::helpers::assert_well_formed(&events);
+    assert_eq!(super::helpers::answer_text(&events), "Hello, world!");
+    // The same port still speaks HTTP/1.1.
+    let h1 = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(h1.version(), reqwest::Version::HTTP_11);
+}
