@@ -42,6 +42,17 @@ pub struct ServerConfig {
     pub heartbeat_secs: u64,
     /// On SIGTERM, how long running streams may go on before they are ended.
     pub drain_secs: u64,
+    /// HTTPS on the main listener (ALPN h2 and http/1.1) instead of cleartext.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +64,7 @@ impl Default for ServerConfig {
             max_message_chars: 32 * 1024,
             heartbeat_secs: 15,
             drain_secs: 30,
+            tls: None,
         }
     }
 }

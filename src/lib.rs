@@ -41,3 +41,4 @@ pub mod store;
 pub mod stream_log;
 pub mod telemetry;
 pub mod tickets;
+pub mod tls;

@@ -50,6 +50,8 @@ pub struct Application {
     stalled_client: Option<Duration>,
     /// `[metrics] listen`: a second listener that serves only `/metrics`.
     metrics_listener: Option<(TcpListener, axum::Router)>,
+    /// `[server.tls]`: serve HTTPS (ALPN h2, http/1.1) instead of cleartext.
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Application {
@@ -98,6 +100,10 @@ impl Application {
             TrustedProxies::new(&config.server.trusted_proxies),
             metrics_listener.is_none(),
         );
+        let tls = match &config.server.tls {
+            Some(tls) => Some(crate::tls::server_config(&tls.cert_file, &tls.key_file)?),
+            None => None,
+        };
         let addr = config.server.bind_addr()?;
         let listener = TcpListener::bind(addr)
             .await
@@ -117,6 +123,7 @@ impl Application {
             stalled_client: (config.streams.stalled_client_secs > 0)
                 .then(|| Duration::from_secs(config.streams.stalled_client_secs)),
             metrics_listener,
+            tls,
         })
     }
 
@@ -152,18 +159,14 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let stalled_client = self.stalled_client;
-        let listener = self
-            .listener
-            .tap_io(move |tcp| tune_connection(tcp, stalled_client));
-        let service = self
-            .router
-            .into_make_service_with_connect_info::<SocketAddr>();
         let close_http = CancellationToken::new();
-        let closing = close_http.clone();
-        let server = axum::serve(listener, service)
-            .with_graceful_shutdown(async move { closing.cancelled().await })
-            .into_future();
+        let server = serve_http(
+            self.listener,
+            self.router,
+            self.tls,
+            close_http.clone(),
+            self.stalled_client,
+        );
         // The metrics listener lives exactly as long as the main one.
         let metrics = async move {
             match self.metrics_listener {
@@ -196,6 +199,26 @@ impl Application {
                 tracing::warn!("connections still open after the drain; closing them");
                 Ok(())
             }
+        }
+    }
+}
+
+/// The main listener: cleartext HTTP/1.1 + h2c through axum, or HTTPS through our TLS loop.
+async fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    stop: CancellationToken,
+    stalled_client: Option<Duration>,
+) -> std::io::Result<()> {
+    let tune = move |tcp: &mut tokio::net::TcpStream| tune_connection(tcp, stalled_client);
+    match tls {
+        Some(tls) => crate::tls::serve(listener, tls, router, stop, tune).await,
+        None => {
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener.tap_io(tune), service)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
         }
     }
 }

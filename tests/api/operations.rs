@@ -550,3 +550,77 @@ async fn streams_work_over_cleartext_http2_beside_http1() {
     let h1 = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(h1.version(), reqwest::Version::HTTP_11);
 }
+
+#[tokio::test]
+async fn with_tls_browsers_get_http2_through_alpn() {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, certified.cert.pem()).unwrap();
+    std::fs::write(&key_file, certified.signing_key.serialize_pem()).unwrap();
+    let app = super::helpers::spawn_app_with(|c| {
+        c.server.tls = Some(mangoo::config::TlsConfig {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+        });
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/api/v1/chat/stream", app.addr.port());
+
+    let response = client
+        .post(&url)
+        .bearer_auth(app.token("alice"))
+        .json(&serde_json::json!({"bot_id": super::helpers::BOT, "message": "over TLS"}))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(
+        response.version(),
+        reqwest::Version::HTTP_2,
+        "ALPN chose h2"
+    );
+    let events = super::helpers::SseReader::new(response).collect().await;
+    super::helpers::assert_well_formed(&events);
+    assert_eq!(super::helpers::answer_text(&events), "Hello, world!");
+    let http1 = reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let health = http1
+        .get(format!("https://localhost:{}/healthz", app.addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.version(), reqwest::Version::HTTP_11);
+    assert_eq!(health.status(), 200);
+    // Cleartext on a TLS port gets nowhere.
+    assert!(app.client.get(app.url("/healthz")).send().await.is_err());
+}
+
+#[tokio::test]
+async fn a_missing_tls_file_stops_the_start_and_names_the_key() {
+    let mut config = mangoo::config::Config::default();
+    config.server.bind = "127.0.0.1:0".into();
+    config.database.url = "sqlite::memory:".into();
+    config.server.tls = Some(mangoo::config::TlsConfig {
+        cert_file: "/nonexistent/cert.pem".into(),
+        key_file: "/nonexistent/key.pem".into(),
+    });
+    let err = mangoo::startup::Application::build(config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("server.tls.cert_file"), "{err}");
+}
