@@ -1,7 +1,9 @@
-//! Who is calling: HS256 JSON Web Tokens. Knows nothing of HTTP; `http::extract` finds the token.
+//! Who is calling: JSON Web Tokens, HS256 with the configured secret, and RS256 / ES256 from an
+//! identity provider's key set when `[auth] jwks_url` is set ([`crate::jwks`]). Knows nothing of
+//! HTTP; `http::extract` finds the token.
 //!
-//! Validation is pinned to HS256 and built once, never from the token's own header, so `alg: none`
-//! and algorithm-confusion tokens fail like any forgery.
+//! Each validation is pinned to one algorithm and built by us, never from the token's own header,
+//! so `alg: none` and algorithm-confusion tokens fail like any forgery.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,6 +44,7 @@ pub struct Authenticator {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    jwks: Option<std::sync::Arc<crate::jwks::JwksVerifier>>,
 }
 
 impl Authenticator {
@@ -55,21 +58,34 @@ impl Authenticator {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
+            jwks: None,
         }
     }
 
-    pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
-        use jsonwebtoken::errors::ErrorKind;
+    /// Also accept RS256 / ES256 tokens signed by the identity provider's key set.
+    pub fn with_jwks(mut self, jwks: crate::jwks::JwksVerifier) -> Self {
+        self.jwks = Some(std::sync::Arc::new(jwks));
+        self
+    }
+
+    /// The token's user. The header only routes the token to a verifier; each verifier then
+    /// insists on its own algorithm.
+    pub async fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(decode_error)?;
+        let sub = match (header.alg, &self.jwks) {
+            (Algorithm::RS256 | Algorithm::ES256, Some(jwks)) => {
+                jwks.verify(token, &header).await?
+            }
+            _ => return self.verify_hs256(token),
+        };
+        user_id(sub)
+    }
+
+    /// HS256 with the shared secret: what `mangoo token` issues.
+    pub fn verify_hs256(&self, token: &str) -> Result<UserId, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
-            })?;
-        let sub = data.claims.sub;
-        if sub.trim().is_empty() || sub.len() > 256 {
-            return Err(AuthError::Invalid("sub must be 1 to 256 bytes".into()));
-        }
-        Ok(UserId(sub))
+            .map_err(decode_error)?;
+        user_id(data.claims.sub)
     }
 
     pub fn issue(&self, sub: &str, ttl: Duration) -> String {
@@ -84,6 +100,20 @@ impl Authenticator {
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 encoding of plain claims cannot fail")
+    }
+}
+
+fn user_id(sub: String) -> Result<UserId, AuthError> {
+    if sub.trim().is_empty() || sub.len() > 256 {
+        return Err(AuthError::Invalid("sub must be 1 to 256 bytes".into()));
+    }
+    Ok(UserId(sub))
+}
+
+pub(crate) fn decode_error(e: jsonwebtoken::errors::Error) -> AuthError {
+    match e.kind() {
+        jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+        _ => AuthError::Invalid(e.to_string()),
     }
 }
 
@@ -126,24 +156,25 @@ mod tests {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    #[test]
-    fn issued_tokens_verify() {
+    #[tokio::test]
+    async fn issued_tokens_verify() {
         let auth = Authenticator::hs256(b"0123456789abcdef0123456789abcdef");
         let token = auth.issue("alice", Duration::from_secs(60));
-        assert_eq!(auth.verify(&token).unwrap().as_str(), "alice");
+        assert_eq!(auth.verify(&token).await.unwrap().as_str(), "alice");
     }
 
-    #[test]
-    fn other_secrets_and_alg_none_are_rejected() {
+    #[tokio::test]
+    async fn other_secrets_and_alg_none_are_rejected() {
         let auth = Authenticator::hs256(b"0123456789abcdef0123456789abcdef");
         let other = Authenticator::hs256(b"another-secret-another-secret-xx");
         assert!(
             auth.verify(&other.issue("alice", Duration::from_secs(60)))
+                .await
                 .is_err()
         );
         let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
         let claims = b64(br#"{"sub":"alice","exp":99999999999}"#);
-        assert!(auth.verify(&format!("{header}.{claims}.")).is_err());
+        assert!(auth.verify(&format!("{header}.{claims}.")).await.is_err());
     }
 
     #[test]

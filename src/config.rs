@@ -157,11 +157,37 @@ pub enum DisconnectPolicy {
     Continue,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// HS256 secret. When absent, `mangoo serve` generates one for this run only.
     pub jwt_secret: Option<Secret>,
+    /// An identity provider's JSON Web Key Set: RS256 / ES256 tokens it signed are accepted too.
+    pub jwks_url: Option<String>,
+    /// Required `iss` of JWKS tokens.
+    pub issuer: Option<String>,
+    /// Required `aud` of JWKS tokens.
+    pub audience: Option<String>,
+    /// Cognito: the app client; checked against `client_id` (access tokens have no `aud`).
+    pub client_id: Option<String>,
+    /// Cognito: required `token_use` ("access" or "id").
+    pub token_use: Option<String>,
+    /// The key set is fetched again for an unknown key id at most this often.
+    pub jwks_min_refresh_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwks_url: None,
+            issuer: None,
+            audience: None,
+            client_id: None,
+            token_use: None,
+            jwks_min_refresh_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

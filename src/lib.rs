@@ -33,6 +33,8 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod jwks;
+
 pub mod metrics;
 pub mod providers;
 pub mod rate_limit;

@@ -18,6 +18,7 @@ use crate::config::{BotConfig, Config, ConfigError};
 use crate::http::client::TrustedProxies;
 use crate::http::sse::SseSettings;
 use crate::http::{AppState, metrics_router, router};
+use crate::jwks::JwksVerifier;
 use crate::metrics::Metrics;
 use crate::providers::ProviderRegistry;
 use crate::rate_limit::{MemoryRateLimiter, StreamSlots};
@@ -77,7 +78,11 @@ impl Application {
                 "auth.jwt_secret is shorter than 32 bytes; HS256 needs a long random secret"
             );
         }
-        let authenticator = Arc::new(Authenticator::hs256(secret.as_bytes()));
+        let mut authenticator = Authenticator::hs256(secret.as_bytes());
+        if let Some(url) = &config.auth.jwks_url {
+            authenticator = authenticator.with_jwks(JwksVerifier::new(url, &config.auth));
+        }
+        let authenticator = Arc::new(authenticator);
         let providers = ProviderRegistry::from_config(&config).await;
         let metrics = Arc::new(Metrics::new());
         let chat = Arc::new(ChatService::new(

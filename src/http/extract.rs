@@ -26,7 +26,7 @@ impl FromRequestParts<AppState> for AuthUser {
             None => {
                 let token =
                     token_in(&parts.headers, parts.uri.query())?.ok_or(AuthError::Missing)?;
-                state.auth.verify(&token)?
+                state.auth.verify(&token).await?
             }
         };
         tracing::Span::current().record("user_id", user.as_str());

@@ -17,10 +17,13 @@ use crate::metrics::ReasonLabels;
 use crate::rate_limit::Decision;
 
 pub async fn rate_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let user = token_in(request.headers(), request.uri().query())
+    let token = token_in(request.headers(), request.uri().query())
         .ok()
-        .flatten()
-        .and_then(|token| state.auth.verify(&token).ok());
+        .flatten();
+    let user = match token {
+        Some(token) => state.auth.verify(&token).await.ok(),
+        None => None,
+    };
     let key = match &user {
         Some(user) => format!("user:{}", user.as_str()),
         None => match request.extensions().get::<RequestContext>() {

@@ -93,6 +93,7 @@ async fn the_token_command_signs_with_the_configured_secret() {
     let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
     let user = mangoo::auth::Authenticator::hs256(secret.as_bytes())
         .verify(&token)
+        .await
         .unwrap();
     assert_eq!(user.as_str(), "alice");
 

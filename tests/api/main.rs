@@ -13,6 +13,7 @@ mod fake_upstream;
 mod helpers;
 mod idle_proxy;
 mod input_errors;
+mod jwks;
 mod local_model;
 mod operations;
 mod providers;
