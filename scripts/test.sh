@@ -28,5 +28,12 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 (cd e2e && npm ci --no-audit --no-fund --loglevel=error)
+echo "== schemathesis (PyPI, in a venv) for the OpenAPI fuzz test"
+venv="${MANGOO_VENV:-$HOME/.cache/mangoo-venv}"
+if [ ! -x "$venv/bin/schemathesis" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check schemathesis==4.32.5
+fi
+export SCHEMATHESIS="$venv/bin/schemathesis"
 echo "== cargo test"
 cargo test --locked --all-targets

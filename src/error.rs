@@ -44,7 +44,8 @@ pub enum ApiError {
 }
 
 /// The contract's error body.
-#[derive(Debug, Serialize)]
+/// The body of every error answered before a stream starts.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody<'a> {
     pub error: &'a str,
     #[serde(rename = "type")]

@@ -90,7 +90,7 @@ pub struct StreamTimeouts {
 }
 
 /// What users see of a bot.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct BotInfo {
     pub id: String,
     /// The first target's provider and model.

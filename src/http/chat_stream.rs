@@ -10,13 +10,22 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::extract::{AuthUser, JsonBody, query_param};
-use super::sse::stream_response;
+use super::sse::{SseEvent, stream_response};
 use crate::auth::UserId;
 use crate::chat::TurnRequest;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::rate_limit::StreamSlot;
 
-#[derive(Debug, Deserialize)]
+/// A message for a bot: a new chat, or the next turn of `chat_id`.
+/// The answer's events, in the public contract's shape (schemas: StartData, ContentData,
+/// DoneData, ErrorData).
+const STREAM_DESCRIPTION: &str = "Server-Sent Events, each with an `id:` line: `start` (StartData), \
+    then `message` (ContentData) per piece of text, then exactly one terminal event: `done` \
+    (DoneData) or `error` (ErrorData). Quiet streams get `: ping` comments; the first event \
+    carries `retry:`.";
+
+#[derive(Debug, Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamRequest {
     bot_id: String,
     message: String,
@@ -50,6 +59,22 @@ impl StreamRequest {
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/chat/stream", tag = "chat",
+    request_body(content = StreamRequest, content_type = "application/json"),
+    params(("last-event-id" = Option<String>, Header, description = "A reconnection: resume the answer this request started")),
+    responses(
+        (status = 200, description = STREAM_DESCRIPTION, content_type = "text/event-stream", body = SseEvent),
+        (status = 204, description = "Reconnection with nothing left to send"),
+        (status = 400, description = "Malformed body, bad field, empty or too long message", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "Unknown bot, or no such chat of the caller's", body = ErrorBody),
+        (status = 409, description = "The chat already has an answer in progress", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Body not JSON", body = ErrorBody),
+        (status = 429, description = "Rate limited, or too many streams open", body = ErrorBody),
+        (status = 503, description = "Draining, or the local model busy or missing", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("token" = [])))]
 pub async fn post_stream(
     State(state): State<AppState>,
     version: Version,
@@ -60,6 +85,23 @@ pub async fn post_stream(
     answer(&state, version, &headers, &user, request.into_turn()?).await
 }
 
+#[utoipa::path(get, path = "/api/v1/chat/stream", tag = "chat",
+    params(
+        StreamRequest,
+        ("ticket" = Option<String>, Query, description = "A stream ticket instead of a token"),
+        ("last-event-id" = Option<String>, Header, description = "A reconnection: resume the answer this request started"),
+    ),
+    responses(
+        (status = 200, description = STREAM_DESCRIPTION, content_type = "text/event-stream", body = SseEvent),
+        (status = 204, description = "Reconnection with nothing left to send"),
+        (status = 400, description = "Missing or bad parameter, empty or too long message", body = ErrorBody),
+        (status = 401, description = "No valid token or ticket", body = ErrorBody),
+        (status = 404, description = "Unknown bot, or no such chat of the caller's", body = ErrorBody),
+        (status = 409, description = "The chat already has an answer in progress", body = ErrorBody),
+        (status = 429, description = "Rate limited, or too many streams open", body = ErrorBody),
+        (status = 503, description = "Draining, or the local model busy or missing", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("token" = [])))]
 pub async fn get_stream(
     State(state): State<AppState>,
     version: Version,
@@ -128,6 +170,22 @@ fn last_event_id(headers: &HeaderMap, query: Option<&str>) -> Result<Option<i64>
 /// Replays the chat's latest answer after `Last-Event-ID` (header, or `?last_event_id=`), then
 /// follows it live if it is still being generated. `204 No Content` when the client already has
 /// everything, which also tells EventSource to stop reconnecting.
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}/stream", tag = "chat",
+    params(
+        ("chat_id" = String, Path),
+        ("last_event_id" = Option<i64>, Query, description = "Instead of the Last-Event-ID header"),
+        ("ticket" = Option<String>, Query, description = "A stream ticket instead of a token"),
+        ("last-event-id" = Option<String>, Header, description = "The last event id the client saw"),
+    ),
+    responses(
+        (status = 200, description = STREAM_DESCRIPTION, content_type = "text/event-stream", body = SseEvent),
+        (status = 204, description = "Nothing left to send"),
+        (status = 400, description = "Last-Event-ID is not an event id", body = ErrorBody),
+        (status = 401, description = "No valid token or ticket", body = ErrorBody),
+        (status = 404, description = "No such chat of the caller's", body = ErrorBody),
+        (status = 429, description = "Rate limited, or too many streams open", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("token" = [])))]
 pub async fn resume_stream(
     State(state): State<AppState>,
     version: Version,
@@ -144,13 +202,22 @@ pub async fn resume_stream(
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Stopped {
     chat_id: String,
     /// Whether an answer was running (and is now stopped).
     stopped: bool,
 }
 
+#[utoipa::path(post, path = "/api/v1/chats/{chat_id}/stop", tag = "chat",
+    params(("chat_id" = String, Path)),
+    responses(
+        (status = 200, description = "Whether an answer was running (and is now stopped)", body = Stopped),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such chat of the caller's", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("token" = [])))]
 pub async fn stop(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -160,7 +227,7 @@ pub async fn stop(
     Ok(Json(Stopped { chat_id, stopped }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Ticket {
     ticket: String,
     /// Seconds it stays valid (once).
@@ -169,6 +236,14 @@ pub struct Ticket {
 
 /// `POST /api/v1/stream-tickets` (bearer auth): a single-use ticket, valid for 60 s, that the GET
 /// stream endpoints take as `?ticket=` instead of a token in the URL.
+#[utoipa::path(post, path = "/api/v1/stream-tickets", tag = "chat",
+    responses(
+        (status = 201, description = "A single-use ticket for one GET stream", body = Ticket),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+        (status = 503, description = "Too many outstanding tickets", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("token" = [])))]
 pub async fn issue_ticket(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

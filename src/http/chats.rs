@@ -11,7 +11,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::AppState;
 use super::extract::AuthUser;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::store::{ChatCursor, ChatRecord, MessageRecord};
 
 const DEFAULT_PAGE: u32 = 20;
@@ -23,15 +23,15 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ChatList {
     chats: Vec<ChatView>,
     /// Pass as `?cursor=` for the next page; null on the last page.
     next_cursor: Option<String>,
 }
 
-#[derive(Serialize)]
-struct ChatView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct ChatView {
     chat_id: String,
     id: String,
     bot_id: String,
@@ -55,14 +55,14 @@ impl From<ChatRecord> for ChatView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct MessageList {
     chat_id: String,
     messages: Vec<MessageView>,
 }
 
-#[derive(Serialize)]
-struct MessageView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct MessageView {
     id: String,
     message_id: String,
     role: &'static str,
@@ -74,8 +74,8 @@ struct MessageView {
     created_at: String,
 }
 
-#[derive(Serialize)]
-struct UsageView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct UsageView {
     input_tokens: u64,
     output_tokens: u64,
 }
@@ -98,6 +98,18 @@ impl From<MessageRecord> for MessageView {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/chats", tag = "chats",
+    params(
+        ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "The caller's chats, most recently active first", body = ChatList),
+        (status = 400, description = "Bad limit or cursor", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("token" = [])))]
 pub async fn list_chats(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -122,6 +134,15 @@ pub async fn list_chats(
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/chats/{chat_id}/messages", tag = "chats",
+    params(("chat_id" = String, Path)),
+    responses(
+        (status = 200, description = "The chat's messages in order", body = MessageList),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such chat of the caller's", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("token" = [])))]
 pub async fn list_messages(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -134,6 +155,15 @@ pub async fn list_messages(
     }))
 }
 
+#[utoipa::path(delete, path = "/api/v1/chats/{chat_id}", tag = "chats",
+    params(("chat_id" = String, Path)),
+    responses(
+        (status = 204, description = "Deleted (its running answer, if any, stopped)"),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such chat of the caller's", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("token" = [])))]
 pub async fn delete_chat(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -185,12 +215,19 @@ mod tests {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct BotList {
     bots: Vec<crate::chat::BotInfo>,
 }
 
 /// The bots a user may pick, in configuration order.
+#[utoipa::path(get, path = "/api/v1/bots", tag = "chats",
+    responses(
+        (status = 200, description = "The configured bots", body = BotList),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("token" = [])))]
 pub async fn list_bots(State(state): State<AppState>, AuthUser(_user): AuthUser) -> Json<BotList> {
     Json(BotList {
         bots: state.chat.bots(),

@@ -15,6 +15,7 @@ mod chats;
 pub mod client;
 pub mod extract;
 pub mod limits;
+mod openapi;
 pub mod sse;
 mod ui;
 
@@ -31,7 +32,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::Authenticator;
 use crate::chat::ChatService;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 
 /// What every handler can reach. Cheap to clone: all shared parts are behind `Arc`s.
 #[derive(Clone)]
@@ -89,6 +90,7 @@ pub fn router(
         .route("/", get(ui::index))
         .route("/app.js", get(ui::app_js))
         .route("/style.css", get(ui::style_css))
+        .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -189,10 +191,24 @@ async fn cors_only_for_listed_origins(
     response
 }
 
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    status: &'static str,
+}
+
+/// Alive.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is alive", body = Health)))]
 async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
+/// Ready for traffic: storage answers and the server is not draining.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Draining or storage unreachable", body = ErrorBody),
+    ))]
 async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     if state.chat.is_draining() {
         return Err(ApiError::Unavailable {

@@ -114,23 +114,46 @@ impl Drop for SseBody {
     }
 }
 
-#[derive(Serialize)]
-struct StartData<'a> {
+/// One event as framed on the wire, for the OpenAPI description (OpenAPI 3.1 documents the
+/// schema of each event of a `text/event-stream`). The answer's events are never built from this.
+#[derive(utoipa::ToSchema)]
+#[expect(
+    dead_code,
+    reason = "describes the wire format for the OpenAPI document only"
+)]
+pub struct SseEvent {
+    /// `start`, `message`, `done` or `error`.
+    #[schema(pattern = "^(start|message|done|error)$")]
+    event: String,
+    /// Unique within the chat and increasing across its turns: what Last-Event-ID names.
+    #[schema(pattern = "^[0-9]+$")]
+    id: String,
+    /// Reconnection delay in milliseconds; on the first event only.
+    retry: Option<u64>,
+    /// JSON: StartData, ContentData, DoneData or ErrorData, by `event`.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+/// `event: start`: the first event of every stream.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct StartData<'a> {
     chat_id: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
     message_id: &'a str,
 }
 
-#[derive(Serialize)]
-struct ContentData<'a> {
+/// `event: message`: one piece of the answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ContentData<'a> {
     content: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
 }
 
-#[derive(Serialize)]
-struct UsageData {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct UsageData {
     input_tokens: u64,
     output_tokens: u64,
 }
@@ -144,8 +167,9 @@ impl From<TokenUsage> for UsageData {
     }
 }
 
-#[derive(Serialize)]
-struct DoneData<'a> {
+/// `event: done`: the answer is complete and stored.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DoneData<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     chat_id: &'a str,
@@ -157,8 +181,9 @@ struct DoneData<'a> {
     stopped: bool,
 }
 
-#[derive(Serialize)]
-struct ErrorData<'a> {
+/// `event: error`: the answer failed or was cut short; nothing follows.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorData<'a> {
     error: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,

@@ -15,6 +15,7 @@ mod idle_proxy;
 mod input_errors;
 mod jwks;
 mod local_model;
+mod openapi;
 mod operations;
 mod providers;
 mod resilience;

@@ -1,0 +1,96 @@
+//! The OpenAPI document: it describes every route, and schemathesis (from PyPI; scripts/test.sh
+//! installs it into a venv) generates requests from it against the real server and finds no 5xx
+//! and no response that breaks the schema.
+
+use serde_json::Value;
+
+use super::helpers::spawn_app;
+
+/// Every route the router serves under /api and for health, and the spec's paths, agree.
+#[tokio::test]
+async fn the_document_lists_every_api_route() {
+    let app = spawn_app().await;
+    let spec: Value = app
+        .client
+        .get(app.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
+    let mut paths: Vec<&str> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        [
+            "/api/v1/bots",
+            "/api/v1/chat/stream",
+            "/api/v1/chats",
+            "/api/v1/chats/{chat_id}",
+            "/api/v1/chats/{chat_id}/messages",
+            "/api/v1/chats/{chat_id}/stop",
+            "/api/v1/chats/{chat_id}/stream",
+            "/api/v1/stream-tickets",
+            "/healthz",
+            "/readyz",
+        ]
+    );
+    let schemas = spec["components"]["schemas"].as_object().unwrap();
+    for schema in [
+        "ErrorBody",
+        "StartData",
+        "ContentData",
+        "DoneData",
+        "ErrorData",
+        "StreamRequest",
+    ] {
+        assert!(schemas.contains_key(schema), "{schema} is described");
+    }
+}
+
+#[tokio::test]
+async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    let app = spawn_app().await;
+    let schemathesis = std::env::var("SCHEMATHESIS").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/mangoo-venv/bin/schemathesis")
+    });
+    let output = tokio::process::Command::new(&schemathesis)
+        .args(["run", &app.url("/api/v1/openapi.json")])
+        .args([
+            "--header",
+            &format!("Authorization: Bearer {}", app.token("fuzzer")),
+        ])
+        .args(["--checks", "not_a_server_error,response_schema_conformance"])
+        .args([
+            "--max-examples",
+            "25",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "20",
+        ])
+        .arg("--generation-deterministic")
+        .env("NO_COLOR", "1")
+        .env("SCHEMATHESIS_TELEMETRY", "false")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("schemathesis runs (scripts/test.sh installs it)");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "schemathesis found problems:\n{report}"
+    );
+}
