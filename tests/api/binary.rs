@@ -23,6 +23,53 @@ pub fn mangoo() -> Command {
     command
 }
 
+/// Starts `mangoo serve --config <file>` and waits for its listening line; returns the process
+/// and its base URL.
+pub async fn serve_with_config(config: &std::path::Path) -> (Child, String) {
+    let mut child = mangoo()
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("no banner");
+            if let Some(url) = line.strip_prefix("Mangoo listening on ") {
+                return url.trim().to_owned();
+            }
+        }
+    })
+    .await
+    .expect("mangoo did not start");
+    (child, base)
+}
+
+/// Sends SIGTERM and waits for the exit; returns the exit code and everything logged.
+pub async fn terminate(mut child: Child) -> (Option<i32>, String) {
+    let pid = child.id().unwrap().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(HANG_GUARD, child.wait())
+        .await
+        .expect("mangoo did not exit after SIGTERM")
+        .unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    (status.code(), stderr)
+}
+
 #[tokio::test]
 async fn a_bad_configuration_stops_the_start_and_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -203,27 +250,8 @@ async fn a_first_run_prints_a_curl_that_streams_a_real_answer_logs_requests_and_
     let health = client.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
 
-    let pid = child.id().unwrap().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(HANG_GUARD, child.wait())
-        .await
-        .expect("mangoo did not exit after SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
+    let (code, stderr) = terminate(child).await;
+    assert_eq!(code, Some(0));
     assert!(stderr.contains("GET /api/v1/chats 200"), "{stderr}");
     assert!(stderr.contains("client=127.0.0.1"), "{stderr}");
     assert!(!stderr.contains(&token), "the token leaked into the logs");

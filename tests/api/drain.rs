@@ -5,9 +5,8 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::binary::mangoo;
+use super::binary::serve_with_config;
 use super::fake_upstream::{FakeUpstream, Outcome, Script};
 use super::helpers::{BOT, HANG_GUARD, MODEL, SECRET, SseReader};
 
@@ -48,23 +47,7 @@ async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero()
     let db = dir.path().join("m.db");
     let config_path = dir.path().join("mangoo.toml");
     std::fs::write(&config_path, config(&fake, &db)).unwrap();
-    let mut child = mangoo()
-        .arg("serve")
-        .arg("--config")
-        .arg(&config_path)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("no banner");
-            if let Some(url) = line.strip_prefix("Mangoo listening on ") {
-                return url.trim().to_owned();
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let (mut child, base) = serve_with_config(&config_path).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
         .issue("alice", Duration::from_secs(600));

@@ -3,10 +3,8 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::AsyncReadExt;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::binary::mangoo;
+use super::binary::{serve_with_config, terminate};
 use super::helpers::{HANG_GUARD, SECRET, spawn_app};
 
 #[tokio::test]
@@ -41,23 +39,7 @@ async fn logged_requests(trusted_proxies: &str) -> (String, Vec<Value>) {
         ),
     )
     .unwrap();
-    let mut child = mangoo()
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            let line = lines.next_line().await.unwrap().unwrap();
-            if let Some(url) = line.strip_prefix("Mangoo listening on ") {
-                return url.trim().to_owned();
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let (child, base) = serve_with_config(&config).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
         .issue("alice", Duration::from_secs(60));
@@ -73,23 +55,7 @@ async fn logged_requests(trusted_proxies: &str) -> (String, Vec<Value>) {
         .to_str()
         .unwrap()
         .to_owned();
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    tokio::time::timeout(HANG_GUARD, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
+    let (_, stderr) = terminate(child).await;
     assert!(!stderr.contains(&token), "the token leaked into the logs");
     let lines = stderr
         .lines()
