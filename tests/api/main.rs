@@ -3,6 +3,7 @@
 //! OpenAI's SSE formats, plus the real embedded model.
 
 mod auth;
+mod bench_smoke;
 mod binary;
 mod browser;
 mod chats;

@@ -1,0 +1,367 @@
+//! Mangoo's load generator and upstream stand-in.
+//!
+//! - `mangoo-bench upstream --bind 127.0.0.1:9200`: an OpenAI-compatible streaming server fast
+//!   enough never to be the bottleneck. Each token's text carries its sequence number and the
+//!   wall-clock nanosecond it was written, so a client on the same machine measures the latency of
+//!   every token end to end.
+//! - `mangoo-bench load --target mangoo|direct ...`: opens streams, parses the SSE properly,
+//!   verifies every stream's content (every token, in order, once), and reports time to first
+//!   token and per-token latency percentiles. `--target direct` is the baseline: the same client
+//!   against the stand-in itself.
+//!
+//! The message sent says how the stand-in answers: `tokens=N rate=R` (R tokens per second per
+//! stream; 0 = as fast as possible).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::response::Response;
+use axum::routing::post;
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "mangoo-bench",
+    about = "Mangoo's load generator and upstream stand-in"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve an OpenAI-compatible streaming stand-in.
+    Upstream {
+        #[arg(long, default_value = "127.0.0.1:9200")]
+        bind: SocketAddr,
+    },
+    /// Open streams and measure them.
+    Load(LoadArgs),
+}
+
+#[derive(Parser, Clone)]
+struct LoadArgs {
+    #[arg(long, value_enum)]
+    target: Target,
+    /// Mangoo's or the stand-in's base URL.
+    #[arg(long)]
+    url: String,
+    /// A Mangoo token (target mangoo).
+    #[arg(long, default_value = "")]
+    token: String,
+    #[arg(long, default_value = "bench")]
+    bot: String,
+    /// Streams in flight at once.
+    #[arg(long, default_value_t = 100)]
+    streams: usize,
+    /// Tokens per stream.
+    #[arg(long, default_value_t = 50)]
+    tokens: usize,
+    /// Tokens per second per stream (0: as fast as possible).
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Read the server's CPU time from /proc before and after (target mangoo).
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Target {
+    Mangoo,
+    Direct,
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse().command {
+        Command::Upstream { bind } => upstream(bind).await,
+        Command::Load(args) => {
+            let report = load(&args).await;
+            println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            if report["errors"].as_u64() != Some(0) {
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
+// ---- The stand-in ---------------------------------------------------------------------------
+
+async fn upstream(bind: SocketAddr) {
+    let app = axum::Router::new().route("/v1/chat/completions", post(completions));
+    let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
+    eprintln!(
+        "stand-in listening on http://{}",
+        listener.local_addr().expect("addr")
+    );
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app).await.expect("serve");
+}
+
+/// `tokens=N rate=R` from the last message.
+fn parse_plan(body: &Value) -> (usize, f64) {
+    let text = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default();
+    let mut plan = (50, 20.0);
+    for part in text.split_whitespace() {
+        if let Some(n) = part.strip_prefix("tokens=") {
+            plan.0 = n.parse().unwrap_or(plan.0);
+        } else if let Some(r) = part.strip_prefix("rate=") {
+            plan.1 = r.parse().unwrap_or(plan.1);
+        }
+    }
+    plan
+}
+
+async fn completions(Json(body): Json<Value>) -> Response {
+    let (tokens, rate) = parse_plan(&body);
+    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    let frames = async_stream::stream! {
+        let started = tokio::time::Instant::now();
+        for seq in 0..tokens {
+            if let Some(interval) = interval {
+                tokio::time::sleep_until(started + interval * seq as u32).await;
+            }
+            let chunk = json!({"choices": [{"index": 0, "delta": {"content": format!(" {seq}:{}", now_ns())}, "finish_reason": null}]});
+            yield Ok::<_, std::convert::Infallible>(Bytes::from(format!("data: {chunk}\n\n")));
+        }
+        let end = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": tokens}});
+        yield Ok(Bytes::from(format!("data: {end}\n\ndata: [DONE]\n\n")));
+    };
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(frames))
+        .expect("response")
+}
+
+// ---- The load generator ---------------------------------------------------------------------
+
+#[derive(Default)]
+struct StreamResult {
+    first_token: Option<Duration>,
+    token_latencies_ns: Vec<u64>,
+    error: Option<String>,
+}
+
+async fn load(args: &LoadArgs) -> Value {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.streams)
+        .tcp_nodelay(true)
+        .build()
+        .expect("client");
+    let cpu_before = args.server_pid.map(cpu_seconds);
+    let started = Instant::now();
+    let relayed = Arc::new(AtomicU64::new(0));
+    let runs = (0..args.streams).map(|_| one_stream(&client, args, relayed.clone()));
+    let results: Vec<StreamResult> = futures_util::future::join_all(runs).await;
+    let elapsed = started.elapsed();
+    let cpu = match (cpu_before, args.server_pid.map(cpu_seconds)) {
+        (Some(before), Some(after)) => Some(after - before),
+        _ => None,
+    };
+    report(
+        args,
+        &results,
+        elapsed,
+        relayed.load(Ordering::Relaxed),
+        cpu,
+    )
+}
+
+async fn one_stream(
+    client: &reqwest::Client,
+    args: &LoadArgs,
+    relayed: Arc<AtomicU64>,
+) -> StreamResult {
+    let message = format!("tokens={} rate={}", args.tokens, args.rate);
+    let request = match args.target {
+        Target::Mangoo => client
+            .post(format!("{}/api/v1/chat/stream", args.url))
+            .bearer_auth(&args.token)
+            .json(&json!({"bot_id": args.bot, "message": message})),
+        Target::Direct => client
+            .post(format!("{}/v1/chat/completions", args.url))
+            .json(&json!({"model": "bench", "stream": true, "messages": [{"role": "user", "content": message}]})),
+    };
+    let sent = Instant::now();
+    let mut result = StreamResult::default();
+    let response = match request.send().await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            result.error = Some(format!("HTTP {}", r.status()));
+            return result;
+        }
+        Err(e) => {
+            result.error = Some(e.to_string());
+            return result;
+        }
+    };
+    let mut body = response.bytes_stream();
+    let mut buffer = Vec::new();
+    let mut expected = 0usize;
+    let mut finished = false;
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else {
+            result.error = Some("the stream broke".into());
+            return result;
+        };
+        let received = now_ns();
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = buffer.drain(..end + 2).collect();
+            match token_of(&String::from_utf8_lossy(&block), args.target) {
+                Token::Text(text) => {
+                    let Some((seq, ts)) = parse_token(&text) else {
+                        result.error = Some(format!("unexpected text {text:?}"));
+                        return result;
+                    };
+                    if seq != expected {
+                        result.error = Some(format!("token {seq} where {expected} was due"));
+                        return result;
+                    }
+                    expected += 1;
+                    if result.first_token.is_none() {
+                        result.first_token = Some(sent.elapsed());
+                    }
+                    result.token_latencies_ns.push(received.saturating_sub(ts));
+                    relayed.fetch_add(1, Ordering::Relaxed);
+                }
+                Token::End => finished = true,
+                Token::Failed(error) => {
+                    result.error = Some(error);
+                    return result;
+                }
+                Token::Other => {}
+            }
+        }
+    }
+    if !finished || expected != args.tokens {
+        result.error = Some(format!("ended after {expected} of {} tokens", args.tokens));
+    }
+    result
+}
+
+enum Token {
+    Text(String),
+    End,
+    Failed(String),
+    Other,
+}
+
+/// One SSE block: Mangoo's `message`/`done`/`error` events, or the stand-in's chunks.
+fn token_of(block: &str, target: Target) -> Token {
+    let mut event = "message";
+    let mut data = String::new();
+    for line in block.lines() {
+        if let Some(name) = line.strip_prefix("event: ") {
+            event = name;
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            data.push_str(d);
+        }
+    }
+    if data.is_empty() {
+        return Token::Other; // heartbeat comments
+    }
+    match target {
+        Target::Mangoo => match event {
+            "message" => serde_json::from_str::<Value>(&data)
+                .ok()
+                .and_then(|v| v["content"].as_str().map(str::to_owned))
+                .map_or(Token::Failed("bad message event".into()), Token::Text),
+            "done" => Token::End,
+            "error" => Token::Failed(data),
+            _ => Token::Other,
+        },
+        Target::Direct => {
+            if data == "[DONE]" {
+                return Token::End;
+            }
+            let value: Value = serde_json::from_str(&data).unwrap_or_default();
+            match value["choices"][0]["delta"]["content"].as_str() {
+                Some(text) => Token::Text(text.to_owned()),
+                None => Token::Other,
+            }
+        }
+    }
+}
+
+/// ` seq:timestamp_ns`.
+fn parse_token(text: &str) -> Option<(usize, u64)> {
+    let (seq, ts) = text.trim().split_once(':')?;
+    Some((seq.parse().ok()?, ts.parse().ok()?))
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index] as f64
+}
+
+fn report(
+    args: &LoadArgs,
+    results: &[StreamResult],
+    elapsed: Duration,
+    tokens: u64,
+    cpu: Option<f64>,
+) -> Value {
+    let errors: Vec<&str> = results.iter().filter_map(|r| r.error.as_deref()).collect();
+    let mut first: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.first_token.map(|d| d.as_nanos() as u64))
+        .collect();
+    first.sort_unstable();
+    let mut latencies: Vec<u64> = results
+        .iter()
+        .flat_map(|r| r.token_latencies_ns.iter().copied())
+        .collect();
+    latencies.sort_unstable();
+    let us = |ns: f64| (ns / 1000.0 * 10.0).round() / 10.0;
+    json!({
+        "target": match args.target { Target::Mangoo => "mangoo", Target::Direct => "direct" },
+        "streams": args.streams,
+        "tokens_per_stream": args.tokens,
+        "rate_per_stream": args.rate,
+        "errors": errors.len(),
+        "first_errors": errors.iter().take(3).collect::<Vec<_>>(),
+        "elapsed_s": elapsed.as_secs_f64(),
+        "tokens_relayed": tokens,
+        "tokens_per_s": tokens as f64 / elapsed.as_secs_f64(),
+        "first_token_us": {"p50": us(percentile(&first, 0.5)), "p99": us(percentile(&first, 0.99))},
+        "token_latency_us": {"p50": us(percentile(&latencies, 0.5)), "p99": us(percentile(&latencies, 0.99))},
+        "server_cpu_s": cpu,
+        "server_cpu_s_per_million_tokens": cpu.map(|c| c / tokens.max(1) as f64 * 1e6),
+    })
+}
