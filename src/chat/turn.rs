@@ -227,19 +227,26 @@ impl Turn {
         emitter: &mut Emitter,
         gaps: &Histogram,
     ) -> Ending {
+        // One stop future and one idle timer for the whole answer, not one per token: this loop
+        // runs for every token relayed.
+        let stopped = self.stopped();
+        tokio::pin!(stopped);
+        let idle = tokio::time::sleep(self.timeouts.idle);
+        tokio::pin!(idle);
         loop {
             let item = tokio::select! {
                 biased;
-                ending = self.stopped() => return ending,
-                item = tokio::time::timeout(self.timeouts.idle, upstream.next()) => item,
+                ending = &mut stopped => return ending,
+                item = upstream.next() => item,
+                () = &mut idle => {
+                    let idle = self.timeouts.idle.as_secs();
+                    return Ending::Failed(ProviderError::new(
+                        ProviderErrorKind::IdleTimeout,
+                        format!("the provider sent nothing for {idle} s in the middle of the answer"),
+                    ));
+                }
             };
-            let Ok(item) = item else {
-                let idle = self.timeouts.idle.as_secs();
-                return Ending::Failed(ProviderError::new(
-                    ProviderErrorKind::IdleTimeout,
-                    format!("the provider sent nothing for {idle} s in the middle of the answer"),
-                ));
-            };
+            idle.as_mut().reset(Instant::now() + self.timeouts.idle);
             match item {
                 Some(Ok(ProviderEvent::TextDelta(text))) => emitter.send_text(text, gaps).await,
                 Some(Ok(ProviderEvent::Usage(usage))) => emitter.usage = Some(usage),

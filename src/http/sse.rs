@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, Version, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::time::{Instant, Sleep};
 
@@ -31,6 +31,8 @@ pub struct SseSettings {
 }
 
 const HEARTBEAT: &[u8] = b": ping\n\n";
+/// Ready events written together, up to about this many bytes.
+const COALESCE_BYTES: usize = 16 * 1024;
 
 /// Streams events. The body has no length, so HTTP/1.1 sends it chunked and each event leaves as
 /// soon as it is produced; a quiet stream gets a heartbeat comment so no proxy or load balancer
@@ -45,7 +47,8 @@ pub fn stream_response(
     let body = Body::from_stream(SseBody {
         metrics: settings.metrics.clone(),
         _slot: slot,
-        events: Box::pin(events),
+        // Fused: the coalescing loop may see the end before the body does.
+        events: Box::pin(events.fuse()),
         heartbeat: settings
             .heartbeat
             .map(|every| (every, Box::pin(tokio::time::sleep(every)))),
@@ -91,8 +94,26 @@ impl Stream for SseBody {
                 if let Some((every, timer)) = &mut this.heartbeat {
                     timer.as_mut().reset(Instant::now() + *every);
                 }
-                let frame = encode(&event, this.retry_ms.take());
-                return Poll::Ready(Some(Ok(frame)));
+                let mut frames = encode(&event, this.retry_ms.take());
+                // Events already waiting go out in the same write: one syscall instead of one
+                // per event, and no event is held back for it.
+                if !event.kind.is_terminal() {
+                    let mut batch: Option<Vec<u8>> = None;
+                    while batch.as_ref().map_or(0, Vec::len) < COALESCE_BYTES {
+                        let Poll::Ready(Some(next)) = this.events.as_mut().poll_next(cx) else {
+                            break;
+                        };
+                        let batch = batch.get_or_insert_with(|| frames.to_vec());
+                        batch.extend_from_slice(&encode(&next, None));
+                        if next.kind.is_terminal() {
+                            break;
+                        }
+                    }
+                    if let Some(batch) = batch {
+                        frames = Bytes::from(batch);
+                    }
+                }
+                return Poll::Ready(Some(Ok(frames)));
             }
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}

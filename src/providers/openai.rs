@@ -210,19 +210,17 @@ fn interpret(
     if data == "[DONE]" {
         return Step::End;
     }
-    let parsed: Option<serde_json::Value> = serde_json::from_str(data).ok();
     if event.event == "error" {
-        return Step::Fail(stream_error(
-            parsed.as_ref().unwrap_or(&serde_json::Value::Null),
-        ));
+        let value = serde_json::from_str(data).unwrap_or(serde_json::Value::Null);
+        return Step::Fail(stream_error(&value));
     }
-    // Keep-alive comments and unparsable lines are not worth failing an answer for.
-    let Some(value) = parsed else {
+    // Straight into our lenient struct: this runs for every token. Keep-alive comments and
+    // unparsable lines are not worth failing an answer for.
+    let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
         return Step::Skip;
     };
-    let chunk: Chunk = serde_json::from_value(value.clone()).unwrap_or_default();
-    if chunk.error.is_some() {
-        return Step::Fail(stream_error(&value));
+    if let Some(error) = &chunk.error {
+        return Step::Fail(stream_error(&serde_json::json!({ "error": error })));
     }
     for choice in chunk.choices.unwrap_or_default() {
         if let Some(text) = choice
