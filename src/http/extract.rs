@@ -23,11 +23,14 @@ impl FromRequestParts<AppState> for AuthUser {
             Some(ticket) => state.tickets.redeem(&ticket).ok_or_else(|| {
                 AuthError::Invalid("the stream ticket is unknown, used or expired".into())
             })?,
-            None => {
-                let token =
-                    token_in(&parts.headers, parts.uri.query())?.ok_or(AuthError::Missing)?;
-                state.auth.verify(&token).await?
-            }
+            None => match parts.extensions.get::<super::limits::VerifiedUser>() {
+                Some(verified) => verified.0.clone(),
+                None => {
+                    let token =
+                        token_in(&parts.headers, parts.uri.query())?.ok_or(AuthError::Missing)?;
+                    state.auth.verify(&token).await?
+                }
+            },
         };
         tracing::Span::current().record("user_id", user.as_str());
         Ok(AuthUser(user))

@@ -16,7 +16,15 @@ use crate::error::ApiError;
 use crate::metrics::ReasonLabels;
 use crate::rate_limit::Decision;
 
-pub async fn rate_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// The user a rate-limit check already verified, so the handler's extractor need not again.
+#[derive(Clone)]
+pub struct VerifiedUser(pub crate::auth::UserId);
+
+pub async fn rate_limit(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let token = token_in(request.headers(), request.uri().query())
         .ok()
         .flatten();
@@ -50,6 +58,9 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
             policy,
         }
         .into_response();
+    }
+    if let Some(user) = user {
+        request.extensions_mut().insert(VerifiedUser(user));
     }
     let mut response = next.run(request).await;
     rate_limit_headers(response.headers_mut(), &decision, policy);

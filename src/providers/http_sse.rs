@@ -47,6 +47,22 @@ pub fn request_error(provider: &str, err: &reqwest::Error) -> ProviderError {
     ProviderError::new(kind, message)
 }
 
+/// Sends a streaming request; a non-2xx answer becomes the provider's error.
+pub async fn open_stream(
+    provider: &'static str,
+    call: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, ProviderError> {
+    let response = call
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .map_err(|e| request_error(provider, &e))?;
+    if !response.status().is_success() {
+        return Err(status_error(provider, response).await);
+    }
+    Ok(response)
+}
+
 /// Turns a non-2xx response into an error, keeping the provider's own message when it has one.
 pub async fn status_error(provider: &str, response: reqwest::Response) -> ProviderError {
     let status = response.status().as_u16();

@@ -8,7 +8,7 @@
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::http_sse::{api_key, client, events, request_error, status_error};
+use super::http_sse::{api_key, client, events, open_stream};
 use super::{
     Admission, ChatProvider, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent,
     ProviderStream,
@@ -123,22 +123,11 @@ impl ChatProvider for OpenAiProvider {
             temperature: request.temperature,
             top_p: request.top_p,
         };
-        let mut call = self
-            .http
-            .post(&self.url)
-            .header("accept", "text/event-stream")
-            .json(&body);
+        let mut call = self.http.post(&self.url).json(&body);
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key);
         }
-        let response = call
-            .send()
-            .await
-            .map_err(|e| request_error(PROVIDER_NAME, &e))?;
-        if !response.status().is_success() {
-            return Err(status_error(PROVIDER_NAME, response).await);
-        }
-        Ok(translate(response))
+        Ok(translate(open_stream(PROVIDER_NAME, call).await?))
     }
 }
 
