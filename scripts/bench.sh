@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # Benchmarks Mangoo against a direct baseline, all on this machine (see docs/benchmarks.md).
-# Usage: bash scripts/bench.sh [STREAMS] [TOKENS] [RATE]
+#
+#   bash scripts/bench.sh burst  N TOKENS RATE        N streams starting together (a, b, c, f)
+#   bash scripts/bench.sh steady N TOKENS RATE SECS   N streams kept in flight for SECS (a, b)
+#   bash scripts/bench.sh search RATE TOKENS          the most tokens/s with added p99 < 5 ms (d)
+#   bash scripts/bench.sh hold   N                    N streams held open, memory per stream (e)
+#
+# Every run verifies every stream; a run with errors exits non-zero and is not a result.
+# MANGOO_CPUS / CLIENT_CPUS (taskset lists, e.g. 0 and 1) pin Mangoo and the client + stand-in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mangoo-target}"
-streams="${1:-1000}"; tokens="${2:-50}"; rate="${3:-20}"
+mode="${1:-burst}"
 cargo build --release --locked --bin mangoo --bin mangoo-bench >&2
 bin="$CARGO_TARGET_DIR/release"
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-ulimit -n 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-"$bin/mangoo-bench" upstream --bind 127.0.0.1:9200 2>"$work/upstream.log" &
+pin() { # pin CPUS command...: runs the command on those CPUs when a list is given
+  local cpus="$1"; shift
+  if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi
+}
+pin "${CLIENT_CPUS:-}" "$bin/mangoo-bench" upstream --bind 127.0.0.1:9200 2>"$work/upstream.log" &
 secret="bench-secret-bench-secret-bench-secret"
 cat >"$work/mangoo.toml" <<TOML
 [server]
@@ -24,6 +35,8 @@ url = "sqlite://$work/bench.db"
 requests_per_second = 1000000.0
 burst = 1000000
 max_concurrent_streams = 1000000
+[streams]
+heartbeat_secs = ${HEARTBEAT_SECS:-15}
 [providers.openai]
 base_url = "http://127.0.0.1:9200/v1"
 [[bots]]
@@ -34,7 +47,8 @@ TOML
 
 # f. start-up time (until /healthz answers) and idle memory, without the local model.
 start_ns=$(date +%s%N)
-MANGOO_LOG=warn "$bin/mangoo" serve --config "$work/mangoo.toml" >"$work/mangoo.out" 2>"$work/mangoo.log" &
+MANGOO_LOG=warn pin "${MANGOO_CPUS:-}" "$bin/mangoo" serve --config "$work/mangoo.toml" \
+  >"$work/mangoo.out" 2>"$work/mangoo.log" &
 mangoo_pid=$!
 until curl -sf http://127.0.0.1:9201/healthz >/dev/null; do sleep 0.002; done
 startup_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
@@ -42,9 +56,40 @@ sleep 1
 idle_rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$mangoo_pid/status)
 echo "{\"startup_ms\": $startup_ms, \"idle_rss_kb\": $idle_rss_kb}"
 
-token=$(MANGOO_JWT_SECRET="$secret" "$bin/mangoo" token --sub bench --ttl 1h)
-run() { "$bin/mangoo-bench" load --streams "$streams" --tokens "$tokens" --rate "$rate" "$@"; }
-echo "== direct baseline"
-run --target direct --url http://127.0.0.1:9200
-echo "== through mangoo"
-run --target mangoo --url http://127.0.0.1:9201 --token "$token" --server-pid "$mangoo_pid"
+token=$(MANGOO_JWT_SECRET="$secret" "$bin/mangoo" token --sub bench --ttl 24h)
+load() { pin "${CLIENT_CPUS:-}" "$bin/mangoo-bench" load "$@"; }
+direct() { load --target direct --url http://127.0.0.1:9200 "$@"; }
+mangoo() { load --target mangoo --url http://127.0.0.1:9201 --token "$token" --server-pid "$mangoo_pid" "$@"; }
+both() {
+  echo "== direct baseline"; direct "$@"
+  echo "== through mangoo"; mangoo "$@"
+}
+
+case "$mode" in
+  burst)
+    both --streams "${2:-1000}" --tokens "${3:-50}" --rate "${4:-20}" ;;
+  steady)
+    both --streams "${2:-1000}" --tokens "${3:-50}" --rate "${4:-20}" --duration-secs "${5:-20}" ;;
+  search)
+    # Raise the number of streams at a fixed per-stream rate until Mangoo's p99 per-token latency
+    # exceeds the direct baseline's (same load, same run) by 5 ms.
+    rate="${2:-100}"; tokens="${3:-500}"
+    for streams in 100 200 400 600 800 1000 1200 1500 2000; do
+      d=$(direct --streams "$streams" --tokens "$tokens" --rate "$rate")
+      m=$(mangoo --streams "$streams" --tokens "$tokens" --rate "$rate")
+      python3 - "$d" "$m" <<'PY' || break
+import json, sys
+d, m = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+added = (m["token_latency_us"]["p99"] - d["token_latency_us"]["p99"]) / 1000
+print(json.dumps({"streams": m["streams_in_flight"], "direct_tok_s": round(d["tokens_per_s"]),
+  "mangoo_tok_s": round(m["tokens_per_s"]), "direct_p99_ms": d["token_latency_us"]["p99"] / 1000,
+  "mangoo_p99_ms": m["token_latency_us"]["p99"] / 1000, "added_p99_ms": round(added, 2),
+  "cpu_s_per_million": m["server_cpu_s_per_million_tokens"]}))
+sys.exit(0 if added < 5 else 3)
+PY
+    done ;;
+  hold)
+    # Two tokens: the first at once, the second after 30 s. In between the streams are idle.
+    mangoo --streams "${2:-1000}" --tokens 2 --rate 0.0333 ;;
+  *) echo "unknown mode $mode" >&2; exit 2 ;;
+esac

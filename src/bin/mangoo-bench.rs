@@ -67,6 +67,10 @@ struct LoadArgs {
     /// Tokens per second per stream (0: as fast as possible).
     #[arg(long, default_value_t = 20.0)]
     rate: f64,
+    /// Keep `streams` answers in flight for this long, starting a new stream whenever one ends
+    /// (steady state); without it, each of the `streams` runs once, all starting together.
+    #[arg(long)]
+    duration_secs: Option<f64>,
     /// Read the server's CPU time from /proc before and after (target mangoo).
     #[arg(long)]
     server_pid: Option<u32>,
@@ -157,6 +161,8 @@ async fn completions(Json(body): Json<Value>) -> Response {
 
 #[derive(Default)]
 struct StreamResult {
+    /// Until the response's headers arrived.
+    first_byte: Option<Duration>,
     first_token: Option<Duration>,
     token_latencies_ns: Vec<u64>,
     error: Option<String>,
@@ -170,27 +176,68 @@ async fn load(args: &LoadArgs) -> Value {
         .expect("client");
     let cpu_before = args.server_pid.map(cpu_seconds);
     let started = Instant::now();
-    let relayed = Arc::new(AtomicU64::new(0));
-    let runs = (0..args.streams).map(|_| one_stream(&client, args, relayed.clone()));
-    let results: Vec<StreamResult> = futures_util::future::join_all(runs).await;
+    let until = args
+        .duration_secs
+        .map(|secs| started + Duration::from_secs_f64(secs));
+    let progress = Arc::new(Progress {
+        server_pid: args.server_pid,
+        rss_before_kib: args.server_pid.map(rss_kib),
+        ..Progress::default()
+    });
+    let workers = (0..args.streams).map(|_| worker(&client, args, until, progress.clone()));
+    let results: Vec<StreamResult> = futures_util::future::join_all(workers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let elapsed = started.elapsed();
     let cpu = match (cpu_before, args.server_pid.map(cpu_seconds)) {
         (Some(before), Some(after)) => Some(after - before),
         _ => None,
     };
-    report(
-        args,
-        &results,
-        elapsed,
-        relayed.load(Ordering::Relaxed),
-        cpu,
-    )
+    report(args, &results, elapsed, &progress, cpu)
+}
+
+/// What all streams share: tokens counted, and the server's memory once every stream is open.
+#[derive(Default)]
+struct Progress {
+    server_pid: Option<u32>,
+    relayed: AtomicU64,
+    /// Streams that have their first token.
+    answering: AtomicU64,
+    rss_before_kib: Option<u64>,
+    rss_all_open_kib: std::sync::OnceLock<u64>,
+}
+
+impl Progress {
+    fn first_token(&self, streams: usize) {
+        if self.answering.fetch_add(1, Ordering::SeqCst) + 1 == streams as u64
+            && let Some(pid) = self.server_pid
+        {
+            let _ = self.rss_all_open_kib.set(rss_kib(pid));
+        }
+    }
+}
+
+/// One stream, or (with a duration) one stream after another until the time is up: the steady
+/// state of `streams` answers in flight, where new streams start while others are mid-answer.
+async fn worker(
+    client: &reqwest::Client,
+    args: &LoadArgs,
+    until: Option<Instant>,
+    progress: Arc<Progress>,
+) -> Vec<StreamResult> {
+    let mut results = vec![one_stream(client, args, &progress).await];
+    while until.is_some_and(|until| Instant::now() < until) {
+        results.push(one_stream(client, args, &progress).await);
+    }
+    results
 }
 
 async fn one_stream(
     client: &reqwest::Client,
     args: &LoadArgs,
-    relayed: Arc<AtomicU64>,
+    progress: &Progress,
 ) -> StreamResult {
     let message = format!("tokens={} rate={}", args.tokens, args.rate);
     let request = match args.target {
@@ -215,8 +262,9 @@ async fn one_stream(
             return result;
         }
     };
+    result.first_byte = Some(sent.elapsed());
     let mut body = response.bytes_stream();
-    let mut buffer = Vec::new();
+    let mut buffer: Vec<u8> = Vec::new();
     let mut expected = 0usize;
     let mut finished = false;
     while let Some(chunk) = body.next().await {
@@ -226,14 +274,12 @@ async fn one_stream(
         };
         let received = now_ns();
         buffer.extend_from_slice(&chunk);
-        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buffer.drain(..end + 2).collect();
-            match token_of(&String::from_utf8_lossy(&block), args.target) {
-                Token::Text(text) => {
-                    let Some((seq, ts)) = parse_token(&text) else {
-                        result.error = Some(format!("unexpected text {text:?}"));
-                        return result;
-                    };
+        let mut consumed = 0;
+        while let Some(end) = find_blank_line(&buffer[consumed..]) {
+            let block = &buffer[consumed..consumed + end];
+            consumed += end + 2;
+            match token_of(block, args.target) {
+                Token::Text(seq, ts) => {
                     if seq != expected {
                         result.error = Some(format!("token {seq} where {expected} was due"));
                         return result;
@@ -241,9 +287,10 @@ async fn one_stream(
                     expected += 1;
                     if result.first_token.is_none() {
                         result.first_token = Some(sent.elapsed());
+                        progress.first_token(args.streams);
                     }
                     result.token_latencies_ns.push(received.saturating_sub(ts));
-                    relayed.fetch_add(1, Ordering::Relaxed);
+                    progress.relayed.fetch_add(1, Ordering::Relaxed);
                 }
                 Token::End => finished = true,
                 Token::Failed(error) => {
@@ -253,6 +300,7 @@ async fn one_stream(
                 Token::Other => {}
             }
         }
+        buffer.drain(..consumed);
     }
     if !finished || expected != args.tokens {
         result.error = Some(format!("ended after {expected} of {} tokens", args.tokens));
@@ -260,47 +308,84 @@ async fn one_stream(
     result
 }
 
+fn find_blank_line(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(2).position(|w| w == b"\n\n")
+}
+
 enum Token {
-    Text(String),
+    /// A token's sequence number and the nanosecond the stand-in wrote it.
+    Text(usize, u64),
     End,
     Failed(String),
     Other,
 }
 
-/// One SSE block: Mangoo's `message`/`done`/`error` events, or the stand-in's chunks.
-fn token_of(block: &str, target: Target) -> Token {
-    let mut event = "message";
-    let mut data = String::new();
-    for line in block.lines() {
-        if let Some(name) = line.strip_prefix("event: ") {
+#[derive(serde::Deserialize)]
+struct MangooMessage<'a> {
+    #[serde(borrow)]
+    content: std::borrow::Cow<'a, str>,
+}
+
+#[derive(serde::Deserialize)]
+struct DirectChunk<'a> {
+    #[serde(borrow, default)]
+    choices: Vec<DirectChoice<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct DirectChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<DirectDelta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct DirectDelta<'a> {
+    #[serde(borrow, default)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// One SSE block: Mangoo's `message`/`done`/`error` events, or the stand-in's chunks. Parsed
+/// without copies: the client shares the machine with the server it measures.
+fn token_of(block: &[u8], target: Target) -> Token {
+    let mut event: &[u8] = b"message";
+    let mut data: &[u8] = b"";
+    for line in block.split(|b| *b == b'\n') {
+        if let Some(name) = line.strip_prefix(b"event: ") {
             event = name;
-        } else if let Some(d) = line.strip_prefix("data: ") {
-            data.push_str(d);
+        } else if let Some(d) = line.strip_prefix(b"data: ") {
+            data = d;
         }
     }
     if data.is_empty() {
         return Token::Other; // heartbeat comments
     }
-    match target {
+    let text = match target {
         Target::Mangoo => match event {
-            "message" => serde_json::from_str::<Value>(&data)
+            b"message" => serde_json::from_slice::<MangooMessage>(data)
                 .ok()
-                .and_then(|v| v["content"].as_str().map(str::to_owned))
-                .map_or(Token::Failed("bad message event".into()), Token::Text),
-            "done" => Token::End,
-            "error" => Token::Failed(data),
-            _ => Token::Other,
+                .map(|m| m.content),
+            b"done" => return Token::End,
+            b"error" => return Token::Failed(String::from_utf8_lossy(data).into_owned()),
+            _ => return Token::Other,
         },
         Target::Direct => {
-            if data == "[DONE]" {
+            if data == b"[DONE]" {
                 return Token::End;
             }
-            let value: Value = serde_json::from_str(&data).unwrap_or_default();
-            match value["choices"][0]["delta"]["content"].as_str() {
-                Some(text) => Token::Text(text.to_owned()),
-                None => Token::Other,
+            match serde_json::from_slice::<DirectChunk>(data) {
+                Ok(chunk) => match chunk.choices.into_iter().next().and_then(|c| c.delta) {
+                    Some(DirectDelta {
+                        content: Some(text),
+                    }) => Some(text),
+                    _ => return Token::Other,
+                },
+                Err(_) => None,
             }
         }
+    };
+    match text.as_deref().and_then(parse_token) {
+        Some((seq, ts)) => Token::Text(seq, ts),
+        None => Token::Failed(format!("unexpected data {:?}", String::from_utf8_lossy(data))),
     }
 }
 
@@ -322,6 +407,16 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -330,28 +425,43 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[index] as f64
 }
 
+/// p50, p99 and max of some durations in nanoseconds, in microseconds.
+fn summary(mut values: Vec<u64>) -> Value {
+    values.sort_unstable();
+    let us = |ns: f64| (ns / 1000.0 * 10.0).round() / 10.0;
+    json!({
+        "p50": us(percentile(&values, 0.5)),
+        "p99": us(percentile(&values, 0.99)),
+        "max": us(values.last().copied().unwrap_or_default() as f64),
+    })
+}
+
 fn report(
     args: &LoadArgs,
     results: &[StreamResult],
     elapsed: Duration,
-    tokens: u64,
+    progress: &Progress,
     cpu: Option<f64>,
 ) -> Value {
+    let tokens = progress.relayed.load(Ordering::Relaxed);
+    let rss_open = progress.rss_all_open_kib.get().copied();
+    let per_stream = match (progress.rss_before_kib, rss_open) {
+        (Some(before), Some(open)) => {
+            Some((open.saturating_sub(before) as f64 / args.streams as f64 * 10.0).round() / 10.0)
+        }
+        _ => None,
+    };
     let errors: Vec<&str> = results.iter().filter_map(|r| r.error.as_deref()).collect();
-    let mut first: Vec<u64> = results
+    let nanos = |d: &Duration| d.as_nanos() as u64;
+    let first_byte = results.iter().filter_map(|r| r.first_byte.as_ref()).map(nanos);
+    let first_token = results.iter().filter_map(|r| r.first_token.as_ref()).map(nanos);
+    let latencies = results
         .iter()
-        .filter_map(|r| r.first_token.map(|d| d.as_nanos() as u64))
-        .collect();
-    first.sort_unstable();
-    let mut latencies: Vec<u64> = results
-        .iter()
-        .flat_map(|r| r.token_latencies_ns.iter().copied())
-        .collect();
-    latencies.sort_unstable();
-    let us = |ns: f64| (ns / 1000.0 * 10.0).round() / 10.0;
+        .flat_map(|r| r.token_latencies_ns.iter().copied());
     json!({
         "target": match args.target { Target::Mangoo => "mangoo", Target::Direct => "direct" },
-        "streams": args.streams,
+        "streams_in_flight": args.streams,
+        "streams_run": results.len(),
         "tokens_per_stream": args.tokens,
         "rate_per_stream": args.rate,
         "errors": errors.len(),
@@ -359,9 +469,12 @@ fn report(
         "elapsed_s": elapsed.as_secs_f64(),
         "tokens_relayed": tokens,
         "tokens_per_s": tokens as f64 / elapsed.as_secs_f64(),
-        "first_token_us": {"p50": us(percentile(&first, 0.5)), "p99": us(percentile(&first, 0.99))},
-        "token_latency_us": {"p50": us(percentile(&latencies, 0.5)), "p99": us(percentile(&latencies, 0.99))},
+        "first_byte_us": summary(first_byte.collect()),
+        "first_token_us": summary(first_token.collect()),
+        "token_latency_us": summary(latencies.collect()),
         "server_cpu_s": cpu,
         "server_cpu_s_per_million_tokens": cpu.map(|c| c / tokens.max(1) as f64 * 1e6),
+        "server_rss_kib": {"before": progress.rss_before_kib, "all_streams_open": rss_open},
+        "server_kib_per_open_stream": per_stream,
     })
 }

@@ -63,5 +63,24 @@ async fn the_load_generator_measures_a_direct_baseline_and_mangoo() {
         assert_eq!(report["errors"], 0, "{report}");
         assert_eq!(report["tokens_relayed"], 8 * 12, "{report}");
         assert!(report["token_latency_us"]["p99"].as_f64().unwrap() > 0.0);
+        assert!(report["first_byte_us"]["p50"].as_f64().unwrap() > 0.0);
     }
+
+    // Steady state: each of the 8 workers starts a new stream when its last one ends, for a
+    // while; every stream is still verified.
+    let steady = load(&[
+        "--target",
+        "mangoo",
+        "--url",
+        &format!("http://{}", app.addr),
+        "--token",
+        &app.token("bench"),
+        "--duration-secs",
+        "0.3",
+    ])
+    .await;
+    let runs = steady["streams_run"].as_u64().unwrap();
+    assert!(runs >= 8, "{steady}");
+    assert_eq!(steady["errors"], 0, "{steady}");
+    assert_eq!(steady["tokens_relayed"].as_u64(), Some(runs * 12), "{steady}");
 }
