@@ -20,13 +20,14 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 pin() { # pin CPUS command...: runs the command on those CPUs when a list is given
   local cpus="$1"; shift
-  if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi
+  if [ -n "$cpus" ]; then exec taskset -c "$cpus" "$@"; else exec "$@"; fi
 }
 pin "${CLIENT_CPUS:-}" "$bin/mangoo-bench" upstream --bind 127.0.0.1:9200 2>"$work/upstream.log" &
 secret="bench-secret-bench-secret-bench-secret"
 cat >"$work/mangoo.toml" <<TOML
 [server]
 bind = "127.0.0.1:9201"
+heartbeat_secs = ${HEARTBEAT_SECS:-15}
 [auth]
 jwt_secret = "$secret"
 [database]
@@ -35,8 +36,6 @@ url = "sqlite://$work/bench.db"
 requests_per_second = 1000000.0
 burst = 1000000
 max_concurrent_streams = 1000000
-[streams]
-heartbeat_secs = ${HEARTBEAT_SECS:-15}
 [providers.openai]
 base_url = "http://127.0.0.1:9200/v1"
 [[bots]]
@@ -50,14 +49,17 @@ start_ns=$(date +%s%N)
 MANGOO_LOG=warn pin "${MANGOO_CPUS:-}" "$bin/mangoo" serve --config "$work/mangoo.toml" \
   >"$work/mangoo.out" 2>"$work/mangoo.log" &
 mangoo_pid=$!
-until curl -sf http://127.0.0.1:9201/healthz >/dev/null; do sleep 0.002; done
+until curl -sf http://127.0.0.1:9201/healthz >/dev/null; do
+  kill -0 "$mangoo_pid" 2>/dev/null || { cat "$work/mangoo.log" >&2; exit 1; }
+  sleep 0.002
+done
 startup_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
 sleep 1
 idle_rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$mangoo_pid/status)
 echo "{\"startup_ms\": $startup_ms, \"idle_rss_kb\": $idle_rss_kb}"
 
 token=$(MANGOO_JWT_SECRET="$secret" "$bin/mangoo" token --sub bench --ttl 24h)
-load() { pin "${CLIENT_CPUS:-}" "$bin/mangoo-bench" load "$@"; }
+load() { (pin "${CLIENT_CPUS:-}" "$bin/mangoo-bench" load "$@"); }
 direct() { load --target direct --url http://127.0.0.1:9200 "$@"; }
 mangoo() { load --target mangoo --url http://127.0.0.1:9201 --token "$token" --server-pid "$mangoo_pid" "$@"; }
 both() {
