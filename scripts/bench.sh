@@ -38,6 +38,7 @@ burst = 1000000
 max_concurrent_streams = 1000000
 [providers.openai]
 base_url = "http://127.0.0.1:9200/v1"
+http2_prior_knowledge = ${UPSTREAM_H2:-false}
 [[bots]]
 id = "bench"
 provider = "openai"

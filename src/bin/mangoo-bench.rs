@@ -23,6 +23,7 @@ use axum::response::Response;
 use axum::routing::post;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -112,10 +113,21 @@ async fn upstream(bind: SocketAddr) {
         "stand-in listening on http://{}",
         listener.local_addr().expect("addr")
     );
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+    // HTTP/1.1, or HTTP/2 with prior knowledge with no cap on streams per connection, so a
+    // client multiplexing every answer onto one connection is never held back here.
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(None);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app).await.expect("serve");
+        let (builder, app) = (builder.clone(), app.clone());
+        tokio::spawn(async move {
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
 }
 
 /// `tokens=N rate=R` from the last message.
@@ -385,7 +397,10 @@ fn token_of(block: &[u8], target: Target) -> Token {
     };
     match text.as_deref().and_then(parse_token) {
         Some((seq, ts)) => Token::Text(seq, ts),
-        None => Token::Failed(format!("unexpected data {:?}", String::from_utf8_lossy(data))),
+        None => Token::Failed(format!(
+            "unexpected data {:?}",
+            String::from_utf8_lossy(data)
+        )),
     }
 }
 
@@ -453,8 +468,14 @@ fn report(
     };
     let errors: Vec<&str> = results.iter().filter_map(|r| r.error.as_deref()).collect();
     let nanos = |d: &Duration| d.as_nanos() as u64;
-    let first_byte = results.iter().filter_map(|r| r.first_byte.as_ref()).map(nanos);
-    let first_token = results.iter().filter_map(|r| r.first_token.as_ref()).map(nanos);
+    let first_byte = results
+        .iter()
+        .filter_map(|r| r.first_byte.as_ref())
+        .map(nanos);
+    let first_token = results
+        .iter()
+        .filter_map(|r| r.first_token.as_ref())
+        .map(nanos);
     let latencies = results
         .iter()
         .flat_map(|r| r.token_latencies_ns.iter().copied());

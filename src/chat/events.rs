@@ -2,6 +2,8 @@
 //! within its chat and larger than any id an earlier turn of that chat used, so a client can
 //! always name the last one it saw.
 
+use std::sync::Arc;
+
 use crate::domain::TokenUsage;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -14,8 +16,9 @@ pub struct StreamEvent {
 pub enum EventKind {
     /// First event of every stream: which chat and message the answer belongs to.
     Start { chat_id: String, message_id: String },
-    /// One piece of the answer's text, as the provider sent it.
-    Content(String),
+    /// One piece of the answer's text, as the provider sent it. Shared, not copied, between the
+    /// log, every listener and the record of the answer: this is the event sent per token.
+    Content(Arc<str>),
     /// The answer is complete and stored.
     Done(DoneEvent),
     /// The answer failed or was cut short; nothing follows.
@@ -55,6 +58,14 @@ impl StreamFailure {
 }
 
 impl EventKind {
+    /// The length of the text it carries, if any.
+    pub fn text_len(&self) -> usize {
+        match self {
+            EventKind::Content(text) => text.len(),
+            _ => 0,
+        }
+    }
+
     pub fn is_terminal(&self) -> bool {
         matches!(self, EventKind::Done(_) | EventKind::Error(_))
     }

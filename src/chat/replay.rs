@@ -16,7 +16,12 @@ pub fn events_after(chat_id: &str, answer: &MessageRecord, after_id: i64) -> Vec
         chat_id: chat_id.to_owned(),
         message_id: answer.id.clone(),
     });
-    kinds.extend(replay.chunks.iter().cloned().map(EventKind::Content));
+    kinds.extend(
+        replay
+            .chunks
+            .iter()
+            .map(|chunk| EventKind::Content(chunk.as_str().into())),
+    );
     kinds.push(terminal(chat_id, answer));
     kinds
         .into_iter()

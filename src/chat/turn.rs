@@ -76,7 +76,7 @@ struct Emitter {
     log: Arc<dyn EventLog>,
     chat_id: String,
     last_id: i64,
-    chunks: Vec<String>,
+    chunks: Vec<Arc<str>>,
     usage: Option<TokenUsage>,
     /// The target that started answering, if one did.
     answering: Option<usize>,
@@ -99,6 +99,7 @@ impl Emitter {
         if let Some(previous) = self.last_text_at.replace(now) {
             gaps.observe((now - previous).as_secs_f64());
         }
+        let text: Arc<str> = text.into();
         self.chunks.push(text.clone());
         self.send(EventKind::Content(text)).await;
     }

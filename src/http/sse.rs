@@ -33,6 +33,8 @@ pub struct SseSettings {
 const HEARTBEAT: &[u8] = b": ping\n\n";
 /// Ready events written together, up to about this many bytes.
 const COALESCE_BYTES: usize = 16 * 1024;
+/// A frame's bytes besides its text: field names, id, JSON keys.
+const FRAME_OVERHEAD: usize = 96;
 
 /// Streams events. The body has no length, so HTTP/1.1 sends it chunked and each event leaves as
 /// soon as it is produced; a quiet stream gets a heartbeat comment so no proxy or load balancer
@@ -53,6 +55,8 @@ pub fn stream_response(
             .heartbeat
             .map(|every| (every, Box::pin(tokio::time::sleep(every)))),
         retry_ms: Some(settings.retry_ms),
+        held: None,
+        ended: false,
     });
     let mut response = body.into_response();
     let headers = response.headers_mut();
@@ -82,6 +86,10 @@ struct SseBody {
     heartbeat: Option<(Duration, Pin<Box<Sleep>>)>,
     /// Sent once, on the first event.
     retry_ms: Option<u64>,
+    /// Frames encoded but not yet handed to the connection (see `poll_next`).
+    held: Option<Vec<u8>>,
+    /// The terminal event has been encoded.
+    ended: bool,
 }
 
 impl Stream for SseBody {
@@ -89,31 +97,33 @@ impl Stream for SseBody {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if let Some(mut frames) = this.held.take() {
+            // Back after letting the runtime's other ready tasks go first: whatever the producer
+            // appended meanwhile leaves in this same write. (Waiting further rounds while each
+            // brings more was measured: it costs more polls than the writes it saves.)
+            this.gather(&mut frames, cx);
+            return Poll::Ready(Some(Ok(Bytes::from(frames))));
+        }
         match this.events.as_mut().poll_next(cx) {
             Poll::Ready(Some(event)) => {
                 if let Some((every, timer)) = &mut this.heartbeat {
                     timer.as_mut().reset(Instant::now() + *every);
                 }
-                let mut frames = encode(&event, this.retry_ms.take());
-                // Events already waiting go out in the same write: one syscall instead of one
-                // per event, and no event is held back for it.
-                if !event.kind.is_terminal() {
-                    let mut batch: Option<Vec<u8>> = None;
-                    while batch.as_ref().map_or(0, Vec::len) < COALESCE_BYTES {
-                        let Poll::Ready(Some(next)) = this.events.as_mut().poll_next(cx) else {
-                            break;
-                        };
-                        let batch = batch.get_or_insert_with(|| frames.to_vec());
-                        batch.extend_from_slice(&encode(&next, None));
-                        if next.kind.is_terminal() {
-                            break;
-                        }
-                    }
-                    if let Some(batch) = batch {
-                        frames = Bytes::from(batch);
-                    }
+                let mut frames = Vec::with_capacity(FRAME_OVERHEAD + event.kind.text_len());
+                encode_into(&mut frames, &event, this.retry_ms.take());
+                this.ended = event.kind.is_terminal();
+                this.gather(&mut frames, cx);
+                if this.ended || frames.len() >= COALESCE_BYTES {
+                    return Poll::Ready(Some(Ok(Bytes::from(frames))));
                 }
-                return Poll::Ready(Some(Ok(frames)));
+                // Not written yet: this task goes to the back of the run queue once, behind the
+                // upstream connection and the producer if they have more ready (a provider often
+                // sends several tokens in one packet). They run first, so their events share this
+                // write instead of costing a syscall each; when nothing else is ready the task is
+                // polled again at once, so an event waits for no timer, only for work already due.
+                this.held = Some(frames);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => {}
@@ -126,6 +136,19 @@ impl Stream for SseBody {
             return Poll::Ready(Some(Ok(Bytes::from_static(HEARTBEAT))));
         }
         Poll::Pending
+    }
+}
+
+impl SseBody {
+    /// Appends the events already waiting, up to the coalescing limit or the terminal event.
+    fn gather(&mut self, frames: &mut Vec<u8>, cx: &mut Context<'_>) {
+        while !self.ended && frames.len() < COALESCE_BYTES {
+            let Poll::Ready(Some(next)) = self.events.as_mut().poll_next(cx) else {
+                break;
+            };
+            encode_into(frames, &next, None);
+            self.ended = next.kind.is_terminal();
+        }
     }
 }
 
@@ -217,23 +240,37 @@ pub struct ErrorData<'a> {
 /// One SSE frame: `retry` (first event only), `id`, `event`, a single `data` line (JSON escapes
 /// every newline) and the blank line that ends the event.
 pub fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
-    let mut frame = Vec::with_capacity(96);
+    let mut frame = Vec::with_capacity(FRAME_OVERHEAD + event.kind.text_len());
+    encode_into(&mut frame, event, retry_ms);
+    Bytes::from(frame)
+}
+
+/// [`encode`], appending to `frame`: this runs once per token per listener, so it writes the
+/// fields directly instead of formatting strings.
+fn encode_into(frame: &mut Vec<u8>, event: &StreamEvent, retry_ms: Option<u64>) {
+    let mut number = itoa::Buffer::new();
     if let Some(ms) = retry_ms {
-        frame.extend_from_slice(format!("retry: {ms}\n").as_bytes());
+        frame.extend_from_slice(b"retry: ");
+        frame.extend_from_slice(number.format(ms).as_bytes());
+        frame.push(b'\n');
     }
-    let name = match &event.kind {
-        EventKind::Start { .. } => "start",
-        EventKind::Content(_) => "message",
-        EventKind::Done(_) => "done",
-        EventKind::Error(_) => "error",
+    let name: &[u8] = match &event.kind {
+        EventKind::Start { .. } => b"start",
+        EventKind::Content(_) => b"message",
+        EventKind::Done(_) => b"done",
+        EventKind::Error(_) => b"error",
     };
-    frame.extend_from_slice(format!("id: {}\nevent: {name}\ndata: ", event.id).as_bytes());
+    frame.extend_from_slice(b"id: ");
+    frame.extend_from_slice(number.format(event.id).as_bytes());
+    frame.extend_from_slice(b"\nevent: ");
+    frame.extend_from_slice(name);
+    frame.extend_from_slice(b"\ndata: ");
     let written = match &event.kind {
         EventKind::Start {
             chat_id,
             message_id,
         } => serde_json::to_writer(
-            &mut frame,
+            &mut *frame,
             &StartData {
                 chat_id,
                 kind: "start",
@@ -241,14 +278,14 @@ pub fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
             },
         ),
         EventKind::Content(text) => serde_json::to_writer(
-            &mut frame,
+            &mut *frame,
             &ContentData {
                 content: text,
                 kind: "content",
             },
         ),
         EventKind::Done(done) => serde_json::to_writer(
-            &mut frame,
+            &mut *frame,
             &DoneData {
                 kind: "done",
                 chat_id: &done.chat_id,
@@ -260,7 +297,7 @@ pub fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
             },
         ),
         EventKind::Error(failure) => serde_json::to_writer(
-            &mut frame,
+            &mut *frame,
             &ErrorData {
                 error: &failure.message,
                 kind: "error",
@@ -272,7 +309,6 @@ pub fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
     };
     written.expect("serialising plain structs into a Vec cannot fail");
     frame.extend_from_slice(b"\n\n");
-    Bytes::from(frame)
 }
 
 #[cfg(test)]

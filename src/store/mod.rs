@@ -124,7 +124,8 @@ pub struct FinishedTurn {
     pub chat_id: String,
     pub assistant_message_id: String,
     pub content: String,
-    pub chunks: Vec<String>,
+    /// The answer's pieces as streamed (shared with the events that carried them).
+    pub chunks: Vec<std::sync::Arc<str>>,
     pub status: MessageStatus,
     pub error_code: Option<String>,
     pub error_message: Option<String>,

@@ -82,5 +82,9 @@ async fn the_load_generator_measures_a_direct_baseline_and_mangoo() {
     let runs = steady["streams_run"].as_u64().unwrap();
     assert!(runs >= 8, "{steady}");
     assert_eq!(steady["errors"], 0, "{steady}");
-    assert_eq!(steady["tokens_relayed"].as_u64(), Some(runs * 12), "{steady}");
+    assert_eq!(
+        steady["tokens_relayed"].as_u64(),
+        Some(runs * 12),
+        "{steady}"
+    );
 }
