@@ -38,7 +38,6 @@ burst = 1000000
 max_concurrent_streams = 1000000
 [providers.openai]
 base_url = "http://127.0.0.1:9200/v1"
-http2_prior_knowledge = ${UPSTREAM_H2:-false}
 [[bots]]
 id = "bench"
 provider = "openai"
@@ -77,7 +76,7 @@ case "$mode" in
     # Raise the number of streams at a fixed per-stream rate until Mangoo's p99 per-token latency
     # exceeds the direct baseline's (same load, same run) by 5 ms.
     rate="${2:-100}"; tokens="${3:-500}"
-    for streams in 100 200 400 600 800 1000 1200 1500 2000; do
+    for streams in 10 25 50 100 200 400 600 800 1000 1500 2000; do
       d=$(direct --streams "$streams" --tokens "$tokens" --rate "$rate")
       m=$(mangoo --streams "$streams" --tokens "$tokens" --rate "$rate")
       python3 - "$d" "$m" <<'PY' || break

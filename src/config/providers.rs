@@ -69,10 +69,6 @@ pub struct OpenAiConfig {
     /// Up to and including `/v1`.
     pub base_url: String,
     pub connect_timeout_secs: u64,
-    /// Speak HTTP/2 to a plain-`http://` server without negotiating (vLLM behind an h2c proxy,
-    /// the benchmark stand-in): every answer is then a stream on one shared connection instead
-    /// of a connection of its own. `https://` servers negotiate HTTP/2 by themselves.
-    pub http2_prior_knowledge: bool,
 }
 
 impl Default for OpenAiConfig {
@@ -81,7 +77,6 @@ impl Default for OpenAiConfig {
             api_key: None,
             base_url: "https://api.openai.com/v1".into(),
             connect_timeout_secs: 10,
-            http2_prior_knowledge: false,
         }
     }
 }

@@ -26,7 +26,7 @@ impl AnthropicProvider {
     pub fn new(settings: &AnthropicConfig) -> Self {
         let api_key = api_key(settings.api_key.as_ref(), "ANTHROPIC_API_KEY");
         Self {
-            http: client(settings.connect_timeout_secs, false),
+            http: client(settings.connect_timeout_secs),
             url: format!("{}/v1/messages", settings.base_url.trim_end_matches('/')),
             api_key,
             version: settings.version.clone(),

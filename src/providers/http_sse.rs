@@ -14,16 +14,10 @@ const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 /// A client for long streams: a connect timeout, but no total timeout (answers take minutes),
 /// and no response compression (it would batch the stream).
-pub fn client(connect_timeout_secs: u64, http2_prior_knowledge: bool) -> reqwest::Client {
-    let builder = reqwest::Client::builder()
+pub fn client(connect_timeout_secs: u64) -> reqwest::Client {
+    reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(connect_timeout_secs))
-        .tcp_nodelay(true);
-    let builder = if http2_prior_knowledge {
-        builder.http2_prior_knowledge()
-    } else {
-        builder
-    };
-    builder
+        .tcp_nodelay(true)
         .build()
         .expect("a reqwest client with static settings builds")
 }

@@ -28,10 +28,7 @@ impl OpenAiProvider {
     pub fn new(settings: &OpenAiConfig) -> Self {
         let api_key = api_key(settings.api_key.as_ref(), "OPENAI_API_KEY");
         Self {
-            http: client(
-                settings.connect_timeout_secs,
-                settings.http2_prior_knowledge,
-            ),
+            http: client(settings.connect_timeout_secs),
             url: format!(
                 "{}/chat/completions",
                 settings.base_url.trim_end_matches('/')

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Version};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -19,20 +19,13 @@ fn sse(event: Option<&str>, data: &Value) -> Bytes {
     }
 }
 
-fn record(
-    inner: &Inner,
-    provider: &'static str,
-    request: (Version, HeaderMap),
-    body: &Bytes,
-) -> Script {
+fn record(inner: &Inner, provider: &'static str, headers: HeaderMap, body: &Bytes) -> Script {
     let body: Value = serde_json::from_slice(body).expect("JSON request");
-    let (version, headers) = request;
     inner.take(Recorded {
         provider,
         model: body["model"].as_str().unwrap_or_default().to_owned(),
         body,
         headers,
-        version,
     })
 }
 
@@ -99,11 +92,10 @@ impl Wire for AnthropicWire {
 
 pub async fn anthropic(
     State(inner): State<Arc<Inner>>,
-    version: Version,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let script = record(&inner, "anthropic", (version, headers), &body);
+    let script = record(&inner, "anthropic", headers, &body);
     if let Some((status, kind)) = script.http_error {
         let body =
             json!({"type": "error", "error": {"type": kind, "message": "refused by the test"}});
@@ -160,13 +152,8 @@ impl Wire for OpenAiWire {
     }
 }
 
-pub async fn openai(
-    State(inner): State<Arc<Inner>>,
-    version: Version,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let script = record(&inner, "openai", (version, headers), &body);
+pub async fn openai(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    let script = record(&inner, "openai", headers, &body);
     if let Some((status, kind)) = script.http_error {
         let body = json!({"error": {"message": "refused by the test", "type": kind, "code": null}});
         return (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response();

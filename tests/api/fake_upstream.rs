@@ -19,7 +19,7 @@ use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, Version};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
@@ -121,8 +121,6 @@ pub struct Recorded {
     pub model: String,
     pub body: Value,
     pub headers: HeaderMap,
-    /// HTTP/1.1, or HTTP/2 when the client spoke it.
-    pub version: Version,
 }
 
 #[derive(Clone)]
@@ -328,7 +326,6 @@ impl Wire for BedrockWire {
 async fn converse_stream(
     State(inner): State<Arc<Inner>>,
     Path(model): Path<String>,
-    version: Version,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -338,7 +335,6 @@ async fn converse_stream(
         model,
         body,
         headers,
-        version,
     });
     if let Some((status, error_type)) = script.http_error {
         let body = json!({"message": format!("{error_type} from the test endpoint")});

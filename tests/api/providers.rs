@@ -1,7 +1,6 @@
 //! Anthropic and OpenAI-compatible providers against test servers speaking their real streaming
 //! formats, and bots that fall back from one target to the next.
 
-use axum::http::Version;
 use serde_json::{Value, json};
 
 use super::fake_upstream::{Outcome, Script};
@@ -139,28 +138,6 @@ async fn openai_compatible_servers_stream_despite_their_quirks() {
             {"role": "user", "content": "hi"}
         ])
     );
-}
-
-#[tokio::test]
-async fn openai_compatible_servers_can_be_spoken_to_over_http2_without_tls() {
-    let app = spawn_app_with(|config| {
-        config
-            .providers
-            .openai
-            .as_mut()
-            .unwrap()
-            .http2_prior_knowledge = true;
-        config.bots = vec![bot("gpt", "openai", "gpt-4o-mini")];
-    })
-    .await;
-    let plain =
-        spawn_app_with(|config| config.bots = vec![bot("gpt", "openai", "gpt-4o-mini")]).await;
-
-    for (app, version) in [(&app, Version::HTTP_2), (&plain, Version::HTTP_11)] {
-        let events = ask(app, "gpt").await;
-        assert_eq!(answer_text(&events), "Hello, world!");
-        assert_eq!(app.fake.requests()[0].version, version);
-    }
 }
 
 #[tokio::test]
