@@ -7,7 +7,8 @@
 #   bash scripts/bench.sh hold   N                    N streams held open, memory per stream (e)
 #
 # Every run verifies every stream; a run with errors exits non-zero and is not a result.
-# MANGOO_CPUS / CLIENT_CPUS (taskset lists, e.g. 0 and 1) pin Mangoo and the client + stand-in.
+# MANGOO_CPUS / CLIENT_CPUS (taskset lists, e.g. 0 and 1) pin Mangoo and the client + stand-in;
+# MANGOO_WORKERS sets the number of Mangoo runtime threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mangoo-target}"
@@ -46,7 +47,9 @@ TOML
 
 # f. start-up time (until /healthz answers) and idle memory, without the local model.
 start_ns=$(date +%s%N)
-MANGOO_LOG=warn pin "${MANGOO_CPUS:-}" "$bin/mangoo" serve --config "$work/mangoo.toml" \
+# MANGOO_WORKERS: Mangoo's runtime threads (tokio reads TOKIO_WORKER_THREADS; default: one per core).
+[ -n "${MANGOO_WORKERS:-}" ] && export_workers=(env TOKIO_WORKER_THREADS="$MANGOO_WORKERS") || export_workers=()
+MANGOO_LOG=warn pin "${MANGOO_CPUS:-}" "${export_workers[@]}" "$bin/mangoo" serve --config "$work/mangoo.toml" \
   >"$work/mangoo.out" 2>"$work/mangoo.log" &
 mangoo_pid=$!
 until curl -sf http://127.0.0.1:9201/healthz >/dev/null; do
