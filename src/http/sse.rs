@@ -237,16 +237,9 @@ pub struct ErrorData<'a> {
     last_event_id: Option<i64>,
 }
 
-/// One SSE frame: `retry` (first event only), `id`, `event`, a single `data` line (JSON escapes
-/// every newline) and the blank line that ends the event.
-pub fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
-    let mut frame = Vec::with_capacity(FRAME_OVERHEAD + event.kind.text_len());
-    encode_into(&mut frame, event, retry_ms);
-    Bytes::from(frame)
-}
-
-/// [`encode`], appending to `frame`: this runs once per token per listener, so it writes the
-/// fields directly instead of formatting strings.
+/// Appends one SSE frame to `frame`: `retry` (first event only), `id`, `event`, a single `data`
+/// line (JSON escapes every newline) and the blank line that ends the event. This runs once per
+/// token per listener, so it writes the fields directly instead of formatting strings.
 fn encode_into(frame: &mut Vec<u8>, event: &StreamEvent, retry_ms: Option<u64>) {
     let mut number = itoa::Buffer::new();
     if let Some(ms) = retry_ms {
@@ -315,6 +308,12 @@ fn encode_into(frame: &mut Vec<u8>, event: &StreamEvent, retry_ms: Option<u64>) 
 mod tests {
     use super::*;
     use crate::chat::events::StreamFailure;
+
+    fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
+        let mut frame = Vec::new();
+        encode_into(&mut frame, event, retry_ms);
+        Bytes::from(frame)
+    }
 
     #[test]
     fn content_frames_match_the_contract() {

@@ -48,16 +48,17 @@ async fn the_load_generator_measures_a_direct_baseline_and_mangoo() {
     })
     .await;
 
-    let direct = load(&["--target", "direct", "--url", &url]).await;
-    let relayed = load(&[
+    let (mangoo_url, token) = (format!("http://{}", app.addr), app.token("bench"));
+    let through_mangoo = [
         "--target",
         "mangoo",
         "--url",
-        &format!("http://{}", app.addr),
+        &mangoo_url,
         "--token",
-        &app.token("bench"),
-    ])
-    .await;
+        &token,
+    ];
+    let direct = load(&["--target", "direct", "--url", &url]).await;
+    let relayed = load(&through_mangoo).await;
 
     for report in [&direct, &relayed] {
         assert_eq!(report["errors"], 0, "{report}");
@@ -68,17 +69,7 @@ async fn the_load_generator_measures_a_direct_baseline_and_mangoo() {
 
     // Steady state: each of the 8 workers starts a new stream when its last one ends, for a
     // while; every stream is still verified.
-    let steady = load(&[
-        "--target",
-        "mangoo",
-        "--url",
-        &format!("http://{}", app.addr),
-        "--token",
-        &app.token("bench"),
-        "--duration-secs",
-        "0.3",
-    ])
-    .await;
+    let steady = load(&[&through_mangoo[..], &["--duration-secs", "0.3"]].concat()).await;
     let runs = steady["streams_run"].as_u64().unwrap();
     assert!(runs >= 8, "{steady}");
     assert_eq!(steady["errors"], 0, "{steady}");
