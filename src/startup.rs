@@ -164,6 +164,14 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let chat = self.chat.clone();
+        let served = self.serve_and_drain().await;
+        // Every answer is stored by now; writes still queued commit before the process ends.
+        chat.store().close().await;
+        served
+    }
+
+    async fn serve_and_drain(self) -> std::io::Result<()> {
         let close_http = CancellationToken::new();
         let server = serve_http(
             self.listener,

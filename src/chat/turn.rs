@@ -349,7 +349,7 @@ impl Turn {
             usage: emitter.usage,
             last_event_id: terminal_id,
         };
-        let terminal = match self.store.finish_turn(&record).await {
+        let terminal = match self.store.finish_turn(record).await {
             Ok(()) => terminal,
             Err(e) => {
                 tracing::error!(chat_id = %self.chat_id, "SSE stream error: could not store the answer: {e}");

@@ -156,6 +156,12 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database write failed: {0}")]
+    Write(String),
+    #[error("the store is closed")]
+    Closed,
 }
 
 #[async_trait::async_trait]
@@ -178,7 +184,7 @@ pub trait ChatStore: Send + Sync + 'static {
     /// with `ChatBusy` while another answer in the chat is still streaming.
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
 
-    async fn finish_turn(&self, turn: &FinishedTurn) -> Result<(), StoreError>;
+    async fn finish_turn(&self, turn: FinishedTurn) -> Result<(), StoreError>;
 
     /// Deletes a chat of `user_id` with its messages; false when there was none.
     async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError>;
@@ -188,6 +194,9 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError>;
 
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Lets queued writes finish and closes the connections; later calls fail with `Closed`.
+    async fn close(&self);
 }
 
 /// Opens the store a database URL names, applying migrations.

@@ -22,5 +22,6 @@ mod providers;
 mod resilience;
 mod resume;
 mod stalled;
+mod store;
 mod streaming;
 mod upstream_failures;

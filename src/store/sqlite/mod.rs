@@ -1,7 +1,10 @@
 //! SQLite implementation of [`ChatStore`]: WAL journal, foreign keys on, migrations embedded.
 //!
-//! Every write transaction starts with a write statement, so SQLite takes the write lock at once
-//! and two turns never deadlock upgrading a read lock (which `busy_timeout` cannot resolve).
+//! Reads go through an sqlx pool (WAL lets them run beside the writer); every write goes through
+//! [`writer`], one thread owning the only writing connection, which commits the writes that
+//! arrive together in one transaction.
+
+mod writer;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,11 +17,14 @@ use sqlx::sqlite::{
 
 use super::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, MessageStatus,
-    NewTurn, Replay, Role, StoreError, TokenUsage, now_ms, title_from,
+    NewTurn, Replay, Role, StoreError, TokenUsage,
 };
+use writer::{Write, Writer};
 
 pub struct SqliteStore {
+    /// Readers.
     pool: SqlitePool,
+    writer: Writer,
 }
 
 impl SqliteStore {
@@ -31,13 +37,24 @@ impl SqliteStore {
             // In WAL mode NORMAL never corrupts the database; a power cut (not a crash) may lose
             // the last commits. It saves an fsync per turn, which dominates a stream's start.
             .synchronous(SqliteSynchronous::Normal);
+        let filename = options.get_filename().to_owned();
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // A ping before every use is a round trip to the connection's thread; a broken local
+            // file is reported by the query itself.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        let writer = Writer::start(&filename, is_in_memory(url))?;
+        Ok(Self { pool, writer })
     }
+}
+
+/// `sqlite::memory:` or `mode=memory`: the pool and the writer share it through SQLite's shared
+/// cache (sqlx names it and opens it that way).
+fn is_in_memory(url: &str) -> bool {
+    url.ends_with(":memory:") || url.contains("mode=memory")
 }
 
 const CHAT_COLUMNS: &str = "id, user_id, bot_id, title, created_at, updated_at, last_event_id";
@@ -149,115 +166,36 @@ impl ChatStore for SqliteStore {
     }
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
-        let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        let last_event_id: i64 = if turn.new_chat {
-            sqlx::query(
-                "INSERT INTO chats (id, user_id, bot_id, title, created_at, updated_at, \
-                 last_event_id) VALUES (?1, ?2, ?3, ?4, ?5, ?5, 0)",
-            )
-            .bind(&turn.chat_id)
-            .bind(&turn.user_id)
-            .bind(&turn.bot_id)
-            .bind(title_from(&turn.message))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            0
-        } else {
-            let row = sqlx::query(
-                "UPDATE chats SET updated_at = ?3 WHERE id = ?1 AND user_id = ?2 \
-                 RETURNING last_event_id",
-            )
-            .bind(&turn.chat_id)
-            .bind(&turn.user_id)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::ChatNotFound)?;
-            row.try_get(0)?
-        };
-        // A chat created just now can have no answer in progress.
-        if !turn.new_chat {
-            let busy =
-                sqlx::query("SELECT 1 FROM messages WHERE chat_id = ?1 AND status = 'streaming'")
-                    .bind(&turn.chat_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if busy.is_some() {
-                return Err(StoreError::ChatBusy);
-            }
-        }
-        // Both messages in one statement: every statement is a round trip to SQLite's thread,
-        // and a stream's start waits for this transaction.
-        sqlx::query(
-            "INSERT INTO messages (id, chat_id, seq, role, content, status, created_at, \
-             first_event_id) \
-             SELECT ?1, ?3, base + 1, 'user', ?4, 'complete', ?5, NULL FROM \
-               (SELECT COALESCE(MAX(seq), 0) AS base FROM messages WHERE chat_id = ?3) \
-             UNION ALL \
-             SELECT ?2, ?3, base + 2, 'assistant', '', 'streaming', ?5, ?6 FROM \
-               (SELECT COALESCE(MAX(seq), 0) AS base FROM messages WHERE chat_id = ?3)",
-        )
-        .bind(&turn.user_message_id)
-        .bind(&turn.assistant_message_id)
-        .bind(&turn.chat_id)
-        .bind(&turn.message)
-        .bind(now)
-        .bind(last_event_id + 1)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(BegunTurn { last_event_id })
+        let turn = turn.clone();
+        self.writer
+            .write(|done| Write::BeginTurn(turn, done))
+            .await
     }
 
-    async fn finish_turn(&self, turn: &FinishedTurn) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE messages SET content = ?2, status = ?3, error_code = ?4, input_tokens = ?5, \
-             output_tokens = ?6, chunks = ?7, error_message = ?8, error_retryable = ?9, \
-             provider = ?10, model = ?11 WHERE id = ?1",
-        )
-        .bind(&turn.assistant_message_id)
-        .bind(&turn.content)
-        .bind(turn.status.as_str())
-        .bind(&turn.error_code)
-        .bind(turn.usage.map(|u| u.input_tokens as i64))
-        .bind(turn.usage.map(|u| u.output_tokens as i64))
-        .bind(serde_json::to_string(&turn.chunks).expect("strings serialise"))
-        .bind(&turn.error_message)
-        .bind(turn.error_retryable)
-        .bind(&turn.provider)
-        .bind(&turn.model)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE chats SET last_event_id = MAX(last_event_id, ?2), updated_at = ?3 WHERE id = ?1")
-            .bind(&turn.chat_id)
-            .bind(turn.last_event_id)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+    async fn finish_turn(&self, turn: FinishedTurn) -> Result<(), StoreError> {
+        self.writer
+            .write(|done| Write::FinishTurn(turn, done))
+            .await
     }
 
     async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM chats WHERE id = ?1 AND user_id = ?2")
-            .bind(chat_id)
-            .bind(user_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        let (chat_id, user_id) = (chat_id.to_owned(), user_id.to_owned());
+        self.writer
+            .write(|done| Write::DeleteChat {
+                chat_id,
+                user_id,
+                done,
+            })
+            .await
     }
 
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE messages SET status = 'interrupted', error_code = 'server_restarted' \
-             WHERE status = 'streaming'",
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        self.writer.write(Write::RecoverAbandonedTurns).await
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

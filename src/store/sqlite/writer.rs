@@ -1,0 +1,314 @@
+//! Every write to the SQLite database goes through one thread that owns the only writing
+//! connection, and commits the writes that queued up meanwhile together (group commit).
+//!
+//! Why: SQLite lets one writer in at a time anyway. Through sqlx every statement is a hand-off to
+//! a per-connection thread and back (two context switches), writers racing on separate
+//! connections sleep in SQLite's busy handler, and every turn's commit appends its own copies of
+//! the same few pages to the WAL. A stream start was two such transactions. Here a lone write
+//! commits at once (nothing waits to gather a batch); under load, the turns that arrive while a
+//! commit runs share the next one. Each write runs inside its own savepoint, so one that fails
+//! (a chat that is not the caller's, one that is busy) leaves no trace and does not affect the
+//! others in its batch. Callers get their answer only after the commit: a write they were told
+//! about is durable (to `synchronous = NORMAL`) and visible to every reader.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{BegunTurn, FinishedTurn, NewTurn, StoreError, now_ms, title_from};
+
+/// Writes waiting for the writer; senders wait when it is full.
+const QUEUE: usize = 1024;
+/// At most this many writes share one transaction, so the first of them is not held up long.
+const MAX_BATCH: usize = 256;
+
+/// One write and where its outcome goes.
+pub(super) enum Write {
+    BeginTurn(NewTurn, oneshot::Sender<Result<BegunTurn, StoreError>>),
+    FinishTurn(FinishedTurn, oneshot::Sender<Result<(), StoreError>>),
+    DeleteChat {
+        chat_id: String,
+        user_id: String,
+        done: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    RecoverAbandonedTurns(oneshot::Sender<Result<u64, StoreError>>),
+}
+
+/// The handle to the writer thread. Dropping it (or [`Writer::close`]) lets the thread finish
+/// what is queued and exit.
+pub(super) struct Writer {
+    queue: Mutex<Option<mpsc::Sender<Write>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Writer {
+    /// Opens the writing connection (the database exists and is migrated by now) and starts the
+    /// thread.
+    pub(super) fn start(filename: &Path, in_memory: bool) -> Result<Self, StoreError> {
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if in_memory {
+            flags |= OpenFlags::SQLITE_OPEN_MEMORY | OpenFlags::SQLITE_OPEN_SHARED_CACHE;
+        }
+        let conn = Connection::open_with_flags(filename, flags)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
+        conn.set_prepared_statement_cache_capacity(32);
+        let (queue, jobs) = mpsc::channel(QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || run(conn, jobs))
+            .map_err(|e| StoreError::Write(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            queue: Mutex::new(Some(queue)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a write and waits for its outcome.
+    pub(super) async fn write<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Write,
+    ) -> Result<T, StoreError> {
+        let queue = self.queue.lock().expect("not poisoned").clone();
+        let queue = queue.ok_or(StoreError::Closed)?;
+        let (done, outcome) = oneshot::channel();
+        queue
+            .send(make(done))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Refuses new writes, lets the queued ones commit and waits for the thread to end.
+    pub(super) async fn close(&self) {
+        self.queue.lock().expect("not poisoned").take();
+        let thread = self.thread.lock().expect("not poisoned").take();
+        if let Some(thread) = thread {
+            // Joining blocks; the thread has at most one batch left to commit.
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("the SQLite writer thread ended abnormally");
+            }
+        }
+    }
+}
+
+fn run(conn: Connection, mut jobs: mpsc::Receiver<Write>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = jobs.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit(&conn, &mut batch);
+    }
+}
+
+/// A write's outcome, held until the batch is committed.
+enum Outcome {
+    Begun(Result<BegunTurn, StoreError>, oneshot::Sender<Result<BegunTurn, StoreError>>),
+    Finished(Result<(), StoreError>, oneshot::Sender<Result<(), StoreError>>),
+    Deleted(Result<bool, StoreError>, oneshot::Sender<Result<bool, StoreError>>),
+    Recovered(Result<u64, StoreError>, oneshot::Sender<Result<u64, StoreError>>),
+}
+
+/// Runs the batch in one transaction and answers every write in it.
+fn commit(conn: &Connection, batch: &mut Vec<Write>) {
+    let opened = conn.execute_batch("BEGIN IMMEDIATE");
+    let mut outcomes: Vec<Outcome> = batch
+        .drain(..)
+        .map(|job| match &opened {
+            Ok(()) => apply_in_savepoint(conn, job),
+            Err(e) => fail(job, StoreError::Write(e.to_string())),
+        })
+        .collect();
+    if opened.is_ok()
+        && let Err(e) = conn.execute_batch("COMMIT")
+    {
+        let _ = conn.execute_batch("ROLLBACK");
+        let message = e.to_string();
+        outcomes = outcomes
+            .into_iter()
+            .map(|outcome| outcome.commit_failed(&message))
+            .collect();
+    }
+    for outcome in outcomes {
+        outcome.reply();
+    }
+}
+
+/// One write inside its own savepoint: rolled back alone when it fails.
+fn apply_in_savepoint(conn: &Connection, job: Write) -> Outcome {
+    if let Err(e) = conn.execute_batch("SAVEPOINT one_write") {
+        return fail(job, e.into());
+    }
+    let outcome = apply(conn, job);
+    let undo = if outcome.failed() {
+        "ROLLBACK TO one_write; RELEASE one_write"
+    } else {
+        "RELEASE one_write"
+    };
+    if let Err(e) = conn.execute_batch(undo) {
+        tracing::error!("SQLite savepoint: {e}");
+    }
+    outcome
+}
+
+fn apply(conn: &Connection, job: Write) -> Outcome {
+    match job {
+        Write::BeginTurn(turn, done) => Outcome::Begun(begin_turn(conn, &turn), done),
+        Write::FinishTurn(turn, done) => Outcome::Finished(finish_turn(conn, &turn), done),
+        Write::DeleteChat {
+            chat_id,
+            user_id,
+            done,
+        } => Outcome::Deleted(delete_chat(conn, &chat_id, &user_id), done),
+        Write::RecoverAbandonedTurns(done) => Outcome::Recovered(recover(conn), done),
+    }
+}
+
+fn fail(job: Write, error: StoreError) -> Outcome {
+    match job {
+        Write::BeginTurn(_, done) => Outcome::Begun(Err(error), done),
+        Write::FinishTurn(_, done) => Outcome::Finished(Err(error), done),
+        Write::DeleteChat { done, .. } => Outcome::Deleted(Err(error), done),
+        Write::RecoverAbandonedTurns(done) => Outcome::Recovered(Err(error), done),
+    }
+}
+
+impl Outcome {
+    fn failed(&self) -> bool {
+        match self {
+            Outcome::Begun(r, _) => r.is_err(),
+            Outcome::Finished(r, _) => r.is_err(),
+            Outcome::Deleted(r, _) => r.is_err(),
+            Outcome::Recovered(r, _) => r.is_err(),
+        }
+    }
+
+    /// The transaction did not commit: what looked done is not.
+    fn commit_failed(self, message: &str) -> Outcome {
+        let lost = || StoreError::Write(format!("commit failed: {message}"));
+        match self {
+            Outcome::Begun(r, done) => Outcome::Begun(r.and_then(|_| Err(lost())), done),
+            Outcome::Finished(r, done) => Outcome::Finished(r.and_then(|_| Err(lost())), done),
+            Outcome::Deleted(r, done) => Outcome::Deleted(r.and_then(|_| Err(lost())), done),
+            Outcome::Recovered(r, done) => Outcome::Recovered(r.and_then(|_| Err(lost())), done),
+        }
+    }
+
+    /// A caller that stopped waiting (its request was dropped) is no error.
+    fn reply(self) {
+        match self {
+            Outcome::Begun(r, done) => drop(done.send(r)),
+            Outcome::Finished(r, done) => drop(done.send(r)),
+            Outcome::Deleted(r, done) => drop(done.send(r)),
+            Outcome::Recovered(r, done) => drop(done.send(r)),
+        }
+    }
+}
+
+fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+    let now = now_ms();
+    let last_event_id: i64 = if turn.new_chat {
+        conn.prepare_cached(
+            "INSERT INTO chats (id, user_id, bot_id, title, created_at, updated_at, \
+             last_event_id) VALUES (?1, ?2, ?3, ?4, ?5, ?5, 0)",
+        )?
+        .execute(params![
+            turn.chat_id,
+            turn.user_id,
+            turn.bot_id,
+            title_from(&turn.message),
+            now
+        ])?;
+        0
+    } else {
+        let owned = conn
+            .prepare_cached(
+                "UPDATE chats SET updated_at = ?3 WHERE id = ?1 AND user_id = ?2 \
+                 RETURNING last_event_id",
+            )?
+            .query_row(params![turn.chat_id, turn.user_id, now], |row| row.get(0))
+            .optional()?;
+        let last_event_id = owned.ok_or(StoreError::ChatNotFound)?;
+        // A chat created just now can have no answer in progress.
+        let busy = conn
+            .prepare_cached("SELECT 1 FROM messages WHERE chat_id = ?1 AND status = 'streaming'")?
+            .exists(params![turn.chat_id])?;
+        if busy {
+            return Err(StoreError::ChatBusy);
+        }
+        last_event_id
+    };
+    conn.prepare_cached(
+        "INSERT INTO messages (id, chat_id, seq, role, content, status, created_at, \
+         first_event_id) \
+         SELECT ?1, ?3, base + 1, 'user', ?4, 'complete', ?5, NULL FROM \
+           (SELECT COALESCE(MAX(seq), 0) AS base FROM messages WHERE chat_id = ?3) \
+         UNION ALL \
+         SELECT ?2, ?3, base + 2, 'assistant', '', 'streaming', ?5, ?6 FROM \
+           (SELECT COALESCE(MAX(seq), 0) AS base FROM messages WHERE chat_id = ?3)",
+    )?
+    .execute(params![
+        turn.user_message_id,
+        turn.assistant_message_id,
+        turn.chat_id,
+        turn.message,
+        now,
+        last_event_id + 1
+    ])?;
+    Ok(BegunTurn { last_event_id })
+}
+
+fn finish_turn(conn: &Connection, turn: &FinishedTurn) -> Result<(), StoreError> {
+    let chunks = serde_json::to_string(&turn.chunks).expect("strings serialise");
+    conn.prepare_cached(
+        "UPDATE messages SET content = ?2, status = ?3, error_code = ?4, input_tokens = ?5, \
+         output_tokens = ?6, chunks = ?7, error_message = ?8, error_retryable = ?9, \
+         provider = ?10, model = ?11 WHERE id = ?1",
+    )?
+    .execute(params![
+        turn.assistant_message_id,
+        turn.content,
+        turn.status.as_str(),
+        turn.error_code,
+        turn.usage.map(|u| u.input_tokens as i64),
+        turn.usage.map(|u| u.output_tokens as i64),
+        chunks,
+        turn.error_message,
+        turn.error_retryable,
+        turn.provider,
+        turn.model
+    ])?;
+    conn.prepare_cached(
+        "UPDATE chats SET last_event_id = MAX(last_event_id, ?2), updated_at = ?3 WHERE id = ?1",
+    )?
+    .execute(params![turn.chat_id, turn.last_event_id, now_ms()])?;
+    Ok(())
+}
+
+fn delete_chat(conn: &Connection, chat_id: &str, user_id: &str) -> Result<bool, StoreError> {
+    let deleted = conn
+        .prepare_cached("DELETE FROM chats WHERE id = ?1 AND user_id = ?2")?
+        .execute(params![chat_id, user_id])?;
+    Ok(deleted > 0)
+}
+
+fn recover(conn: &Connection) -> Result<u64, StoreError> {
+    let updated = conn
+        .prepare_cached(
+            "UPDATE messages SET status = 'interrupted', error_code = 'server_restarted' \
+             WHERE status = 'streaming'",
+        )?
+        .execute([])?;
+    Ok(updated as u64)
+}
