@@ -34,6 +34,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod jwks;
+pub mod listener;
 
 pub mod metrics;
 pub mod providers;

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -216,7 +215,7 @@ impl Application {
     }
 }
 
-/// The main listener: cleartext HTTP/1.1 + h2c through axum, or HTTPS through our TLS loop.
+/// The main listener: cleartext HTTP/1.1 + h2c, or HTTPS (ALPN h2 / http/1.1).
 async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
@@ -225,15 +224,7 @@ async fn serve_http(
     stalled_client: Option<Duration>,
 ) -> std::io::Result<()> {
     let tune = move |tcp: &mut tokio::net::TcpStream| tune_connection(tcp, stalled_client);
-    match tls {
-        Some(tls) => crate::tls::serve(listener, tls, router, stop, tune).await,
-        None => {
-            let service = router.into_make_service_with_connect_info::<SocketAddr>();
-            axum::serve(listener.tap_io(tune), service)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        }
-    }
+    crate::listener::serve(listener, tls, router, stop, tune).await
 }
 
 fn chat_limits(config: &Config) -> ChatLimits {

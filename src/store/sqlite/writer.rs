@@ -56,7 +56,11 @@ impl Writer {
         }
         let conn = Connection::open_with_flags(filename, flags)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
+        // temp_store: each write's savepoint journals the pages it touches; in memory that is a
+        // copy, on disk a pwrite per page.
+        conn.execute_batch(
+            "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;",
+        )?;
         conn.set_prepared_statement_cache_capacity(32);
         let (queue, jobs) = mpsc::channel(QUEUE);
         let thread = std::thread::Builder::new()

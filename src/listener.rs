@@ -1,0 +1,181 @@
+//! The main listener's accept loop: cleartext HTTP/1.1 and h2c, or HTTPS with ALPN, each
+//! connection served by the protocol it speaks, watched for graceful shutdown, with the peer's
+//! address as `ConnectInfo` for the router.
+//!
+//! Why not axum's `serve` (or hyper-util's auto builder): to tell HTTP/2 from HTTP/1.1 they read
+//! the first bytes of a connection and hand them back through a rewinding wrapper, whose first
+//! read returns only those 24 bytes; hyper then reserves a fresh 8 KiB of room for its second read
+//! and the connection's read buffer doubles to 16 KiB, held for the life of every SSE stream.
+//! Peeking at the socket (for TLS: the ALPN result) decides without consuming anything, so
+//! hyper's first read gets the whole request head into its 8 KiB buffer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a cleartext connection may stay silent before its first byte (hyper then allows 30 s
+/// for the rest of the request head).
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a connection speaks, known before hyper reads a byte of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// Too few bytes yet to tell: hyper-util's auto builder reads and decides.
+    Unsure,
+}
+
+/// The connection builders, configured once.
+#[derive(Clone)]
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new() -> Self {
+        let mut http1 = http1::Builder::new();
+        // With a timer hyper enforces its 30 s limit on reading a request head (slow clients).
+        http1.timer(TokioTimer::new());
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().timer(TokioTimer::new());
+        auto.http2().timer(TokioTimer::new());
+        Self { http1, http2, auto }
+    }
+}
+
+/// Serves `router` until `stop` is cancelled, then waits for open connections to finish (the
+/// caller bounds that wait). With `tls`, every connection is HTTPS.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+    router: Router,
+    stop: CancellationToken,
+    tune: impl Fn(&mut TcpStream),
+) -> std::io::Result<()> {
+    let acceptor = tls.map(TlsAcceptor::from);
+    let builders = Builders::new();
+    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    loop {
+        let (mut tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::debug!("accept failed: {e}");
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        tune(&mut tcp);
+        let (acceptor, builders) = (acceptor.clone(), builders.clone());
+        let router = router.clone();
+        let watcher = graceful.watcher();
+        connections.spawn(async move {
+            let service = router.map_request(move |mut request: axum::http::Request<Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(ConnectInfo::<SocketAddr>(peer));
+                request
+            });
+            let service = TowerToHyperService::new(service);
+            match acceptor {
+                None => match sniff(&tcp).await {
+                    Some(protocol) => serve_connection(tcp, protocol, &builders, service, watcher).await,
+                    None => {} // closed before its first byte
+                },
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    let Ok(Ok(tls)) = handshake.await else {
+                        return; // a failed or stalled handshake is the client's problem
+                    };
+                    let protocol = match tls.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Protocol::Http2,
+                        Some(_) => Protocol::Http1,
+                        None => Protocol::Unsure,
+                    };
+                    serve_connection(tls, protocol, &builders, service, watcher).await;
+                }
+            }
+        });
+    }
+    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+/// Looks at a cleartext connection's first bytes without consuming them: an HTTP/2 connection
+/// (prior knowledge, h2c) opens with `PRI * HTTP/2.0`, no HTTP/1.1 request does. `None` when the
+/// client closed, failed or stayed silent before sending anything.
+async fn sniff(tcp: &TcpStream) -> Option<Protocol> {
+    const PREFACE: &[u8] = b"PRI ";
+    let mut head = [0u8; PREFACE.len()];
+    let peeked = tokio::time::timeout(FIRST_BYTE_TIMEOUT, tcp.peek(&mut head)).await;
+    match peeked.unwrap_or(Ok(0)) {
+        Ok(0) | Err(_) => None,
+        Ok(n) if head[..n] != PREFACE[..n] => Some(Protocol::Http1),
+        Ok(n) if n == PREFACE.len() => Some(Protocol::Http2),
+        Ok(_) => Some(Protocol::Unsure),
+    }
+}
+
+async fn serve_connection<I, S>(
+    io: I,
+    protocol: Protocol,
+    builders: &Builders,
+    service: S,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            axum::http::Request<Incoming>,
+            Response = axum::http::Response<axum::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> = match protocol {
+        Protocol::Http1 => {
+            let connection = builders.http1.serve_connection(io, service);
+            watcher.watch(connection).await.map_err(Into::into)
+        }
+        Protocol::Http2 => {
+            let connection = builders.http2.serve_connection(io, service);
+            watcher.watch(connection).await.map_err(Into::into)
+        }
+        Protocol::Unsure => {
+            let connection = builders.auto.serve_connection(io, service).into_owned();
+            watcher.watch(connection).await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!("connection ended: {e}");
+    }
+}
