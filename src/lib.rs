@@ -14,14 +14,16 @@
 //! client ◀─ http::sse (frames) ◀─ chat::TurnStream ◀──┘ (chat::turn, a tracked producer task)
 //! ```
 //!
-//! - [`cli`]: `mangoo serve | token`; [`startup`]: [`startup::Application`] wires everything.
+//! - [`cli`]: `mangoo serve | token`; [`startup`]: [`startup::Application`] wires everything;
+//!   [`listener`]: the accept loop (HTTP/1.1, h2c, HTTPS) with graceful shutdown.
 //! - [`config`]: the TOML file + `MANGOO_*` environment, validated before start.
 //! - [`http`]: routes, extractors, the SSE encoder, access log, CORS; [`error`]: the one place
 //!   errors become responses.
 //! - [`auth`]: JWT verification, no HTTP in it.
 //! - [`chat`]: turns, history, the producer of each answer, and its events.
 //! - [`providers`]: one module per vendor behind a trait and a closed enum.
-//! - [`store`]: chats and messages behind a trait (SQLite now, PostgreSQL next).
+//! - [`store`]: chats and messages behind a trait (SQLite now, PostgreSQL next); SQLite writes go
+//!   through one writer thread that commits the writes arriving together in one transaction.
 //!
 //! Dependency rules: `http` → `chat` → (`providers`, `store`) → `domain`. Providers and storage
 //! know nothing of HTTP; handlers never call providers.

@@ -103,10 +103,12 @@ pub async fn serve(
             });
             let service = TowerToHyperService::new(service);
             match acceptor {
-                None => match sniff(&tcp).await {
-                    Some(protocol) => serve_connection(tcp, protocol, &builders, service, watcher).await,
-                    None => {} // closed before its first byte
-                },
+                None => {
+                    // None: closed or silent before its first byte.
+                    if let Some(protocol) = sniff(&tcp).await {
+                        serve_connection(tcp, protocol, &builders, service, watcher).await;
+                    }
+                }
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
                     let Ok(Ok(tls)) = handshake.await else {

@@ -47,8 +47,14 @@ async fn store() -> (tempfile::TempDir, Arc<SqliteStore>) {
 async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_trace() {
     let (_dir, store) = store().await;
     // Mallory's chat, and a chat of Alice's with an answer still streaming.
-    store.begin_turn(&turn("mallory-chat", "mallory", true, 0)).await.unwrap();
-    store.begin_turn(&turn("busy-chat", "alice", true, 0)).await.unwrap();
+    store
+        .begin_turn(&turn("mallory-chat", "mallory", true, 0))
+        .await
+        .unwrap();
+    store
+        .begin_turn(&turn("busy-chat", "alice", true, 0))
+        .await
+        .unwrap();
     let mallory_before = store.get_chat("mallory-chat").await.unwrap().unwrap();
     let busy_before = store.get_chat("busy-chat").await.unwrap().unwrap();
 
@@ -58,9 +64,21 @@ async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_tr
         let store = store.clone();
         writes.push(tokio::spawn(async move {
             let outcome = match n % 30 {
-                7 => store.begin_turn(&turn("mallory-chat", "alice", false, n)).await,
-                13 => store.begin_turn(&turn("busy-chat", "alice", false, n)).await,
-                _ => store.begin_turn(&turn(&format!("chat-{n}"), "alice", true, n)).await,
+                7 => {
+                    store
+                        .begin_turn(&turn("mallory-chat", "alice", false, n))
+                        .await
+                }
+                13 => {
+                    store
+                        .begin_turn(&turn("busy-chat", "alice", false, n))
+                        .await
+                }
+                _ => {
+                    store
+                        .begin_turn(&turn(&format!("chat-{n}"), "alice", true, n))
+                        .await
+                }
             };
             (n, outcome.map(|begun| begun.last_event_id))
         }));
@@ -68,8 +86,14 @@ async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_tr
     for written in join_all(writes).await {
         let (n, outcome) = written.unwrap();
         match n % 30 {
-            7 => assert!(matches!(outcome, Err(StoreError::ChatNotFound)), "{n}: {outcome:?}"),
-            13 => assert!(matches!(outcome, Err(StoreError::ChatBusy)), "{n}: {outcome:?}"),
+            7 => assert!(
+                matches!(outcome, Err(StoreError::ChatNotFound)),
+                "{n}: {outcome:?}"
+            ),
+            13 => assert!(
+                matches!(outcome, Err(StoreError::ChatBusy)),
+                "{n}: {outcome:?}"
+            ),
             _ => assert_eq!(outcome.unwrap(), 0, "{n}"),
         }
     }
@@ -78,7 +102,10 @@ async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_tr
     let mallory_after = store.get_chat("mallory-chat").await.unwrap().unwrap();
     assert_eq!(mallory_after, mallory_before);
     let busy_after = store.get_chat("busy-chat").await.unwrap().unwrap();
-    assert_eq!(busy_after, busy_before, "the busy chat's bumped timestamp was rolled back");
+    assert_eq!(
+        busy_after, busy_before,
+        "the busy chat's bumped timestamp was rolled back"
+    );
     assert_eq!(store.list_messages("mallory-chat").await.unwrap().len(), 2);
     assert_eq!(store.list_messages("busy-chat").await.unwrap().len(), 2);
     for n in (0..300).filter(|n| n % 30 != 7 && n % 30 != 13) {
@@ -90,12 +117,14 @@ async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_tr
     }
 
     // Finishing them all at once: each answer lands in its own row.
-    let finishes = (0..300)
-        .filter(|n| n % 30 != 7 && n % 30 != 13)
-        .map(|n| {
-            let store = store.clone();
-            async move { store.finish_turn(finished(&format!("chat-{n}"), n, 3)).await }
-        });
+    let finishes = (0..300).filter(|n| n % 30 != 7 && n % 30 != 13).map(|n| {
+        let store = store.clone();
+        async move {
+            store
+                .finish_turn(finished(&format!("chat-{n}"), n, 3))
+                .await
+        }
+    });
     for finished in join_all(finishes).await {
         finished.unwrap();
     }
@@ -112,9 +141,17 @@ async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_tr
 #[tokio::test]
 async fn a_closed_store_refuses_writes_but_kept_every_one_it_accepted() {
     let (dir, store) = store().await;
-    store.begin_turn(&turn("c", "alice", true, 0)).await.unwrap();
+    store
+        .begin_turn(&turn("c", "alice", true, 0))
+        .await
+        .unwrap();
     store.finish_turn(finished("c", 0, 2)).await.unwrap();
-    assert!(store.delete_chat("c", "mallory").await.is_ok_and(|deleted| !deleted));
+    assert!(
+        store
+            .delete_chat("c", "mallory")
+            .await
+            .is_ok_and(|deleted| !deleted)
+    );
     store.close().await;
     let refused = store.begin_turn(&turn("d", "alice", true, 0)).await;
     assert!(matches!(refused, Err(StoreError::Closed)), "{refused:?}");

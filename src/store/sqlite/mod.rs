@@ -167,9 +167,7 @@ impl ChatStore for SqliteStore {
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
         let turn = turn.clone();
-        self.writer
-            .write(|done| Write::BeginTurn(turn, done))
-            .await
+        self.writer.write(|done| Write::BeginTurn(turn, done)).await
     }
 
     async fn finish_turn(&self, turn: FinishedTurn) -> Result<(), StoreError> {

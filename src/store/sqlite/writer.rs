@@ -118,10 +118,22 @@ fn run(conn: Connection, mut jobs: mpsc::Receiver<Write>) {
 
 /// A write's outcome, held until the batch is committed.
 enum Outcome {
-    Begun(Result<BegunTurn, StoreError>, oneshot::Sender<Result<BegunTurn, StoreError>>),
-    Finished(Result<(), StoreError>, oneshot::Sender<Result<(), StoreError>>),
-    Deleted(Result<bool, StoreError>, oneshot::Sender<Result<bool, StoreError>>),
-    Recovered(Result<u64, StoreError>, oneshot::Sender<Result<u64, StoreError>>),
+    Begun(
+        Result<BegunTurn, StoreError>,
+        oneshot::Sender<Result<BegunTurn, StoreError>>,
+    ),
+    Finished(
+        Result<(), StoreError>,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
+    Deleted(
+        Result<bool, StoreError>,
+        oneshot::Sender<Result<bool, StoreError>>,
+    ),
+    Recovered(
+        Result<u64, StoreError>,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
 }
 
 /// Runs the batch in one transaction and answers every write in it.
