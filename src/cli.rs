@@ -126,6 +126,10 @@ fn token(config: Option<PathBuf>, sub: &str, ttl: Duration) -> Result<(), String
 fn serve(config_path: Option<PathBuf>) -> Result<(), String> {
     let config = Config::load(config_path.as_deref()).map_err(|e| e.to_string())?;
     crate::telemetry::init(config.log.format);
+    match raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -149,6 +153,20 @@ fn serve(config_path: Option<PathBuf>) -> Result<(), String> {
         };
         served.map_err(|e| format!("server failed: {e}"))
     })
+}
+
+/// Every stream holds two descriptors (the client's connection and the provider's), and the usual
+/// soft limit of 1,024 open files would cap a server at ~500 streams. Like nginx's
+/// `worker_rlimit_nofile` or Go's runtime, raise the soft limit to the hard one the operator
+/// allows; returns the limit now in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        setrlimit(Resource::Nofile, limit)?;
+    }
+    Ok(limit.current.unwrap_or(u64::MAX))
 }
 
 /// Written in one piece and without panicking: a closed stdout (a supervisor that stopped

@@ -256,3 +256,60 @@ async fn a_first_run_prints_a_curl_that_streams_a_real_answer_logs_requests_and_
     assert!(stderr.contains("client=127.0.0.1"), "{stderr}");
     assert!(!stderr.contains(&token), "the token leaked into the logs");
 }
+
+/// The soft and hard "Max open files" of a running process.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_owned(),
+        fields.next().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn serve_raises_its_open_files_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // Started by a shell that lowers its soft limit first and execs, so the pid is Mangoo's.
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" serve")
+        .arg(env!("CARGO_BIN_EXE_mangoo"))
+        .env_remove("MANGOO_CONFIG")
+        .env("MANGOO_BIND", "127.0.0.1:0")
+        .env(
+            "MANGOO_JWT_SECRET",
+            "a-test-secret-that-is-long-enough-0123",
+        )
+        .env(
+            "MANGOO_DATABASE_URL",
+            format!("sqlite://{}/m.db", dir.path().display()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::time::timeout(HANG_GUARD, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.starts_with("Mangoo listening on ") {
+                return;
+            }
+        }
+        panic!("no banner");
+    })
+    .await
+    .expect("mangoo did not start");
+    let (soft, hard) = open_files_limits(pid);
+    assert_ne!(soft, "256", "the soft limit was raised");
+    assert_eq!(soft, hard);
+    let (code, _) = terminate(child).await;
+    assert_eq!(code, Some(0));
+}
