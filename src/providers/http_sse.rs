@@ -14,10 +14,18 @@ const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 /// A client for long streams: a connect timeout, but no total timeout (answers take minutes),
 /// and no response compression (it would batch the stream).
+///
+/// HTTP/1.1 only, although HTTPS providers offer HTTP/2: over HTTP/2 every answer shares one
+/// connection, every token is a small DATA frame, and the h2 crate (0.4.16+) treats a backlog of
+/// small DATA frames not yet read as a flood — it sends GOAWAY `too_many_data_frames` and every
+/// answer on that connection is cut at once. Our benchmark hit it whenever Mangoo's CPU was busy
+/// (83 of 100 full-speed streams cut); reqwest does not expose the h2 budget. One connection per
+/// answer costs descriptors and memory; a cut answer costs the product.
 pub fn client(connect_timeout_secs: u64) -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(connect_timeout_secs))
         .tcp_nodelay(true)
+        .http1_only()
         .build()
         .expect("a reqwest client with static settings builds")
 }
