@@ -8,13 +8,15 @@
 #
 # Every run verifies every stream; a run with errors exits non-zero and is not a result.
 # MANGOO_CPUS / CLIENT_CPUS (taskset lists, e.g. 0 and 1) pin Mangoo and the client + stand-in;
-# MANGOO_WORKERS sets the number of Mangoo runtime threads.
+# MANGOO_WORKERS sets the number of Mangoo runtime threads; MANGOO_PROFILE the cargo profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mangoo-target}"
 mode="${1:-burst}"
-cargo build --release --locked --bin mangoo --bin mangoo-bench >&2
-bin="$CARGO_TARGET_DIR/release"
+# MANGOO_PROFILE=production measures the whole-program-optimised build (Cargo.toml).
+profile="${MANGOO_PROFILE:-release}"
+cargo build --profile "$profile" --locked --bin mangoo --bin mangoo-bench >&2
+bin="$CARGO_TARGET_DIR/$profile"
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
