@@ -94,40 +94,56 @@ pub async fn serve(
         let (acceptor, builders) = (acceptor.clone(), builders.clone());
         let router = router.clone();
         let watcher = graceful.watcher();
-        connections.spawn(async move {
-            let service = router.map_request(move |mut request: axum::http::Request<Incoming>| {
-                request
-                    .extensions_mut()
-                    .insert(ConnectInfo::<SocketAddr>(peer));
-                request
-            });
-            let service = TowerToHyperService::new(service);
-            match acceptor {
-                None => {
-                    // None: closed or silent before its first byte.
-                    if let Some(protocol) = sniff(&tcp).await {
-                        serve_connection(tcp, protocol, &builders, service, watcher).await;
-                    }
-                }
-                Some(acceptor) => {
-                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
-                    let Ok(Ok(tls)) = handshake.await else {
-                        return; // a failed or stalled handshake is the client's problem
-                    };
-                    let protocol = match tls.get_ref().1.alpn_protocol() {
-                        Some(b"h2") => Protocol::Http2,
-                        Some(_) => Protocol::Http1,
-                        None => Protocol::Unsure,
-                    };
-                    serve_connection(tls, protocol, &builders, service, watcher).await;
-                }
-            }
-        });
+        connections.spawn(handle(tcp, peer, acceptor, builders, router, watcher));
     }
     graceful.shutdown().await;
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// One connection, from its first byte to its end. A task's memory is its largest state, held
+/// for the life of the connection — for an SSE client, the whole stream — so the rare, large
+/// states (a TLS handshake, HTTP/2, the auto builder) are boxed and a cleartext HTTP/1.1
+/// connection carries only its own.
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    builders: Builders,
+    router: Router,
+    watcher: Watcher,
+) {
+    let service = router.map_request(move |mut request: axum::http::Request<Incoming>| {
+        request
+            .extensions_mut()
+            .insert(ConnectInfo::<SocketAddr>(peer));
+        request
+    });
+    let service = TowerToHyperService::new(service);
+    match acceptor {
+        None => {
+            // None: closed or silent before its first byte.
+            if let Some(protocol) = sniff(&tcp).await {
+                serve_connection(tcp, protocol, &builders, service, watcher).await;
+            }
+        }
+        Some(acceptor) => {
+            Box::pin(async move {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                let Ok(Ok(tls)) = handshake.await else {
+                    return; // a failed or stalled handshake is the client's problem
+                };
+                let protocol = match tls.get_ref().1.alpn_protocol() {
+                    Some(b"h2") => Protocol::Http2,
+                    Some(_) => Protocol::Http1,
+                    None => Protocol::Unsure,
+                };
+                serve_connection(tls, protocol, &builders, service, watcher).await;
+            })
+            .await
+        }
+    }
 }
 
 /// Looks at a cleartext connection's first bytes without consuming them: an HTTP/2 connection
@@ -170,11 +186,13 @@ async fn serve_connection<I, S>(
         }
         Protocol::Http2 => {
             let connection = builders.http2.serve_connection(io, service);
-            watcher.watch(connection).await.map_err(Into::into)
+            Box::pin(watcher.watch(connection))
+                .await
+                .map_err(Into::into)
         }
         Protocol::Unsure => {
             let connection = builders.auto.serve_connection(io, service).into_owned();
-            watcher.watch(connection).await
+            Box::pin(watcher.watch(connection)).await
         }
     };
     if let Err(e) = ended {
