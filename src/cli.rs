@@ -135,6 +135,7 @@ fn serve(config_path: Option<PathBuf>) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
+        let signalled = shutdown_signal();
         let first_bot = config.bots.first().map(|b| b.id.clone());
         let app = Application::build(config)
             .await
@@ -145,7 +146,7 @@ fn serve(config_path: Option<PathBuf>) -> Result<(), String> {
         tokio::pin!(run);
         let served = tokio::select! {
             served = &mut run => served,
-            () = wait_for_signal() => {
+            () = signalled => {
                 tracing::info!("shutdown requested");
                 shutdown.cancel();
                 run.await
@@ -203,27 +204,34 @@ fn print_banner(app: &Application, first_bot: Option<&str>) {
         .and_then(|()| stdout.flush());
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Registers for SIGTERM and SIGINT at once and resolves when one arrives. Called before the
+/// server starts: a supervisor may send SIGTERM the moment the banner appears, and a signal that
+/// arrives before anyone listens for it kills the process instead of draining it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let term = async {
-            match term.as_mut() {
-                Some(signal) => {
-                    signal.recv().await;
+        use tokio::signal::unix::{Signal, SignalKind, signal};
+        let term = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let arrived = |listener: Option<Signal>| async move {
+            match listener {
+                Some(mut listener) => {
+                    listener.recv().await;
                 }
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term => {}
+        async move {
+            tokio::select! {
+                () = arrived(term) => {}
+                () = arrived(interrupt) => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

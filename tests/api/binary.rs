@@ -310,6 +310,8 @@ async fn serve_raises_its_open_files_limit_to_the_hard_limit() {
     let (soft, hard) = open_files_limits(pid);
     assert_ne!(soft, "256", "the soft limit was raised");
     assert_eq!(soft, hard);
+    // SIGTERM right after the banner drains and exits 0: the signal handlers are installed before
+    // the banner appears (a signal with no handler yet would kill the process: no exit code).
     let (code, _) = terminate(child).await;
     assert_eq!(code, Some(0));
 }
