@@ -19,7 +19,7 @@ use super::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, MessageStatus,
     NewTurn, Replay, Role, StoreError, TokenUsage,
 };
-use writer::{Write, Writer};
+use writer::Writer;
 
 pub struct SqliteStore {
     /// Readers.
@@ -167,28 +167,26 @@ impl ChatStore for SqliteStore {
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
         let turn = turn.clone();
-        self.writer.write(|done| Write::BeginTurn(turn, done)).await
+        self.writer
+            .write(move |conn| writer::begin_turn(conn, &turn))
+            .await
     }
 
     async fn finish_turn(&self, turn: FinishedTurn) -> Result<(), StoreError> {
         self.writer
-            .write(|done| Write::FinishTurn(turn, done))
+            .write(move |conn| writer::finish_turn(conn, &turn))
             .await
     }
 
     async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError> {
         let (chat_id, user_id) = (chat_id.to_owned(), user_id.to_owned());
         self.writer
-            .write(|done| Write::DeleteChat {
-                chat_id,
-                user_id,
-                done,
-            })
+            .write(move |conn| writer::delete_chat(conn, &chat_id, &user_id))
             .await
     }
 
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
-        self.writer.write(Write::RecoverAbandonedTurns).await
+        self.writer.write(writer::recover_abandoned_turns).await
     }
 
     async fn close(&self) {

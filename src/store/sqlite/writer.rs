@@ -25,22 +25,44 @@ const QUEUE: usize = 1024;
 /// At most this many writes share one transaction, so the first of them is not held up long.
 const MAX_BATCH: usize = 256;
 
-/// One write and where its outcome goes.
-pub(super) enum Write {
-    BeginTurn(NewTurn, oneshot::Sender<Result<BegunTurn, StoreError>>),
-    FinishTurn(FinishedTurn, oneshot::Sender<Result<(), StoreError>>),
-    DeleteChat {
-        chat_id: String,
-        user_id: String,
-        done: oneshot::Sender<Result<bool, StoreError>>,
-    },
-    RecoverAbandonedTurns(oneshot::Sender<Result<u64, StoreError>>),
+/// One queued write: run against the connection (or told why it could not run), it becomes an
+/// outcome that is answered once the batch's fate is known.
+type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> Box<dyn Outcome> + Send>;
+
+/// A write's result, held until the batch is committed.
+trait Outcome {
+    fn failed(&self) -> bool;
+    /// The transaction did not commit: what looked done is not.
+    fn commit_failed(&mut self, message: &str);
+    /// A caller that stopped waiting (its request was dropped) is no error.
+    fn reply(self: Box<Self>);
+}
+
+struct Pending<T> {
+    result: Result<T, StoreError>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T> Outcome for Pending<T> {
+    fn failed(&self) -> bool {
+        self.result.is_err()
+    }
+
+    fn commit_failed(&mut self, message: &str) {
+        if self.result.is_ok() {
+            self.result = Err(StoreError::Write(format!("commit failed: {message}")));
+        }
+    }
+
+    fn reply(self: Box<Self>) {
+        let _ = self.reply.send(self.result);
+    }
 }
 
 /// The handle to the writer thread. Dropping it (or [`Writer::close`]) lets the thread finish
 /// what is queued and exit.
 pub(super) struct Writer {
-    queue: Mutex<Option<mpsc::Sender<Write>>>,
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -73,18 +95,20 @@ impl Writer {
         })
     }
 
-    /// Queues a write and waits for its outcome.
-    pub(super) async fn write<T>(
+    /// Queues a write (run on the writer thread, inside its own savepoint) and waits for its
+    /// outcome, which is known only once its batch has committed.
+    pub(super) async fn write<T: Send + 'static>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Write,
+        write: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let queue = self.queue.lock().expect("not poisoned").clone();
         let queue = queue.ok_or(StoreError::Closed)?;
-        let (done, outcome) = oneshot::channel();
-        queue
-            .send(make(done))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        let (reply, outcome) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = conn.and_then(write);
+            Box::new(Pending { result, reply })
+        });
+        queue.send(job).await.map_err(|_| StoreError::Closed)?;
         outcome.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -102,7 +126,7 @@ impl Writer {
     }
 }
 
-fn run(conn: Connection, mut jobs: mpsc::Receiver<Write>) {
+fn run(conn: Connection, mut jobs: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
@@ -116,34 +140,14 @@ fn run(conn: Connection, mut jobs: mpsc::Receiver<Write>) {
     }
 }
 
-/// A write's outcome, held until the batch is committed.
-enum Outcome {
-    Begun(
-        Result<BegunTurn, StoreError>,
-        oneshot::Sender<Result<BegunTurn, StoreError>>,
-    ),
-    Finished(
-        Result<(), StoreError>,
-        oneshot::Sender<Result<(), StoreError>>,
-    ),
-    Deleted(
-        Result<bool, StoreError>,
-        oneshot::Sender<Result<bool, StoreError>>,
-    ),
-    Recovered(
-        Result<u64, StoreError>,
-        oneshot::Sender<Result<u64, StoreError>>,
-    ),
-}
-
 /// Runs the batch in one transaction and answers every write in it.
-fn commit(conn: &Connection, batch: &mut Vec<Write>) {
+fn commit(conn: &Connection, batch: &mut Vec<Job>) {
     let opened = conn.execute_batch("BEGIN IMMEDIATE");
-    let mut outcomes: Vec<Outcome> = batch
+    let mut outcomes: Vec<Box<dyn Outcome>> = batch
         .drain(..)
         .map(|job| match &opened {
-            Ok(()) => apply_in_savepoint(conn, job),
-            Err(e) => fail(job, StoreError::Write(e.to_string())),
+            Ok(()) => in_savepoint(conn, job),
+            Err(e) => job(Err(StoreError::Write(e.to_string()))),
         })
         .collect();
     if opened.is_ok()
@@ -151,10 +155,9 @@ fn commit(conn: &Connection, batch: &mut Vec<Write>) {
     {
         let _ = conn.execute_batch("ROLLBACK");
         let message = e.to_string();
-        outcomes = outcomes
-            .into_iter()
-            .map(|outcome| outcome.commit_failed(&message))
-            .collect();
+        for outcome in &mut outcomes {
+            outcome.commit_failed(&message);
+        }
     }
     for outcome in outcomes {
         outcome.reply();
@@ -162,11 +165,11 @@ fn commit(conn: &Connection, batch: &mut Vec<Write>) {
 }
 
 /// One write inside its own savepoint: rolled back alone when it fails.
-fn apply_in_savepoint(conn: &Connection, job: Write) -> Outcome {
+fn in_savepoint(conn: &Connection, job: Job) -> Box<dyn Outcome> {
     if let Err(e) = conn.execute_batch("SAVEPOINT one_write") {
-        return fail(job, e.into());
+        return job(Err(e.into()));
     }
-    let outcome = apply(conn, job);
+    let outcome = job(Ok(conn));
     let undo = if outcome.failed() {
         "ROLLBACK TO one_write; RELEASE one_write"
     } else {
@@ -178,61 +181,7 @@ fn apply_in_savepoint(conn: &Connection, job: Write) -> Outcome {
     outcome
 }
 
-fn apply(conn: &Connection, job: Write) -> Outcome {
-    match job {
-        Write::BeginTurn(turn, done) => Outcome::Begun(begin_turn(conn, &turn), done),
-        Write::FinishTurn(turn, done) => Outcome::Finished(finish_turn(conn, &turn), done),
-        Write::DeleteChat {
-            chat_id,
-            user_id,
-            done,
-        } => Outcome::Deleted(delete_chat(conn, &chat_id, &user_id), done),
-        Write::RecoverAbandonedTurns(done) => Outcome::Recovered(recover(conn), done),
-    }
-}
-
-fn fail(job: Write, error: StoreError) -> Outcome {
-    match job {
-        Write::BeginTurn(_, done) => Outcome::Begun(Err(error), done),
-        Write::FinishTurn(_, done) => Outcome::Finished(Err(error), done),
-        Write::DeleteChat { done, .. } => Outcome::Deleted(Err(error), done),
-        Write::RecoverAbandonedTurns(done) => Outcome::Recovered(Err(error), done),
-    }
-}
-
-impl Outcome {
-    fn failed(&self) -> bool {
-        match self {
-            Outcome::Begun(r, _) => r.is_err(),
-            Outcome::Finished(r, _) => r.is_err(),
-            Outcome::Deleted(r, _) => r.is_err(),
-            Outcome::Recovered(r, _) => r.is_err(),
-        }
-    }
-
-    /// The transaction did not commit: what looked done is not.
-    fn commit_failed(self, message: &str) -> Outcome {
-        let lost = || StoreError::Write(format!("commit failed: {message}"));
-        match self {
-            Outcome::Begun(r, done) => Outcome::Begun(r.and_then(|_| Err(lost())), done),
-            Outcome::Finished(r, done) => Outcome::Finished(r.and_then(|_| Err(lost())), done),
-            Outcome::Deleted(r, done) => Outcome::Deleted(r.and_then(|_| Err(lost())), done),
-            Outcome::Recovered(r, done) => Outcome::Recovered(r.and_then(|_| Err(lost())), done),
-        }
-    }
-
-    /// A caller that stopped waiting (its request was dropped) is no error.
-    fn reply(self) {
-        match self {
-            Outcome::Begun(r, done) => drop(done.send(r)),
-            Outcome::Finished(r, done) => drop(done.send(r)),
-            Outcome::Deleted(r, done) => drop(done.send(r)),
-            Outcome::Recovered(r, done) => drop(done.send(r)),
-        }
-    }
-}
-
-fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+pub(super) fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
     let now = now_ms();
     let last_event_id: i64 = if turn.new_chat {
         conn.prepare_cached(
@@ -285,7 +234,7 @@ fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn, StoreError
     Ok(BegunTurn { last_event_id })
 }
 
-fn finish_turn(conn: &Connection, turn: &FinishedTurn) -> Result<(), StoreError> {
+pub(super) fn finish_turn(conn: &Connection, turn: &FinishedTurn) -> Result<(), StoreError> {
     let chunks = serde_json::to_string(&turn.chunks).expect("strings serialise");
     conn.prepare_cached(
         "UPDATE messages SET content = ?2, status = ?3, error_code = ?4, input_tokens = ?5, \
@@ -312,14 +261,18 @@ fn finish_turn(conn: &Connection, turn: &FinishedTurn) -> Result<(), StoreError>
     Ok(())
 }
 
-fn delete_chat(conn: &Connection, chat_id: &str, user_id: &str) -> Result<bool, StoreError> {
+pub(super) fn delete_chat(
+    conn: &Connection,
+    chat_id: &str,
+    user_id: &str,
+) -> Result<bool, StoreError> {
     let deleted = conn
         .prepare_cached("DELETE FROM chats WHERE id = ?1 AND user_id = ?2")?
         .execute(params![chat_id, user_id])?;
     Ok(deleted > 0)
 }
 
-fn recover(conn: &Connection) -> Result<u64, StoreError> {
+pub(super) fn recover_abandoned_turns(conn: &Connection) -> Result<u64, StoreError> {
     let updated = conn
         .prepare_cached(
             "UPDATE messages SET status = 'interrupted', error_code = 'server_restarted' \
