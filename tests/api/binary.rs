@@ -9,7 +9,11 @@ use tokio::process::{Child, Command};
 use super::helpers::{HANG_GUARD, SseReader, answer_text, assert_well_formed};
 
 pub fn mangoo() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mangoo"));
+    command(Command::new(env!("CARGO_BIN_EXE_mangoo")))
+}
+
+/// A command with none of Mangoo's environment inherited and its output captured.
+fn command(mut command: Command) -> Command {
     command
         .env_remove("MANGOO_JWT_SECRET")
         .env_remove("MANGOO_CONFIG")
@@ -32,8 +36,14 @@ pub async fn serve_with_config(config: &std::path::Path) -> (Child, String) {
         .arg(config)
         .spawn()
         .unwrap();
+    let base = wait_until_listening(&mut child).await;
+    (child, base)
+}
+
+/// Reads the process's output up to its listening line; returns the base URL it names.
+async fn wait_until_listening(child: &mut Child) -> String {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = tokio::time::timeout(HANG_GUARD, async {
+    tokio::time::timeout(HANG_GUARD, async {
         loop {
             let line = lines.next_line().await.unwrap().expect("no banner");
             if let Some(url) = line.strip_prefix("Mangoo listening on ") {
@@ -42,8 +52,7 @@ pub async fn serve_with_config(config: &std::path::Path) -> (Child, String) {
         }
     })
     .await
-    .expect("mangoo did not start");
-    (child, base)
+    .expect("mangoo did not start")
 }
 
 /// Sends SIGTERM and waits for the exit; returns the exit code and everything logged.
@@ -275,11 +284,11 @@ fn open_files_limits(pid: u32) -> (String, String) {
 async fn serve_raises_its_open_files_limit_to_the_hard_limit() {
     let dir = tempfile::tempdir().unwrap();
     // Started by a shell that lowers its soft limit first and execs, so the pid is Mangoo's.
-    let mut child = Command::new("bash")
+    let mut shell = command(Command::new("bash"));
+    let mut child = shell
         .arg("-c")
         .arg("ulimit -Sn 256 && exec \"$0\" serve")
         .arg(env!("CARGO_BIN_EXE_mangoo"))
-        .env_remove("MANGOO_CONFIG")
         .env("MANGOO_BIND", "127.0.0.1:0")
         .env(
             "MANGOO_JWT_SECRET",
@@ -289,24 +298,10 @@ async fn serve_raises_its_open_files_limit_to_the_hard_limit() {
             "MANGOO_DATABASE_URL",
             format!("sqlite://{}/m.db", dir.path().display()),
         )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    tokio::time::timeout(HANG_GUARD, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.starts_with("Mangoo listening on ") {
-                return;
-            }
-        }
-        panic!("no banner");
-    })
-    .await
-    .expect("mangoo did not start");
+    wait_until_listening(&mut child).await;
     let (soft, hard) = open_files_limits(pid);
     assert_ne!(soft, "256", "the soft limit was raised");
     assert_eq!(soft, hard);
