@@ -44,8 +44,8 @@ enum Protocol {
     Unsure,
 }
 
-/// The connection builders, configured once.
-#[derive(Clone)]
+/// The connection builders, configured once and shared by every connection (their timers and
+/// settings would otherwise be copied into each connection's task for its whole life).
 struct Builders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
@@ -76,7 +76,7 @@ pub async fn serve(
     tune: impl Fn(&mut TcpStream),
 ) -> std::io::Result<()> {
     let acceptor = tls.map(TlsAcceptor::from);
-    let builders = Builders::new();
+    let builders = Arc::new(Builders::new());
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
     loop {
@@ -110,7 +110,7 @@ async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: Option<TlsAcceptor>,
-    builders: Builders,
+    builders: Arc<Builders>,
     router: Router,
     watcher: Watcher,
 ) {
