@@ -163,7 +163,7 @@ test("an error shows its message and Retry asks again", async () => {
   await control("script", { tokens: ["Second", " time", " lucky."] });
   await send("Try twice");
   await page.waitForSelector("#status.error");
-  assert.match(await page.locator("#status").innerText(), /ThrottlingException/);
+  assert.match(await page.locator("#status").innerText(), /limiting requests/);
   await page.click("#retry");
   await waitForAnswer("Second time lucky.");
   await waitIdle();

@@ -116,10 +116,10 @@ fn token(config: Option<PathBuf>, sub: &str, ttl: Duration) -> Result<(), String
     if sub.trim().is_empty() {
         return Err("--sub must not be empty".into());
     }
-    println!(
-        "{}",
-        Authenticator::hs256(secret.expose().as_bytes()).issue(sub, ttl)
-    );
+    let token = Authenticator::hs256(secret.expose().as_bytes())
+        .issue(sub, ttl)
+        .ok_or("could not sign the token")?;
+    println!("{token}");
     Ok(())
 }
 
@@ -181,22 +181,29 @@ fn print_banner(app: &Application, first_bot: Option<&str>) {
     }
     let base = format!("http://{addr}");
     let mut text = format!("Mangoo listening on {base}\n");
-    if app.generated_secret() {
-        let token = app.authenticator().issue(DEV_USER, DEV_TOKEN_TTL);
-        let bot = first_bot.unwrap_or("default");
-        let _ = write!(
-            text,
-            "\nNo auth.jwt_secret configured: generated one for this run only.\n\
-             Token for user '{DEV_USER}' (valid 24 h):\n\n    {token}\n\n\
-             Open the chat page, signed in:\n\n    {base}/#token={token}\n\n\
-             Try it:\n\n    curl -N -H 'Authorization: Bearer {token}' \
-             -H 'Content-Type: application/json' \\\n      \
-             -d '{{\"bot_id\":\"{bot}\",\"message\":\"Hello!\"}}' {base}/api/v1/chat/stream\n\n"
-        );
-    } else {
-        text.push_str(
+    let dev_token = app
+        .generated_secret()
+        .then(|| app.authenticator().issue(DEV_USER, DEV_TOKEN_TTL))
+        .flatten();
+    match dev_token {
+        Some(token) => {
+            let bot = first_bot.unwrap_or("default");
+            let _ = write!(
+                text,
+                "\nDEVELOPMENT MODE: no auth.jwt_secret and no identity provider are configured, so a\n\
+                 secret was generated for this run only. Anyone who reads this output can sign in;\n\
+                 configure auth.jwt_secret or auth.jwks_url before exposing this server.\n\n\
+                 Token for user '{DEV_USER}' (valid 24 h):\n\n    {token}\n\n\
+                 Open the chat page, signed in:\n\n    {base}/#token={token}\n\n\
+                 Try it:\n\n    curl -N -H 'Authorization: Bearer {token}' \
+                 -H 'Content-Type: application/json' \\\n      \
+                 -d '{{\"bot_id\":\"{bot}\",\"message\":\"Hello!\"}}' {base}/api/v1/chat/stream\n\n"
+            );
+        }
+        None if app.hs256_enabled() => text.push_str(
             "Tokens: mangoo token --sub <user> (signed with the configured auth.jwt_secret)\n",
-        );
+        ),
+        None => text.push_str("Tokens: issued by the identity provider (auth.jwks_url)\n"),
     }
     let mut stdout = std::io::stdout().lock();
     let _ = stdout

@@ -14,13 +14,14 @@
 //! client ◀─ http::sse (frames) ◀─ chat::TurnStream ◀──┘ (chat::turn, a tracked producer task)
 //! ```
 //!
-//! - [`cli`]: `mangoo serve | token`; [`startup`]: [`startup::Application`] wires everything;
-//!   [`listener`]: the accept loop (HTTP/1.1, h2c, HTTPS) with graceful shutdown.
-//! - [`config`]: the TOML file + `MANGOO_*` environment, validated before start.
-//! - [`http`]: routes, extractors, the SSE encoder, access log, CORS; [`error`]: the one place
-//!   errors become responses.
-//! - [`auth`]: JWT verification, no HTTP in it.
-//! - [`chat`]: turns, history, the producer of each answer, and its events.
+//! - [`cli`]: `mangoo serve | token | model`; [`startup`]: [`startup::Application`] wires
+//!   everything; its `listener` is the accept loop (HTTP/1.1, h2c, HTTPS) with connection caps,
+//!   idle and graceful close.
+//! - [`config`]: the TOML file + `MANGOO_*` environment (figment), validated before start.
+//! - [`http`]: routes, extractors, the SSE encoder, access log, CORS; `http::error` is the one
+//!   place errors become responses.
+//! - [`auth`]: JWT verification (HS256, JWKS) and stream tickets, no HTTP in it.
+//! - [`chat`]: turns, history, quotas, the producer of each answer, and its events.
 //! - [`providers`]: one module per vendor behind a trait and a closed enum.
 //! - [`store`]: chats and messages behind a trait (SQLite now, PostgreSQL next); SQLite writes go
 //!   through one writer thread that commits the writes arriving together in one transaction.
@@ -33,11 +34,7 @@ pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod domain;
-pub mod error;
 pub mod http;
-pub mod jwks;
-pub mod listener;
-
 pub mod metrics;
 pub mod providers;
 pub mod rate_limit;
@@ -45,5 +42,3 @@ pub mod startup;
 pub mod store;
 pub mod stream_log;
 pub mod telemetry;
-pub mod tickets;
-pub mod tls;

@@ -75,6 +75,9 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub resumes: Counter,
     pub rate_limited: Family<ReasonLabels, Counter>,
+    pub connections_open: Gauge,
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    pub local_prompt_tokens: Counter,
 }
 
 impl Default for Metrics {
@@ -100,6 +103,9 @@ impl Metrics {
             heartbeats: Counter::default(),
             resumes: Counter::default(),
             rate_limited: Family::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Family::default(),
+            local_prompt_tokens: Counter::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -162,6 +168,21 @@ impl Metrics {
             "mangoo_rate_limited",
             "Requests refused by a limit",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "mangoo_connections_open",
+            "Client connections open on the main listener",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "mangoo_connections_refused",
+            "Client connections closed at once by a connection cap",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "mangoo_local_prompt_tokens",
+            "Prompt tokens the local model computed (cached prefixes excluded)",
+            m.local_prompt_tokens.clone(),
         );
         Self {
             registry,

@@ -226,3 +226,65 @@ fn multi_byte_characters_are_never_sent_broken() {
     assert!(!text.contains('\u{FFFD}'), "{text:?}");
     assert!(pieces.iter().all(|p| !p.is_empty()));
 }
+
+/// A prompt of several prefill chunks: the user's message repeated.
+fn long_prompt(words: usize) -> Vec<u32> {
+    let message = "the quick brown fox jumps over the lazy dog ".repeat(words / 9 + 1);
+    model()
+        .tokenizer
+        .chat_prompt(None, &[(Role::User, &message)])
+        .unwrap()
+}
+
+#[test]
+fn a_prompt_prefilled_in_chunks_gives_the_logits_of_one_pass() {
+    use mangoo::providers::local::llama::PREFILL_CHUNK;
+    let model = model();
+    let prompt = long_prompt(PREFILL_CHUNK * 3);
+    assert!(prompt.len() > 2 * PREFILL_CHUNK);
+
+    let mut chunked = Session::new(&model.weights);
+    let prefilled = chunked
+        .prefill_until(&model.weights, &prompt, &|| false)
+        .unwrap();
+    assert!(prefilled.complete);
+    assert_eq!(prefilled.computed, prompt.len());
+
+    let mut whole = Session::new(&model.weights);
+    whole.forward(&model.weights, &prompt).unwrap();
+    let max_difference = chunked
+        .logits
+        .iter()
+        .zip(&whole.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max_difference < 1e-3, "logits differ by {max_difference}");
+}
+
+#[test]
+fn a_cancel_during_prefill_stops_within_one_chunk() {
+    use mangoo::providers::local::llama::PREFILL_CHUNK;
+    let model = model();
+    let prompt = long_prompt(PREFILL_CHUNK * 8);
+    let checks = Cell::new(0);
+    let mut session = Session::new(&model.weights);
+
+    // The client goes away after the second chunk.
+    let generated = generate(
+        &model.weights,
+        &mut session,
+        &model.tokenizer,
+        &prompt,
+        greedy(10),
+        || {
+            checks.set(checks.get() + 1);
+            checks.get() > 2
+        },
+        |_| panic!("nothing may be emitted"),
+    )
+    .unwrap();
+
+    assert_eq!(generated.stop, StopReason::Cancelled);
+    assert_eq!(generated.prompt_computed, 2 * PREFILL_CHUNK);
+    assert!(generated.prompt_computed < prompt.len());
+}

@@ -57,9 +57,17 @@ pub struct ActiveAnswers {
 }
 
 impl ActiveAnswers {
+    /// The map stays consistent under a panic elsewhere (each change is one insert or remove),
+    /// so a poisoned lock is used as it is: releasing a claim must never fail.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ActiveAnswer>> {
+        self.answers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Claims the chat for a new answer; `None` when it already has one.
     pub fn claim(&self, chat_id: &str, cancel_when_unheard: bool) -> Option<ActiveAnswer> {
-        let mut answers = self.answers.lock().expect("active answers lock");
+        let mut answers = self.lock();
         if answers.contains_key(chat_id) {
             return None;
         }
@@ -72,18 +80,11 @@ impl ActiveAnswers {
     }
 
     pub fn release(&self, chat_id: &str) {
-        self.answers
-            .lock()
-            .expect("active answers lock")
-            .remove(chat_id);
+        self.lock().remove(chat_id);
     }
 
     pub fn get(&self, chat_id: &str) -> Option<ActiveAnswer> {
-        self.answers
-            .lock()
-            .expect("active answers lock")
-            .get(chat_id)
-            .cloned()
+        self.lock().get(chat_id).cloned()
     }
 
     /// Stops the chat's answer, if it has one; says whether it had.
@@ -98,8 +99,27 @@ impl ActiveAnswers {
     }
 
     pub fn stop_all(&self, cause: StopCause) {
-        for answer in self.answers.lock().expect("active answers lock").values() {
+        for answer in self.lock().values() {
             answer.control.stop(cause);
         }
+    }
+}
+
+/// Releases a chat's claim when dropped: the producer's task holds it, so the chat is free again
+/// however the task ends.
+pub struct ClaimGuard {
+    active: ActiveAnswers,
+    chat_id: String,
+}
+
+impl ClaimGuard {
+    pub fn new(active: ActiveAnswers, chat_id: String) -> Self {
+        Self { active, chat_id }
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.active.release(&self.chat_id);
     }
 }

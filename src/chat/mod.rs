@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
+use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -26,8 +26,10 @@ use crate::metrics::Metrics;
 use crate::providers::{
     Admission, ModelMessage, ModelRequest, ProviderError, ProviderRegistry, Target,
 };
+use crate::rate_limit::StreamSlot;
 use crate::store::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, MessageRecord, NewTurn, StoreError,
+    BegunTurn, ChatCursor, ChatRecord, ChatStore, MessageRecord, NewTurn, QuotaKind, StorageQuota,
+    StoreError,
 };
 use crate::stream_log::EventLog;
 pub use control::StopCause;
@@ -61,6 +63,8 @@ pub enum ChatError {
     MessageTooLong { max: usize },
     #[error("bot '{0}' has no provider available")]
     ProviderMissing(String),
+    #[error("{}", quota_message(*.0))]
+    QuotaExceeded(QuotaKind),
     /// No target of the bot can take the request now (e.g. the local model's queue is full).
     #[error("{0}")]
     Refused(ProviderError),
@@ -76,7 +80,14 @@ pub struct ChatLimits {
     pub max_message_chars: usize,
     pub timeouts: StreamTimeouts,
     pub on_disconnect: DisconnectPolicy,
+    pub quota: StorageQuota,
+    /// Characters of earlier turns sent to a provider with a new message; older turns beyond
+    /// it are left out (they stay stored).
+    pub max_history_chars: usize,
 }
+
+/// The most earlier messages read for a turn's history, however short they are.
+const HISTORY_MESSAGES: u32 = 200;
 
 /// How long an answer may take, at each stage. Each one that passes cancels the provider request.
 #[derive(Debug, Clone, Copy)]
@@ -188,10 +199,13 @@ impl ChatService {
 
     /// Stores the user's message, starts the answer and returns its events. Every error here
     /// happens before anything is streamed.
+    /// `slot` is the user's place among their concurrent streams; the producer holds it until
+    /// the answer is generated, whoever still listens.
     pub async fn start_turn(
         &self,
         user: &UserId,
         request: TurnRequest,
+        slot: StreamSlot,
     ) -> Result<EventStream, ChatError> {
         self.check_message(&request.message)?;
         let bot = self
@@ -211,7 +225,7 @@ impl ChatService {
         }
         let messages = self.conversation(user, &request).await?;
         // Admission comes before anything is stored: a refused request leaves no trace.
-        let (start, admission) = admit_first(&targets)?;
+        let (start, admission) = admit_first(&targets, user.as_str())?;
         let new_turn = NewTurn {
             new_chat: request.chat_id.is_none(),
             chat_id: request.chat_id.unwrap_or_else(|| new_id("chat")),
@@ -220,6 +234,7 @@ impl ChatService {
             user_message_id: new_id("msg"),
             assistant_message_id: new_id("msg"),
             message: request.message,
+            quota: self.limits.quota,
         };
         let (answer, begun) = self.begin(&new_turn).await?;
         self.log.open(&new_turn.chat_id).await;
@@ -230,8 +245,18 @@ impl ChatService {
             .await
             .expect("the log was just opened");
         let listener = answer.audience.listen(events);
+        let progress = turn::Progress::new(begun.last_event_id);
+        let aftermath = turn::Aftermath {
+            chat_id: new_turn.chat_id.clone(),
+            assistant_message_id: new_turn.assistant_message_id.clone(),
+            store: self.store.clone(),
+            log: self.log.clone(),
+            progress: progress.clone(),
+            metrics: self.metrics.clone(),
+        };
         let producer = turn::Turn {
             chat_id: new_turn.chat_id,
+            user_id: new_turn.user_id,
             assistant_message_id: new_turn.assistant_message_id,
             last_event_id: begun.last_event_id,
             targets,
@@ -252,8 +277,10 @@ impl ChatService {
             all_gone: answer.audience.all_gone(),
             deadline: tokio::time::Instant::now(),
             metrics: self.metrics.clone(),
+            progress,
+            _slot: slot,
         };
-        self.spawn_producer(producer);
+        self.spawn_producer(producer, aftermath);
         Ok(Box::pin(listener))
     }
 
@@ -267,7 +294,11 @@ impl ChatService {
         let mut messages = match &request.chat_id {
             Some(chat_id) => {
                 self.owned_chat(user, chat_id).await?;
-                model_history(&self.store.list_messages(chat_id).await?)
+                let earlier = self
+                    .store
+                    .recent_messages(chat_id, HISTORY_MESSAGES)
+                    .await?;
+                within_budget(model_history(&earlier), self.limits.max_history_chars)
             }
             None => Vec::new(),
         };
@@ -292,6 +323,7 @@ impl ChatService {
                 Err(match e {
                     StoreError::ChatNotFound => ChatError::ChatNotFound,
                     StoreError::ChatBusy => ChatError::ChatBusy,
+                    StoreError::QuotaExceeded(kind) => ChatError::QuotaExceeded(kind),
                     other => ChatError::Store(other),
                 })
             }
@@ -299,15 +331,24 @@ impl ChatService {
     }
 
     /// Runs the producer on the tracked task set, so shutdown waits for it to store its answer.
-    fn spawn_producer(&self, producer: turn::Turn) {
-        let active = self.active.clone();
-        let chat_id = producer.chat_id.clone();
+    /// However it ends — done, failed, panicked, or dropped with the runtime — the chat's claim
+    /// is released; after a panic the aftermath stores the answer and ends its listeners.
+    fn spawn_producer(&self, producer: turn::Turn, aftermath: turn::Aftermath) {
+        let claim = control::ClaimGuard::new(self.active.clone(), producer.chat_id.clone());
         // The producer's log lines keep the request's id and user.
         let span = tracing::Span::current();
         self.tasks.spawn(
             async move {
-                producer.run().await;
-                active.release(&chat_id);
+                let _claim = claim;
+                let ran = std::panic::AssertUnwindSafe(producer.run())
+                    .catch_unwind()
+                    .await;
+                if ran.is_err() {
+                    let cleanup = std::panic::AssertUnwindSafe(aftermath.after_panic());
+                    if cleanup.catch_unwind().await.is_err() {
+                        tracing::error!("ending a panicked answer panicked too");
+                    }
+                }
             }
             .instrument(span),
         );
@@ -329,7 +370,7 @@ impl ChatService {
         {
             return Ok(Some(Box::pin(answer.audience.listen(events))));
         }
-        let messages = self.store.list_messages(chat_id).await?;
+        let messages = self.store.recent_messages(chat_id, 2).await?;
         let Some(latest) = messages.iter().rev().find(|m| m.role == Role::Assistant) else {
             return Ok(None);
         };
@@ -352,7 +393,7 @@ impl ChatService {
             None => self.store.list_chats(user.as_str(), 5, None).await?,
         };
         for chat in candidates.iter().filter(|c| c.bot_id == request.bot_id) {
-            let messages = self.store.list_messages(&chat.id).await?;
+            let messages = self.store.recent_messages(&chat.id, 2).await?;
             let last_question = messages.iter().rev().find(|m| m.role == Role::User);
             if last_question.is_some_and(|q| q.content == request.message) {
                 return self.resume(user, &chat.id, Some(after_id)).await;
@@ -391,14 +432,34 @@ impl ChatService {
         Ok(ChatPage { chats, next })
     }
 
+    /// A page of the chat's messages in order: at most `limit`, after `after_seq`, and no more
+    /// than [`MESSAGE_PAGE_BYTES`] of text (at least one message) so that one response stays
+    /// small however long the messages are. The second value is where the next page starts.
     pub async fn messages(
         &self,
         user: &UserId,
         chat_id: &str,
-    ) -> Result<(ChatRecord, Vec<MessageRecord>), ChatError> {
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<(ChatRecord, Vec<MessageRecord>, Option<i64>), ChatError> {
         let chat = self.owned_chat(user, chat_id).await?;
-        let messages = self.store.list_messages(chat_id).await?;
-        Ok((chat, messages))
+        let mut messages = self
+            .store
+            .list_messages(chat_id, after_seq, limit + 1)
+            .await?;
+        let mut more = messages.len() > limit as usize;
+        messages.truncate(limit as usize);
+        let mut bytes = 0;
+        if let Some(cut) = messages.iter().position(|m| {
+            bytes += m.content.len();
+            bytes > MESSAGE_PAGE_BYTES
+        }) {
+            let keep = cut.max(1);
+            more |= keep < messages.len();
+            messages.truncate(keep);
+        }
+        let next = more.then(|| messages.last().map(|m| m.seq)).flatten();
+        Ok((chat, messages, next))
     }
 
     /// Deletes a chat of the caller, stopping its answer first if one is being generated.
@@ -432,10 +493,10 @@ impl ChatService {
 }
 
 /// The first target that can take the request, with the place it granted.
-fn admit_first(targets: &[Target]) -> Result<(usize, Admission), ChatError> {
+fn admit_first(targets: &[Target], user: &str) -> Result<(usize, Admission), ChatError> {
     let mut refusal = None;
     for (index, target) in targets.iter().enumerate() {
-        match target.provider.admit() {
+        match target.provider.admit(user) {
             Ok(admission) => return Ok((index, admission)),
             Err(e) => refusal = Some(e),
         }
@@ -470,6 +531,32 @@ fn model_history(messages: &[MessageRecord]) -> Vec<ModelMessage> {
     history
 }
 
+/// The most recent turns whose text fits in `max_chars` (whole turns: a question with its
+/// answer).
+fn within_budget(history: Vec<ModelMessage>, max_chars: usize) -> Vec<ModelMessage> {
+    let mut used = 0;
+    let mut keep_from = history.len();
+    for (index, pair) in history.chunks(2).enumerate().rev() {
+        used += pair.iter().map(|m| m.content.len()).sum::<usize>();
+        if used > max_chars {
+            break;
+        }
+        keep_from = index * 2;
+    }
+    history.into_iter().skip(keep_from).collect()
+}
+
+fn quota_message(kind: QuotaKind) -> &'static str {
+    match kind {
+        QuotaKind::Chats => "you have as many chats as allowed; delete one to start another",
+        QuotaKind::Bytes => "your chats hold as much text as allowed; delete some to go on",
+        QuotaKind::Turns => "this chat has as many turns as allowed; start a new chat",
+    }
+}
+
+/// The most message text one page of `GET /api/v1/chats/{id}/messages` carries.
+pub const MESSAGE_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
 fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
@@ -489,6 +576,7 @@ mod tests {
             error_code: None,
             usage: None,
             created_at_ms: 0,
+            seq: 0,
             replay: None,
         }
     }
@@ -507,5 +595,24 @@ mod tests {
         assert_eq!(texts, ["one", "1", "three", "3"]);
         assert_eq!(history[0].role, Role::User);
         assert_eq!(history[1].role, Role::Assistant);
+    }
+
+    #[test]
+    fn history_keeps_the_latest_whole_turns_within_the_budget() {
+        let history = model_history(&[
+            message(Role::User, "aaaa"),
+            message(Role::Assistant, "bbbb"),
+            message(Role::User, "cc"),
+            message(Role::Assistant, "dd"),
+        ]);
+        let kept = |budget| {
+            within_budget(history.clone(), budget)
+                .iter()
+                .map(|m| m.content.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kept(100), ["aaaa", "bbbb", "cc", "dd"]);
+        assert_eq!(kept(11), ["cc", "dd"]);
+        assert_eq!(kept(3), Vec::<String>::new());
     }
 }

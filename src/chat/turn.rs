@@ -10,7 +10,8 @@
 //! token in time) is skipped for the next. Once a token has streamed there is no switch: a
 //! failure is an `error` event, so the client never sees text twice.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
 use tokio::time::Instant;
@@ -32,6 +33,8 @@ use prometheus_client::metrics::histogram::Histogram;
 
 pub(super) struct Turn {
     pub chat_id: String,
+    /// Whose answer it is (a provider may give each user a bounded share).
+    pub user_id: String,
     pub assistant_message_id: String,
     pub last_event_id: i64,
     pub targets: Vec<Target>,
@@ -50,6 +53,89 @@ pub(super) struct Turn {
     /// When the whole answer must be over; set when the producer starts.
     pub deadline: Instant,
     pub metrics: Arc<Metrics>,
+    /// Shared with the [`Aftermath`], which finishes the turn if this producer panics.
+    pub progress: Arc<Progress>,
+    /// The user's place among their concurrent streams, held while this answer is generated.
+    pub _slot: crate::rate_limit::StreamSlot,
+}
+
+/// How far a producer got, kept where its [`Aftermath`] can read it after a panic.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    last_id: AtomicI64,
+    chunks: Mutex<Vec<Arc<str>>>,
+    stored: AtomicBool,
+    ended: AtomicBool,
+}
+
+impl Progress {
+    pub fn new(last_event_id: i64) -> Arc<Self> {
+        Arc::new(Self {
+            last_id: AtomicI64::new(last_event_id),
+            ..Self::default()
+        })
+    }
+
+    fn chunks(&self) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
+        // A panic while the lock was held leaves the text as it was: still worth storing.
+        self.chunks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Finishes a turn whose producer panicked, so that nothing is left half-done: the answer is
+/// stored as an error with the text streamed so far, every listener gets a terminal `error`, and
+/// the stream log is closed (the caller releases the chat's claim). Without it, the chat would
+/// stay busy, its listeners would wait forever and the stored row would stay `streaming`.
+pub(super) struct Aftermath {
+    pub chat_id: String,
+    pub assistant_message_id: String,
+    pub store: Arc<dyn ChatStore>,
+    pub log: Arc<dyn EventLog>,
+    pub progress: Arc<Progress>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Aftermath {
+    pub async fn after_panic(self) {
+        tracing::error!(chat_id = %self.chat_id, "the answer's producer panicked; ending the answer");
+        let progress = &self.progress;
+        let terminal_id = progress.last_id.load(Ordering::SeqCst) + 1;
+        let failure = StreamFailure::new("the answer failed on the server", "internal_error", true);
+        if !progress.stored.load(Ordering::SeqCst) {
+            let chunks = std::mem::take(&mut *progress.chunks());
+            let record = FinishedTurn {
+                chat_id: self.chat_id.clone(),
+                assistant_message_id: self.assistant_message_id.clone(),
+                content: chunks.concat(),
+                chunks,
+                status: MessageStatus::Error,
+                error_code: Some(failure.code.clone()),
+                error_message: Some(failure.message.clone()),
+                error_retryable: Some(failure.retryable),
+                provider: None,
+                model: None,
+                usage: None,
+                last_event_id: terminal_id,
+            };
+            if let Err(e) = self.store.finish_turn(record).await {
+                tracing::error!(chat_id = %self.chat_id, "could not store the failed answer: {e}");
+            }
+        }
+        if !progress.ended.load(Ordering::SeqCst) {
+            let event = StreamEvent {
+                id: terminal_id,
+                kind: EventKind::Error(failure),
+            };
+            self.log.append(&self.chat_id, event).await;
+            self.log.close(&self.chat_id).await;
+        }
+        let outcome = OutcomeLabels {
+            outcome: "internal_error".into(),
+        };
+        self.metrics.streams.get_or_create(&outcome).inc();
+    }
 }
 
 /// How generation ended, before anything is stored.
@@ -76,7 +162,8 @@ struct Emitter {
     log: Arc<dyn EventLog>,
     chat_id: String,
     last_id: i64,
-    chunks: Vec<Arc<str>>,
+    /// The ids and text so far live here, where an [`Aftermath`] finds them.
+    progress: Arc<Progress>,
     usage: Option<TokenUsage>,
     /// The target that started answering, if one did.
     answering: Option<usize>,
@@ -87,6 +174,7 @@ struct Emitter {
 impl Emitter {
     async fn send(&mut self, kind: EventKind) {
         self.last_id += 1;
+        self.progress.last_id.store(self.last_id, Ordering::SeqCst);
         let event = StreamEvent {
             id: self.last_id,
             kind,
@@ -100,7 +188,7 @@ impl Emitter {
             gaps.observe((now - previous).as_secs_f64());
         }
         let text: Arc<str> = text.into();
-        self.chunks.push(text.clone());
+        self.progress.chunks().push(text.clone());
         self.send(EventKind::Content(text)).await;
     }
 }
@@ -112,7 +200,7 @@ impl Turn {
             log: self.log.clone(),
             chat_id: self.chat_id.clone(),
             last_id: self.last_event_id,
-            chunks: Vec::new(),
+            progress: self.progress.clone(),
             usage: None,
             answering: None,
             last_text_at: None,
@@ -134,7 +222,7 @@ impl Turn {
             let target = &self.targets[index];
             let granted = match admission.take() {
                 Some(granted) => Ok(granted),
-                None => target.provider.admit(),
+                None => target.provider.admit(&self.user_id),
             };
             let opening = match granted {
                 Ok(granted) => self.open(target, granted, emitter).await,
@@ -163,6 +251,7 @@ impl Turn {
                             chat_id = %self.chat_id,
                             provider = target.provider.name(),
                             model = %target.model,
+                            detail = e.detail(),
                             "target failed before its first token, trying the next: {e}"
                         );
                     }
@@ -335,11 +424,12 @@ impl Turn {
             EventKind::Error(failure) => Some(failure),
             _ => None,
         };
-        let record = FinishedTurn {
+        let mut record = FinishedTurn {
             chat_id: self.chat_id.clone(),
             assistant_message_id: self.assistant_message_id.clone(),
-            content: emitter.chunks.concat(),
-            chunks: std::mem::take(&mut emitter.chunks),
+            content: String::new(),
+            // A copy (of pointers): if storing panics, the aftermath still has the text.
+            chunks: emitter.progress.chunks().clone(),
             status,
             error_code: failure.map(|f| f.code.clone()),
             error_message: failure.map(|f| f.message.clone()),
@@ -349,8 +439,12 @@ impl Turn {
             usage: emitter.usage,
             last_event_id: terminal_id,
         };
+        record.content = record.chunks.concat();
         let terminal = match self.store.finish_turn(record).await {
-            Ok(()) => terminal,
+            Ok(()) => {
+                self.progress.stored.store(true, Ordering::SeqCst);
+                terminal
+            }
             Err(e) => {
                 tracing::error!(chat_id = %self.chat_id, "SSE stream error: could not store the answer: {e}");
                 EventKind::Error(StreamFailure::new(
@@ -363,6 +457,7 @@ impl Turn {
         self.count_answer(&emitter, status, &terminal);
         emitter.send(terminal).await;
         self.log.close(&self.chat_id).await;
+        self.progress.ended.store(true, Ordering::SeqCst);
     }
 
     /// The stored status and the terminal event of an ending.
@@ -416,7 +511,12 @@ impl Turn {
                 failure("the chat was deleted", "chat_deleted", false),
             ),
             Ending::Failed(err) => {
-                tracing::error!(chat_id = %self.chat_id, code = err.kind.code(), "SSE stream error: {err}");
+                tracing::error!(
+                    chat_id = %self.chat_id,
+                    code = err.kind.code(),
+                    detail = err.detail(),
+                    "SSE stream error: {err}"
+                );
                 let event = failure(&err.message, err.kind.code(), err.kind.retryable());
                 (MessageStatus::Error, event)
             }

@@ -1,8 +1,12 @@
-//! Configuration: a TOML file, then `MANGOO_*` environment variables on top, validated as a whole
-//! before anything starts.
+//! Configuration: a TOML file, then the environment on top, validated as a whole before anything
+//! starts. Layered with figment: every key can be set as `MANGOO_<SECTION>__<KEY>` (nested
+//! sections joined by `__`, e.g. `MANGOO_PROVIDERS__LOCAL__QUEUE_SIZE=4`), as container platforms
+//! configure services; the older short names (`MANGOO_BIND`, `MANGOO_DATABASE_URL`, ...) still
+//! work and win over both.
 //!
-//! Every validation failure names the offending key (`server.bind: ...`) so an operator can fix a
-//! deploy from the error alone. Secrets live in [`Secret`], whose `Debug` never prints them.
+//! Every failure names the offending key (`server.bind: ...`) and, for a bad value from the
+//! environment, its variable, so an operator can fix a deploy from the error alone. Secrets live
+//! in [`Secret`], whose `Debug` never prints them.
 
 mod providers;
 
@@ -13,7 +17,38 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
+
+/// Environment variables that configure Mangoo start with this.
+pub const ENV_PREFIX: &str = "MANGOO_";
+
+/// Every problem figment found, each with its key and where the value came from: the
+/// environment variable to fix, or the file.
+fn describe(error: figment::Error, file: Option<&str>) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            let origin = if from_env {
+                let parts: Vec<String> = e.path.iter().map(|p| p.to_uppercase()).collect();
+                format!(" (from {ENV_PREFIX}{})", parts.join("__"))
+            } else {
+                file.map(|f| format!(" (in {f})")).unwrap_or_default()
+            };
+            match key.is_empty() {
+                true => format!("{}{origin}", e.kind),
+                false => format!("{key}: {}{origin}", e.kind),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 /// The whole configuration, as read from `mangoo.toml` plus the environment.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -27,8 +62,33 @@ pub struct Config {
     pub auth: AuthConfig,
     pub cors: CorsConfig,
     pub database: DatabaseConfig,
+    pub quotas: QuotasConfig,
     pub providers: ProvidersConfig,
     pub bots: Vec<BotConfig>,
+}
+
+/// What one user may store, and how much of a chat goes back to the model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotasConfig {
+    pub max_chats_per_user: u64,
+    /// Bytes of message text over all of a user's chats.
+    pub max_bytes_per_user: u64,
+    pub max_turns_per_chat: u64,
+    /// Characters of earlier turns sent to the provider with each new message (the latest turns
+    /// that fit; the rest stay stored).
+    pub max_history_chars: usize,
+}
+
+impl Default for QuotasConfig {
+    fn default() -> Self {
+        Self {
+            max_chats_per_user: 1000,
+            max_bytes_per_user: 50 * 1024 * 1024,
+            max_turns_per_chat: 500,
+            max_history_chars: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +108,12 @@ pub struct ServerConfig {
     pub drain_secs: u64,
     /// HTTPS on the main listener (ALPN h2 and http/1.1) instead of cleartext.
     pub tls: Option<TlsConfig>,
+    /// Client connections open at once; past it new ones are closed on accept.
+    pub max_connections: usize,
+    /// Client connections one address may hold (trusted proxies are exempt).
+    pub max_connections_per_address: usize,
+    /// A connection with no request in flight (an open stream counts) is closed after this.
+    pub idle_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +135,11 @@ impl Default for ServerConfig {
             heartbeat_secs: 15,
             drain_secs: 30,
             tls: None,
+            max_connections: 10_000,
+            max_connections_per_address: 256,
+            // Longer than load balancers' own idle timeout (60 s on ALB), so it is always the
+            // balancer that closes a pooled connection, never Mangoo under a request in transit.
+            idle_timeout_secs: 75,
         }
     }
 }
@@ -178,6 +249,8 @@ pub struct AuthConfig {
     pub token_use: Option<String>,
     /// The key set is fetched again for an unknown key id at most this often.
     pub jwks_min_refresh_secs: u64,
+    /// Keys older than this are fetched again before use, so withdrawn keys stop counting.
+    pub jwks_max_age_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -190,6 +263,7 @@ impl Default for AuthConfig {
             client_id: None,
             token_use: None,
             jwks_min_refresh_secs: 60,
+            jwks_max_age_secs: 3600,
         }
     }
 }
@@ -312,8 +386,9 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("invalid configuration file {path}: {message}")]
-    Parse { path: String, message: String },
+    /// The file or the environment does not fit the configuration's shape.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
     #[error("{key}: {reason}")]
     Invalid { key: String, reason: String },
 }
@@ -331,30 +406,36 @@ pub const KNOWN_PROVIDERS: &[&str] = &["bedrock", "local", "anthropic", "openai"
 impl Config {
     /// Reads the file (if any), applies the process environment and validates the result.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let config = match path {
-            Some(path) => Self::from_file(path)?,
-            None => Self::default(),
-        };
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            // Read here rather than by figment: a named file that is missing is an error.
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            figment = figment.merge(Toml::string(&text));
+        }
+        let figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        let file = path.map(|p| p.display().to_string());
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(describe(e, file.as_deref())))?;
         let env: Vec<(String, String)> = std::env::vars().collect();
         config.with_env(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
-            path: path.display().to_string(),
-            message,
-        })
-    }
-
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        Figment::from(Toml::string(text))
+            .extract()
+            .map_err(|e| describe(e, None))
     }
 
-    /// Applies the `MANGOO_*` overrides (environment wins over the file), then validates.
+    /// Applies the short `MANGOO_*` names of earlier releases (they win over the file and the
+    /// `MANGOO_<SECTION>__<KEY>` form), then validates.
     pub fn with_env<'a>(
         mut self,
         env: impl IntoIterator<Item = (&'a str, &'a str)>,
@@ -397,11 +478,7 @@ impl Config {
             return Err(invalid("server.max_message_chars", "must be at least 1"));
         }
         self.validate_limits()?;
-        if let Some(secret) = &self.auth.jwt_secret
-            && secret.expose().is_empty()
-        {
-            return Err(invalid("auth.jwt_secret", "must not be empty"));
-        }
+        self.auth.validate()?;
         for (i, origin) in self.cors.allowed_origins.iter().enumerate() {
             validate_origin(origin)
                 .map_err(|reason| invalid(format!("cors.allowed_origins[{i}]"), reason))?;
@@ -427,6 +504,15 @@ impl Config {
             ),
             ("streams.idle_timeout_secs", self.streams.idle_timeout_secs),
             ("streams.max_stream_secs", self.streams.max_stream_secs),
+            ("server.max_connections", self.server.max_connections as u64),
+            (
+                "server.max_connections_per_address",
+                self.server.max_connections_per_address as u64,
+            ),
+            ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+            ("quotas.max_chats_per_user", self.quotas.max_chats_per_user),
+            ("quotas.max_bytes_per_user", self.quotas.max_bytes_per_user),
+            ("quotas.max_turns_per_chat", self.quotas.max_turns_per_chat),
             ("rate_limit.burst", u64::from(self.rate_limit.burst)),
             (
                 "rate_limit.max_concurrent_streams",
@@ -458,8 +544,17 @@ impl Config {
 
     fn validate_providers(&self) -> Result<(), ConfigError> {
         let local = &self.providers.local;
-        if local.concurrency == 0 {
-            return Err(invalid("providers.local.concurrency", "must be at least 1"));
+        for (key, value) in [
+            ("providers.local.concurrency", local.concurrency),
+            (
+                "providers.local.max_queued_per_user",
+                local.max_queued_per_user,
+            ),
+            ("providers.local.max_prompt_tokens", local.max_prompt_tokens),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         let urls = [
             (
@@ -560,6 +655,73 @@ fn validate_targets(bot: &BotConfig, key: &dyn Fn(&str) -> String) -> Result<(),
     Ok(())
 }
 
+/// HS256 secrets shorter than this are refused: a short secret can be guessed offline from any
+/// one token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+impl AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(secret) = &self.jwt_secret
+            && secret.expose().len() < MIN_SECRET_BYTES
+        {
+            return Err(invalid(
+                "auth.jwt_secret",
+                format!(
+                    "must be at least {MIN_SECRET_BYTES} bytes (e.g. `openssl rand -base64 48`)"
+                ),
+            ));
+        }
+        if self.jwks_min_refresh_secs == 0 {
+            return Err(invalid("auth.jwks_min_refresh_secs", "must be at least 1"));
+        }
+        if self.jwks_max_age_secs == 0 {
+            return Err(invalid("auth.jwks_max_age_secs", "must be at least 1"));
+        }
+        let Some(url) = &self.jwks_url else {
+            return Ok(());
+        };
+        if !url.starts_with("https://") && !is_loopback_http(url) {
+            return Err(invalid(
+                "auth.jwks_url",
+                format!("'{url}' must be https:// (plain http only on loopback)"),
+            ));
+        }
+        if self.issuer.as_deref().is_none_or(|i| i.trim().is_empty()) {
+            return Err(invalid(
+                "auth.issuer",
+                "is required with jwks_url: tokens of any other issuer must not count",
+            ));
+        }
+        let has = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.trim().is_empty());
+        if !has(&self.audience) && !has(&self.client_id) {
+            return Err(invalid(
+                "auth.audience",
+                "audience (or, for Cognito access tokens, client_id) is required with jwks_url",
+            ));
+        }
+        Ok(())
+    }
+
+    /// An identity provider issues the tokens: HS256 is only on if a secret is configured too.
+    pub fn has_identity_provider(&self) -> bool {
+        self.jwks_url.is_some()
+    }
+}
+
+/// `http://127.0.0.1:…`, `http://[::1]…` or `http://localhost…`: a key set served on this host.
+fn is_loopback_http(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 impl ServerConfig {
     pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.bind.parse().map_err(|_| {
@@ -631,6 +793,44 @@ mod tests {
     }
 
     #[test]
+    // Jail's closure type is figment's, error size included.
+    #[allow(clippy::result_large_err)]
+    fn every_key_can_come_from_the_environment_and_the_short_names_still_work() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("m.toml", "[server]\nheartbeat_secs = 5\ndrain_secs = 9\n")?;
+            jail.set_env("MANGOO_SERVER__HEARTBEAT_SECS", "7");
+            jail.set_env("MANGOO_STREAMS__ON_DISCONNECT", "continue");
+            jail.set_env("MANGOO_PROVIDERS__LOCAL__QUEUE_SIZE", "3");
+            jail.set_env("MANGOO_SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]");
+            jail.set_env(
+                "MANGOO_AUTH__JWT_SECRET",
+                "generic-form-secret-generic-form-secret",
+            );
+            jail.set_env("MANGOO_BIND", "127.0.0.1:9");
+            let config = Config::load(Some(Path::new("m.toml"))).unwrap();
+            assert_eq!(config.server.heartbeat_secs, 7, "the environment wins");
+            assert_eq!(config.server.drain_secs, 9, "the file still counts");
+            assert_eq!(config.streams.on_disconnect, DisconnectPolicy::Continue);
+            assert_eq!(config.providers.local.queue_size, 3);
+            assert_eq!(config.server.trusted_proxies, ["10.0.0.0/8"]);
+            assert_eq!(config.server.bind, "127.0.0.1:9");
+            assert_eq!(
+                config.auth.jwt_secret.unwrap().expose(),
+                "generic-form-secret-generic-form-secret"
+            );
+
+            jail.set_env("MANGOO_SERVER__HEARTBEAT_SECS", "often");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("MANGOO_SERVER__HEARTBEAT_SECS"), "{err}");
+            jail.set_env("MANGOO_SERVER__HEARTBEAT_SECS", "7");
+            jail.set_env("MANGOO_SERVER__BINDD", "x");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("bindd"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = Config::from_toml("[server]\nbindd = \"x\"\n").unwrap_err();
         assert!(err.contains("bindd"), "{err}");
@@ -668,9 +868,47 @@ mod tests {
     #[test]
     fn secrets_do_not_print() {
         let config = Config::default()
-            .with_env([("MANGOO_JWT_SECRET", "hunter2-hunter2")])
+            .with_env([(
+                "MANGOO_JWT_SECRET",
+                "hunter2-hunter2-hunter2-hunter2-hunter2",
+            )])
             .unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn auth_settings_that_would_let_strangers_in_are_refused() {
+        let cases = [
+            ("[auth]\njwt_secret = \"short\"\n", "auth.jwt_secret"),
+            (
+                "[auth]\njwks_url = \"http://idp.example/jwks\"\nissuer = \"i\"\naudience = \"a\"\n",
+                "auth.jwks_url",
+            ),
+            (
+                "[auth]\njwks_url = \"https://idp.example/jwks\"\naudience = \"a\"\n",
+                "auth.issuer",
+            ),
+            (
+                "[auth]\njwks_url = \"https://idp.example/jwks\"\nissuer = \"i\"\n",
+                "auth.audience",
+            ),
+            (
+                "[auth]\njwks_min_refresh_secs = 0\n",
+                "auth.jwks_min_refresh_secs",
+            ),
+        ];
+        for (toml, key) in cases {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
+            assert!(err.to_string().starts_with(key), "{toml} -> {err}");
+        }
+        for ok in [
+            "[auth]\njwks_url = \"http://127.0.0.1:9/jwks\"\nissuer = \"i\"\nclient_id = \"c\"\n",
+            "[auth]\njwks_url = \"http://[::1]:9/jwks\"\nissuer = \"i\"\naudience = \"a\"\n",
+            "[auth]\njwks_url = \"https://idp.example/jwks\"\nissuer = \"i\"\naudience = \"a\"\n",
+        ] {
+            Config::from_toml(ok).unwrap().validate().unwrap();
+        }
+        assert!(!is_loopback_http("http://127.0.0.1.evil.example/jwks"));
     }
 
     #[test]

@@ -26,6 +26,11 @@ pub struct LocalConfig {
     pub concurrency: usize,
     /// Answers that may wait for a decoding thread; beyond that, 503 with Retry-After.
     pub queue_size: usize,
+    /// Places (decoding or waiting) one user may hold at once.
+    pub max_queued_per_user: usize,
+    /// The longest prompt (system prompt, history, message) evaluated; older turns are dropped
+    /// to fit, and a message longer than this alone is refused.
+    pub max_prompt_tokens: usize,
 }
 
 impl Default for LocalConfig {
@@ -34,6 +39,9 @@ impl Default for LocalConfig {
             model_path: None,
             concurrency: 1,
             queue_size: 8,
+            max_queued_per_user: 2,
+            // ~8,000 characters of English: a few seconds of prefill on one core.
+            max_prompt_tokens: 2048,
         }
     }
 }

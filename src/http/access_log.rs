@@ -14,12 +14,16 @@ use std::time::Instant;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
+
+/// Longest path written to a log line; the rest is cut (an unauthenticated request may send a
+/// path of many kilobytes, and every byte of it would be written to disk).
+const MAX_LOGGED_PATH: usize = 256;
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body::{Frame, SizeHint};
 use tracing::Instrument;
 
-use super::client::{RequestContext, TrustedProxies, request_id};
+use super::client_address::{RequestContext, TrustedProxies, request_id};
 use crate::metrics::{HttpLabels, Metrics};
 
 /// Set on a response by [`remember_route`]: the route template that matched.
@@ -46,8 +50,8 @@ pub async fn access_log(
 ) -> Response {
     let (proxies, metrics) = (&shared.0, &shared.1);
     let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    let method = method_label(request.method());
+    let path = loggable_path(request.uri().path());
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -75,7 +79,7 @@ pub async fn access_log(
     metrics
         .http_requests
         .get_or_create(&HttpLabels {
-            method: method.to_string(),
+            method: method.to_owned(),
             route,
             status: status.as_u16(),
         })
@@ -96,8 +100,38 @@ pub async fn access_log(
     })
 }
 
+/// The request method as a label of bounded cardinality: the standard methods by name, anything
+/// else — hyper accepts any token as an extension method, of any length — as `other`. Metrics
+/// keep every label set forever, so a raw method would let any client grow them without end.
+pub fn method_label(method: &Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The path as logged: at most [`MAX_LOGGED_PATH`] bytes, cut at a character boundary.
+fn loggable_path(path: &str) -> String {
+    if path.len() <= MAX_LOGGED_PATH {
+        return path.to_owned();
+    }
+    let mut end = MAX_LOGGED_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &path[..end])
+}
+
 struct AccessLine {
-    method: Method,
+    method: &'static str,
     path: String,
     status: StatusCode,
     client: String,

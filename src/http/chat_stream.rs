@@ -3,17 +3,17 @@
 //! answer up again after a dropped connection, and `POST /api/v1/chats/{chat_id}/stop` ends one.
 
 use axum::Json;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::extract::{AuthUser, JsonBody, query_param};
+use super::extract::{AuthUser, ChatIdParam, JsonBody, query_param};
 use super::sse::{SseEvent, stream_response};
 use crate::auth::UserId;
 use crate::chat::TurnRequest;
-use crate::error::{ApiError, ErrorBody};
+use crate::http::error::{ApiError, ErrorBody};
 use crate::rate_limit::StreamSlot;
 
 /// A message for a bot: a new chat, or the next turn of `chat_id`.
@@ -124,14 +124,21 @@ async fn answer(
     request: TurnRequest,
 ) -> Result<Response, ApiError> {
     let slot = stream_slot(state, user)?;
-    let events = match last_event_id(headers, None)? {
+    // A new answer's place is held by its producer for as long as it generates — under the
+    // "continue" policy that outlasts the client's connection — so the cap counts generations.
+    let (events, body_slot) = match last_event_id(headers, None)? {
         Some(after) => match state.chat.reconnect(user, &request, after).await? {
-            Some(events) => events,
+            Some(events) => (events, Some(slot)),
             None => return Ok(StatusCode::NO_CONTENT.into_response()),
         },
-        None => state.chat.start_turn(user, request).await?,
+        None => (state.chat.start_turn(user, request, slot).await?, None),
     };
-    Ok(stream_response(events, version, state.sse.clone(), slot))
+    Ok(stream_response(
+        events,
+        version,
+        state.sse.clone(),
+        body_slot,
+    ))
 }
 
 /// One of the caller's concurrent-stream places, taken before anything starts (a refused
@@ -190,14 +197,19 @@ pub async fn resume_stream(
     State(state): State<AppState>,
     version: Version,
     AuthUser(user): AuthUser,
-    Path(chat_id): Path<String>,
+    ChatIdParam(chat_id): ChatIdParam,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let after = last_event_id(&headers, query.as_deref())?;
     let slot = stream_slot(&state, &user)?;
     match state.chat.resume(&user, &chat_id, after).await? {
-        Some(events) => Ok(stream_response(events, version, state.sse.clone(), slot)),
+        Some(events) => Ok(stream_response(
+            events,
+            version,
+            state.sse.clone(),
+            Some(slot),
+        )),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
 }
@@ -221,7 +233,7 @@ pub struct Stopped {
 pub async fn stop(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    Path(chat_id): Path<String>,
+    ChatIdParam(chat_id): ChatIdParam,
 ) -> Result<Json<Stopped>, ApiError> {
     let stopped = state.chat.stop(&user, &chat_id).await?;
     Ok(Json(Stopped { chat_id, stopped }))
@@ -254,7 +266,8 @@ pub async fn issue_ticket(
         .ok_or_else(|| ApiError::Unavailable {
             code: "service_unavailable",
             message: "too many outstanding tickets; retry shortly".into(),
+            retryable: true,
         })?;
-    let expires_in = crate::tickets::TICKET_TTL.as_secs();
+    let expires_in = crate::auth::tickets::TICKET_TTL.as_secs();
     Ok((StatusCode::CREATED, Json(Ticket { ticket, expires_in })))
 }

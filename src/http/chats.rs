@@ -1,7 +1,7 @@
 //! The caller's chats: list (newest activity first, keyset-paginated), read, delete.
 
 use axum::Json;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -10,12 +10,15 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::AppState;
-use super::extract::AuthUser;
-use crate::error::{ApiError, ErrorBody};
+use super::extract::{AuthUser, ChatIdParam};
+use crate::http::error::{ApiError, ErrorBody};
 use crate::store::{ChatCursor, ChatRecord, MessageRecord};
 
 const DEFAULT_PAGE: u32 = 20;
 const MAX_PAGE: u32 = 100;
+/// Messages per page by default: a whole ordinary chat (100 turns) in one request.
+const DEFAULT_MESSAGE_PAGE: u32 = 200;
+const MAX_MESSAGE_PAGE: u32 = 1000;
 
 #[derive(Debug, Deserialize)]
 struct ListQuery {
@@ -59,6 +62,8 @@ impl From<ChatRecord> for ChatView {
 pub struct MessageList {
     chat_id: String,
     messages: Vec<MessageView>,
+    /// Pass as `?cursor=` for the next page; null on the last page.
+    next_cursor: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -117,15 +122,7 @@ pub async fn list_chats(
 ) -> Result<Json<ChatList>, ApiError> {
     let query: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
-    let limit = match query.limit.unwrap_or(DEFAULT_PAGE) {
-        n @ 1..=MAX_PAGE => n,
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                format!("limit must be between 1 and {MAX_PAGE}"),
-            ));
-        }
-    };
+    let limit = page_size(query.limit, DEFAULT_PAGE, MAX_PAGE)?;
     let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let page = state.chat.list_chats(&user, limit, cursor.as_ref()).await?;
     Ok(Json(ChatList {
@@ -135,9 +132,14 @@ pub async fn list_chats(
 }
 
 #[utoipa::path(get, path = "/api/v1/chats/{chat_id}/messages", tag = "chats",
-    params(("chat_id" = String, Path)),
+    params(
+        ("chat_id" = String, Path),
+        ("limit" = Option<u32>, Query, description = "1 to 1000, default 200"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
     responses(
-        (status = 200, description = "The chat's messages in order", body = MessageList),
+        (status = 200, description = "The chat's messages in order, a page at a time (at most 2 MiB of text)", body = MessageList),
+        (status = 400, description = "Bad limit or cursor", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 404, description = "No such chat of the caller's", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
@@ -146,13 +148,38 @@ pub async fn list_chats(
 pub async fn list_messages(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    Path(chat_id): Path<String>,
+    ChatIdParam(chat_id): ChatIdParam,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<MessageList>, ApiError> {
-    let (chat, messages) = state.chat.messages(&user, &chat_id).await?;
+    let query: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
+    let limit = page_size(query.limit, DEFAULT_MESSAGE_PAGE, MAX_MESSAGE_PAGE)?;
+    let after = query.cursor.as_deref().map(decode_seq).transpose()?;
+    let (chat, messages, next) = state.chat.messages(&user, &chat_id, after, limit).await?;
     Ok(Json(MessageList {
         chat_id: chat.id,
         messages: messages.into_iter().map(MessageView::from).collect(),
+        next_cursor: next.map(|seq| URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))),
     }))
+}
+
+fn page_size(asked: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
+    match asked.unwrap_or(default) {
+        n if (1..=max).contains(&n) => Ok(n),
+        _ => Err(ApiError::bad_request(
+            "invalid_request",
+            format!("limit must be between 1 and {max}"),
+        )),
+    }
+}
+
+fn decode_seq(text: &str) -> Result<i64, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(text)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.strip_prefix("seq:")?.parse().ok())
+        .ok_or_else(|| ApiError::bad_request("invalid_request", "invalid cursor"))
 }
 
 #[utoipa::path(delete, path = "/api/v1/chats/{chat_id}", tag = "chats",
@@ -167,7 +194,7 @@ pub async fn list_messages(
 pub async fn delete_chat(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    Path(chat_id): Path<String>,
+    ChatIdParam(chat_id): ChatIdParam,
 ) -> Result<StatusCode, ApiError> {
     state.chat.delete_chat(&user, &chat_id).await?;
     Ok(StatusCode::NO_CONTENT)

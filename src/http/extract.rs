@@ -4,12 +4,12 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
 use crate::auth::{AuthError, UserId};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// The caller, from `Authorization: Bearer <jwt>` or, for EventSource which cannot send headers,
 /// the `token` query parameter.
@@ -20,14 +20,11 @@ impl FromRequestParts<AppState> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let user = match stream_ticket(parts) {
-            Some(ticket) => state.tickets.redeem(&ticket).ok_or_else(|| {
-                AuthError::Invalid("the stream ticket is unknown, used or expired".into())
-            })?,
+            Some(ticket) => state.tickets.redeem(&ticket).ok_or(AuthError::BadTicket)?,
             None => match parts.extensions.get::<super::limits::VerifiedUser>() {
                 Some(verified) => verified.0.clone(),
                 None => {
-                    let token =
-                        token_in(&parts.headers, parts.uri.query())?.ok_or(AuthError::Missing)?;
+                    let token = token_in(parts)?.ok_or(AuthError::Missing)?;
                     state.auth.verify(&token).await?
                 }
             },
@@ -39,18 +36,44 @@ impl FromRequestParts<AppState> for AuthUser {
 
 /// A `?ticket=` on a GET of a stream endpoint (the only place tickets are accepted).
 fn stream_ticket(parts: &Parts) -> Option<String> {
-    if parts.method != axum::http::Method::GET || !parts.uri.path().ends_with("/stream") {
+    if parts.method != Method::GET || !is_stream_route(&parts.method, parts.uri.path()) {
         return None;
     }
     query_param(parts.uri.query(), "ticket")
 }
 
-/// The request's token, if it has one: the bearer header, else the `token` query parameter.
-pub fn token_in(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, ApiError> {
-    match headers.get(AUTHORIZATION) {
-        Some(value) => bearer_token(value.as_bytes()).map(Some),
-        None => Ok(query_param(query, "token")),
+/// The stream routes, the only ones where a credential may travel in the URL: EventSource cannot
+/// send headers. Anywhere else a `?token=` would only end up in more proxy logs and browser
+/// histories, so it is not read at all.
+pub fn is_stream_route(method: &Method, path: &str) -> bool {
+    if path == "/api/v1/chat/stream" {
+        return *method == Method::GET || *method == Method::POST;
     }
+    *method == Method::GET
+        && path
+            .strip_prefix("/api/v1/chats/")
+            .and_then(|rest| rest.strip_suffix("/stream"))
+            .is_some_and(|chat_id| !chat_id.is_empty() && !chat_id.contains('/'))
+}
+
+/// The request's token, if it has one: the bearer header, else — on a stream route only — the
+/// `token` query parameter.
+pub fn token_in(parts: &Parts) -> Result<Option<String>, ApiError> {
+    match parts.headers.get(AUTHORIZATION) {
+        Some(value) => bearer_token(value.as_bytes()).map(Some),
+        None if is_stream_route(&parts.method, parts.uri.path()) => {
+            Ok(query_param(parts.uri.query(), "token"))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The bearer token of the `Authorization` header alone.
+pub fn bearer_in(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get(AUTHORIZATION)
+        .map(|value| bearer_token(value.as_bytes()))
+        .transpose()
 }
 
 fn bearer_token(header: &[u8]) -> Result<String, ApiError> {
@@ -72,6 +95,27 @@ fn bearer_token(header: &[u8]) -> Result<String, ApiError> {
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query?).ok()?;
     pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+}
+
+/// The `{chat_id}` of a route. axum's own `Path` answers a bad segment (not UTF-8, say) in
+/// plain text; every rejection here is the contract's JSON error.
+pub struct ChatIdParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ChatIdParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path(chat_id) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|rejection| {
+                    ApiError::bad_request(
+                        "invalid_request",
+                        format!("invalid chat id in the path: {}", rejection.body_text()),
+                    )
+                })?;
+        Ok(ChatIdParam(chat_id))
+    }
 }
 
 /// A JSON body: 415 without a JSON content type, 413 over the size limit, 400 when malformed or
@@ -141,6 +185,21 @@ mod tests {
         assert_eq!(bearer_token(b"bearer abc").unwrap(), "abc");
         assert!(bearer_token(b"Basic abc").is_err());
         assert!(bearer_token(b"Bearer ").is_err());
+    }
+
+    #[test]
+    fn only_stream_routes_take_credentials_in_the_url() {
+        assert!(is_stream_route(&Method::GET, "/api/v1/chat/stream"));
+        assert!(is_stream_route(&Method::POST, "/api/v1/chat/stream"));
+        assert!(is_stream_route(&Method::GET, "/api/v1/chats/chat-1/stream"));
+        assert!(!is_stream_route(&Method::HEAD, "/api/v1/chat/stream"));
+        assert!(!is_stream_route(
+            &Method::POST,
+            "/api/v1/chats/chat-1/stream"
+        ));
+        assert!(!is_stream_route(&Method::GET, "/api/v1/chats"));
+        assert!(!is_stream_route(&Method::GET, "/api/v1/chats/a/b/stream"));
+        assert!(!is_stream_route(&Method::GET, "/api/v1/chats//stream"));
     }
 
     #[test]

@@ -10,9 +10,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::client::RequestContext;
+use super::client_address::RequestContext;
 use super::extract::token_in;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::metrics::ReasonLabels;
 use crate::rate_limit::Decision;
 
@@ -20,14 +20,10 @@ use crate::rate_limit::Decision;
 #[derive(Clone)]
 pub struct VerifiedUser(pub crate::auth::UserId);
 
-pub async fn rate_limit(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let token = token_in(request.headers(), request.uri().query())
-        .ok()
-        .flatten();
+pub async fn rate_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let token = token_in(&parts).ok().flatten();
+    let mut request = Request::from_parts(parts, body);
     let user = match token {
         Some(token) => state.auth.verify(&token).await.ok(),
         None => None,

@@ -12,7 +12,8 @@
 mod access_log;
 mod chat_stream;
 mod chats;
-pub mod client;
+pub mod client_address;
+pub mod error;
 pub mod extract;
 pub mod limits;
 mod openapi;
@@ -32,7 +33,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::Authenticator;
 use crate::chat::ChatService;
-use crate::error::{ApiError, ErrorBody};
+use crate::http::error::{ApiError, ErrorBody};
 
 /// What every handler can reach. Cheap to clone: all shared parts are behind `Arc`s.
 #[derive(Clone)]
@@ -43,7 +44,7 @@ pub struct AppState {
     pub sse: sse::SseSettings,
     pub limiter: Arc<dyn crate::rate_limit::RateLimiter>,
     pub streams: crate::rate_limit::StreamSlots,
-    pub tickets: Arc<crate::tickets::TicketBook>,
+    pub tickets: Arc<crate::auth::tickets::TicketBook>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// `None`: `/metrics` is open (or served elsewhere).
     pub metrics_token: Option<crate::config::Secret>,
@@ -52,14 +53,16 @@ pub struct AppState {
 pub fn router(
     state: AppState,
     allowed_origins: &[String],
-    proxies: client::TrustedProxies,
+    proxies: client_address::TrustedProxies,
     metrics_on_main: bool,
 ) -> Router {
     // Every API route counts against its caller's rate limit; the page and health checks do not.
     let api = Router::new()
         .route(
             "/api/v1/chat/stream",
-            post(chat_stream::post_stream).get(chat_stream::get_stream),
+            post(chat_stream::post_stream)
+                .get(chat_stream::get_stream)
+                .head(head_starts_nothing),
         )
         .route("/api/v1/chats", get(chats::list_chats))
         .route(
@@ -72,7 +75,7 @@ pub fn router(
         )
         .route(
             "/api/v1/chats/{chat_id}/stream",
-            get(chat_stream::resume_stream),
+            get(chat_stream::resume_stream).head(head_starts_nothing),
         )
         .route("/api/v1/chats/{chat_id}/stop", post(chat_stream::stop))
         .route("/api/v1/bots", get(chats::list_bots))
@@ -105,10 +108,33 @@ pub fn router(
         )),
         None => api,
     };
-    api.layer(axum::middleware::from_fn_with_state(
+    // Inside the access log, so a panic's 500 is logged with the request's id like any other.
+    api.layer(tower_http::catch_panic::CatchPanicLayer::custom(
+        crate::http::error::panic_response,
+    ))
+    .layer(axum::middleware::map_response(security_headers))
+    .layer(axum::middleware::from_fn_with_state(
         Arc::new((proxies, metrics_for_log)),
         access_log::access_log,
     ))
+}
+
+/// Every response: `nosniff`, so a browser never runs a JSON or text answer as script or
+/// markup. JSON answers: `no-store`, so no shared cache or browser disk keeps a user's chats.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
 }
 
 /// A router with `/metrics` alone, for `[metrics] listen`.
@@ -121,8 +147,11 @@ pub fn metrics_router(state: AppState) -> Router {
 /// Prometheus scrapes this; behind `[metrics] bearer_token` when one is set.
 async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     if let Some(expected) = &state.metrics_token {
-        let given = extract::token_in(&headers, None).ok().flatten();
-        if given.as_deref() != Some(expected.expose()) {
+        let given = extract::bearer_in(&headers).ok().flatten();
+        let matches = given
+            .as_deref()
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), expected.expose().as_bytes()));
+        if !matches {
             return ApiError::Unauthorized("metrics need the configured bearer token".into())
                 .into_response();
         }
@@ -135,6 +164,16 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// Compares two secrets in time that depends only on their lengths, so a scraper cannot learn the
+/// token byte by byte from how fast wrong guesses are refused.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
 }
 
 /// Credentials are allowed, so origins are an explicit list (validated at start: no wildcard).
@@ -214,6 +253,7 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
         return Err(ApiError::Unavailable {
             code: "server_shutting_down",
             message: "the server is shutting down".into(),
+            retryable: true,
         });
     }
     match state.chat.store().ping().await {
@@ -226,6 +266,7 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
             Err(ApiError::Unavailable {
                 code: "service_unavailable",
                 message: "storage is unreachable".into(),
+                retryable: true,
             })
         }
     }
@@ -240,4 +281,19 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// axum answers HEAD with the GET handler minus its body; on a stream route that would ask the
+/// model a question (and pay for it) to send nothing back.
+async fn head_starts_nothing(request: Request) -> Response {
+    let allow = if request.uri().path() == "/api/v1/chat/stream" {
+        "GET, POST"
+    } else {
+        "GET"
+    };
+    let mut response = ApiError::MethodNotAllowed.into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
 }

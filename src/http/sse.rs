@@ -43,7 +43,7 @@ pub fn stream_response(
     events: impl Stream<Item = StreamEvent> + Send + 'static,
     version: Version,
     settings: SseSettings,
-    slot: StreamSlot,
+    slot: Option<StreamSlot>,
 ) -> Response {
     settings.metrics.streams_open.inc();
     let body = Body::from_stream(SseBody {
@@ -81,7 +81,8 @@ pub fn stream_response(
 struct SseBody {
     metrics: Arc<Metrics>,
     /// The caller's place among their concurrent streams, given back when the body is dropped.
-    _slot: StreamSlot,
+    /// A resumed stream's place among the user's streams (a new answer's is its producer's).
+    _slot: Option<StreamSlot>,
     events: Pin<Box<dyn Stream<Item = StreamEvent> + Send>>,
     heartbeat: Option<(Duration, Pin<Box<Sleep>>)>,
     /// Sent once, on the first event.

@@ -231,5 +231,9 @@ fn stream_error(error: Option<ErrorBody>) -> ProviderError {
         "timeout_error" => ProviderErrorKind::Timeout,
         _ => ProviderErrorKind::Upstream,
     };
-    ProviderError::new(kind, format!("Anthropic {}: {}", error.kind, error.message))
+    ProviderError::from_upstream(
+        kind,
+        PROVIDER_NAME,
+        format!("{}: {}", error.kind, error.message),
+    )
 }

@@ -219,7 +219,7 @@ fn request_error<R: std::fmt::Debug>(err: &SdkError<ConverseStreamError, R>) -> 
         SdkError::DispatchFailure(_) => K::Connection,
         _ => K::Upstream,
     };
-    ProviderError::new(kind, describe(err, kind))
+    describe(err, kind)
 }
 
 /// Maps an exception frame or a broken connection once the stream has started.
@@ -238,30 +238,30 @@ fn stream_error<R: std::fmt::Debug>(err: &SdkError<ConverseStreamOutputError, R>
         SdkError::DispatchFailure(_) => K::Connection,
         _ => K::Upstream,
     };
-    ProviderError::new(kind, describe(err, kind))
+    describe(err, kind)
 }
 
-/// A message fit for users (the SDK's own text embeds raw frames); the full chain goes to the log.
-fn describe<E, R>(err: &SdkError<E, R>, kind: ProviderErrorKind) -> String
+/// The client hears the kind of failure; Bedrock's own message (an AccessDenied names the
+/// account and the role's ARN) and the SDK's error chain go to the log.
+fn describe<E, R>(err: &SdkError<E, R>, kind: ProviderErrorKind) -> ProviderError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    tracing::warn!(
-        provider = PROVIDER_NAME,
-        "Bedrock call failed: {}",
-        DisplayErrorContext(err)
-    );
-    match err {
-        // Displays as "ThrottlingException: <Bedrock's message>".
-        SdkError::ServiceError(service) => format!("Bedrock {}", service.err()),
-        _ => match kind {
-            ProviderErrorKind::Connection => "the connection to Bedrock failed or was lost".into(),
-            ProviderErrorKind::Timeout => "Bedrock did not answer in time".into(),
-            ProviderErrorKind::ConnectTimeout => "could not connect to Bedrock in time".into(),
-            _ => "Bedrock sent a response that could not be read".into(),
-        },
+    let detail = DisplayErrorContext(err).to_string();
+    tracing::warn!(provider = PROVIDER_NAME, "Bedrock call failed: {detail}");
+    let mut error = ProviderError::from_upstream(kind, "Bedrock", detail);
+    if !matches!(err, SdkError::ServiceError(_))
+        && !matches!(
+            kind,
+            ProviderErrorKind::Connection
+                | ProviderErrorKind::Timeout
+                | ProviderErrorKind::ConnectTimeout
+        )
+    {
+        error.message = "Bedrock sent a response that could not be read".into();
     }
+    error
 }
 
 #[cfg(test)]

@@ -47,12 +47,7 @@ pub fn request_error(provider: &str, err: &reqwest::Error) -> ProviderError {
         ProviderErrorKind::Connection
     };
     tracing::warn!(provider, "request failed: {err:?}");
-    let message = match kind {
-        ProviderErrorKind::Timeout => format!("{provider} did not answer in time"),
-        ProviderErrorKind::ConnectTimeout => format!("could not connect to {provider} in time"),
-        _ => format!("the connection to {provider} failed or was lost"),
-    };
-    ProviderError::new(kind, message)
+    ProviderError::from_upstream(kind, provider, err.to_string())
 }
 
 /// Sends a streaming request; a non-2xx answer becomes the provider's error.
@@ -71,10 +66,22 @@ pub async fn open_stream(
     Ok(response)
 }
 
-/// Turns a non-2xx response into an error, keeping the provider's own message when it has one.
-pub async fn status_error(provider: &str, response: reqwest::Response) -> ProviderError {
+/// The most of an error body read for the log: enough for any provider's error object.
+const MAX_ERROR_BODY_BYTES: usize = 16 * 1024;
+
+/// Turns a non-2xx response into an error: the status decides the kind; the provider's own
+/// message goes to the log only.
+pub async fn status_error(provider: &str, mut response: reqwest::Response) -> ProviderError {
     let status = response.status().as_u16();
-    let body = response.text().await.unwrap_or_default();
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY_BYTES);
+    let body = String::from_utf8_lossy(&body);
     let detail = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| {
@@ -86,9 +93,10 @@ pub async fn status_error(provider: &str, response: reqwest::Response) -> Provid
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| body.chars().take(200).collect());
-    ProviderError::new(
+    ProviderError::from_upstream(
         ProviderErrorKind::from_status(status),
-        format!("{provider} answered HTTP {status}: {detail}"),
+        provider,
+        format!("HTTP {status}: {detail}"),
     )
 }
 
@@ -122,8 +130,9 @@ pub fn events(
         Err(EventStreamError::Transport(e)) => Err(request_error(provider, &e)),
         Err(e) => Err(ProviderError::new(
             ProviderErrorKind::Upstream,
-            format!("{provider} sent a malformed stream: {e}"),
-        )),
+            format!("{provider} sent a malformed stream"),
+        )
+        .with_detail(e.to_string())),
     })
 }
 

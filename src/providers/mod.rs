@@ -112,6 +112,25 @@ impl ProviderErrorKind {
         )
     }
 
+    /// The plain words a client gets for this kind of failure at `provider`.
+    pub fn describe(self, provider: &str) -> String {
+        match self {
+            Self::Throttled => format!("{provider} is limiting requests; retry shortly"),
+            Self::InvalidRequest => format!("{provider} rejected the request"),
+            Self::AccessDenied => format!("this server may not use the model at {provider}"),
+            Self::Timeout => format!("{provider} did not answer in time"),
+            Self::Unavailable => format!("{provider} is temporarily unavailable"),
+            Self::Connection => format!("the connection to {provider} failed or was lost"),
+            Self::ConnectTimeout => format!("could not connect to {provider} in time"),
+            Self::FirstTokenTimeout => format!("{provider} sent no token in time"),
+            Self::IdleTimeout => format!("{provider} went silent in the middle of the answer"),
+            Self::StreamTooLong => "the answer took longer than a stream may last".into(),
+            Self::Overloaded => format!("{provider} is busy with other answers; retry shortly"),
+            Self::ModelUnavailable => format!("the {provider} model is not available"),
+            Self::Upstream => format!("{provider} failed to answer"),
+        }
+    }
+
     /// The kind an HTTP status from a provider means, for providers spoken to over HTTP.
     pub fn from_status(status: u16) -> Self {
         match status {
@@ -125,12 +144,17 @@ impl ProviderErrorKind {
     }
 }
 
+/// A provider failure. `message` is what the client is told: our own words, never the
+/// upstream's (those can carry account ids, role ARNs, file paths or the prompt itself), which
+/// travel in `detail` to the log.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct ProviderError {
     pub kind: ProviderErrorKind,
-    /// Safe to show users: says what failed, never carries credentials.
+    /// Safe to show users: says what failed, never carries credentials or upstream text.
     pub message: String,
+    /// For the log only: what the upstream (or the local model) said.
+    pub detail: Option<String>,
 }
 
 impl ProviderError {
@@ -138,7 +162,31 @@ impl ProviderError {
         Self {
             kind,
             message: message.into(),
+            detail: None,
         }
+    }
+
+    /// An upstream's own failure: the client learns its kind at `provider`, the log its words.
+    pub fn from_upstream(
+        kind: ProviderErrorKind,
+        provider: &str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind,
+            message: kind.describe(provider),
+            detail: Some(detail.into()),
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// The detail for a log line (empty when there is none).
+    pub fn detail(&self) -> &str {
+        self.detail.as_deref().unwrap_or_default()
     }
 }
 
@@ -147,12 +195,18 @@ impl ProviderError {
 #[derive(Debug, Default)]
 pub struct Admission {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The user's share of those places.
+    _share: Option<crate::rate_limit::StreamSlot>,
 }
 
 impl Admission {
-    pub fn with_permit(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+    pub fn with_permit(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        share: crate::rate_limit::StreamSlot,
+    ) -> Self {
         Self {
             _permit: Some(permit),
+            _share: Some(share),
         }
     }
 }
@@ -160,8 +214,9 @@ impl Admission {
 /// The contract every vendor module fulfils.
 #[async_trait::async_trait]
 pub trait ChatProvider: Send + Sync {
-    /// Checks, before anything is streamed, that this provider can take one more request.
-    fn admit(&self) -> Result<Admission, ProviderError> {
+    /// Checks, before anything is streamed, that this provider can take one more request from
+    /// `user`.
+    fn admit(&self, _user: &str) -> Result<Admission, ProviderError> {
         Ok(Admission::default())
     }
 
@@ -201,8 +256,8 @@ impl Provider {
         }
     }
 
-    pub fn admit(&self) -> Result<Admission, ProviderError> {
-        self.inner().admit()
+    pub fn admit(&self, user: &str) -> Result<Admission, ProviderError> {
+        self.inner().admit(user)
     }
 
     pub async fn stream(
@@ -237,13 +292,13 @@ pub struct ProviderRegistry {
 }
 
 impl ProviderRegistry {
-    pub async fn from_config(config: &Config) -> Self {
+    pub async fn from_config(config: &Config, metrics: &crate::metrics::Metrics) -> Self {
         let mut providers = HashMap::new();
         for target in config.bots.iter().flat_map(|b| b.targets()) {
             if let std::collections::hash_map::Entry::Vacant(slot) =
                 providers.entry(client_key(&target))
             {
-                slot.insert(Arc::new(build_provider(config, &target).await));
+                slot.insert(Arc::new(build_provider(config, &target, metrics).await));
             }
         }
         Self { providers }
@@ -263,7 +318,11 @@ fn client_key(target: &TargetConfig) -> ClientKey {
     (target.provider.clone(), target.region.clone())
 }
 
-async fn build_provider(config: &Config, target: &TargetConfig) -> Provider {
+async fn build_provider(
+    config: &Config,
+    target: &TargetConfig,
+    metrics: &crate::metrics::Metrics,
+) -> Provider {
     let providers = &config.providers;
     // Validation already rejected unknown provider names.
     match target.provider.as_str() {
@@ -280,6 +339,9 @@ async fn build_provider(config: &Config, target: &TargetConfig) -> Provider {
         openai::PROVIDER_NAME => Provider::OpenAi(OpenAiProvider::new(
             &providers.openai.clone().unwrap_or_default(),
         )),
-        _ => Provider::Local(LocalProvider::new(&providers.local)),
+        _ => Provider::Local(LocalProvider::new(
+            &providers.local,
+            metrics.local_prompt_tokens.clone(),
+        )),
     }
 }

@@ -261,5 +261,6 @@ fn stream_error(value: &serde_json::Value) -> ProviderError {
     } else {
         ProviderErrorKind::Upstream
     };
-    ProviderError::new(kind, format!("upstream error: {message}"))
+    let label = if label.is_empty() { "error" } else { &label };
+    ProviderError::from_upstream(kind, PROVIDER_NAME, format!("{label}: {message}"))
 }

@@ -82,6 +82,8 @@ pub struct MessageRecord {
     pub error_code: Option<String>,
     pub usage: Option<TokenUsage>,
     pub created_at_ms: i64,
+    /// Its place in the chat: increasing, the key of message pages.
+    pub seq: i64,
     /// Assistant answers: how to replay their events.
     pub replay: Option<Replay>,
 }
@@ -98,6 +100,33 @@ pub struct Replay {
     pub model: Option<String>,
 }
 
+/// What one user may store: checked when a turn begins, in the same transaction that writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageQuota {
+    pub max_chats: u64,
+    /// Bytes of message text over all the user's chats.
+    pub max_bytes: u64,
+    /// Questions (each with its answer) in one chat.
+    pub max_turns: u64,
+}
+
+impl StorageQuota {
+    /// No limits (tools and tests that write directly).
+    pub const NONE: StorageQuota = StorageQuota {
+        max_chats: u64::MAX,
+        max_bytes: u64::MAX,
+        max_turns: u64::MAX,
+    };
+}
+
+/// Which quota a refused turn would have gone past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaKind {
+    Chats,
+    Bytes,
+    Turns,
+}
+
 /// The first half of a turn: who asks what, in which chat.
 #[derive(Debug, Clone)]
 pub struct NewTurn {
@@ -109,6 +138,7 @@ pub struct NewTurn {
     pub user_message_id: String,
     pub assistant_message_id: String,
     pub message: String,
+    pub quota: StorageQuota,
 }
 
 /// What `begin_turn` reserved.
@@ -150,6 +180,8 @@ pub enum StoreError {
     ChatNotFound,
     #[error("chat already has an answer in progress")]
     ChatBusy,
+    #[error("the {0:?} quota is used up")]
+    QuotaExceeded(QuotaKind),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("database error: {0}")]
@@ -176,12 +208,26 @@ pub trait ChatStore: Send + Sync + 'static {
         cursor: Option<&ChatCursor>,
     ) -> Result<Vec<ChatRecord>, StoreError>;
 
-    /// All messages of a chat in conversation order.
-    async fn list_messages(&self, chat_id: &str) -> Result<Vec<MessageRecord>, StoreError>;
+    /// Up to `limit` messages of a chat in conversation order, those after `after_seq` (from
+    /// the first when `None`).
+    async fn list_messages(
+        &self,
+        chat_id: &str,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>, StoreError>;
+
+    /// The chat's last `limit` messages, in conversation order.
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>, StoreError>;
 
     /// Stores the user's message and a `streaming` assistant placeholder, creating the chat when
-    /// `turn.new_chat`. Fails with `ChatNotFound` when an existing chat is not `turn.user_id`'s and
-    /// with `ChatBusy` while another answer in the chat is still streaming.
+    /// `turn.new_chat`. Fails with `ChatNotFound` when an existing chat is not `turn.user_id`'s,
+    /// with `ChatBusy` while another answer in the chat is still streaming and with
+    /// `QuotaExceeded` when the turn would take the user past `turn.quota`.
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
 
     async fn finish_turn(&self, turn: FinishedTurn) -> Result<(), StoreError>;

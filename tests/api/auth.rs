@@ -112,18 +112,23 @@ async fn a_valid_token_works_in_the_header_and_in_the_query() {
     let response = stream_with(&app, Some(format!("Bearer {token}"))).await;
     assert_eq!(response.status(), 200);
 
+    // In the URL only where EventSource needs it: the stream routes.
     let response = app
         .client
-        .get(app.url("/api/v1/chats"))
-        .query(&[("token", &token)])
+        .get(app.url("/api/v1/chat/stream"))
+        .query(&[
+            ("token", token.as_str()),
+            ("bot_id", BOT),
+            ("message", "hi"),
+        ])
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
     let response = app
         .client
-        .get(app.url("/api/v1/chats"))
-        .query(&[("token", "forged")])
+        .get(app.url("/api/v1/chat/stream"))
+        .query(&[("token", "forged"), ("bot_id", BOT), ("message", "hi")])
         .send()
         .await
         .unwrap();

@@ -93,7 +93,7 @@ async fn a_bad_configuration_stops_the_start_and_names_the_key() {
             "[cors]\nallowed_origins = [\"*\"]\n",
             "cors.allowed_origins[0]",
         ),
-        ("this is not toml", "invalid configuration file"),
+        ("this is not toml", "bad.toml"),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
@@ -251,7 +251,7 @@ async fn a_first_run_prints_a_curl_that_streams_a_real_answer_logs_requests_and_
 
     let response = client
         .get(format!("{base}/api/v1/chats"))
-        .query(&[("token", &token)])
+        .bearer_auth(&token)
         .send()
         .await
         .unwrap();
@@ -264,6 +264,46 @@ async fn a_first_run_prints_a_curl_that_streams_a_real_answer_logs_requests_and_
     assert!(stderr.contains("GET /api/v1/chats 200"), "{stderr}");
     assert!(stderr.contains("client=127.0.0.1"), "{stderr}");
     assert!(!stderr.contains(&token), "the token leaked into the logs");
+}
+
+#[tokio::test]
+async fn with_an_identity_provider_and_no_secret_no_token_is_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mangoo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}/m.db\"\n\
+             [auth]\njwks_url = \"http://127.0.0.1:9/jwks.json\"\nissuer = \"https://idp.test\"\n\
+             audience = \"mangoo\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = mangoo()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let banner = tokio::time::timeout(HANG_GUARD, async {
+        let mut text = String::new();
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            text.push_str(&line);
+            text.push('\n');
+            if line.starts_with("Tokens:") {
+                return text;
+            }
+        }
+        panic!("the banner ended early: {text}");
+    })
+    .await
+    .expect("no banner");
+
+    assert!(banner.contains("identity provider"), "{banner}");
+    assert!(!banner.contains("eyJ"), "a token was printed: {banner}");
+    let (code, _) = terminate(child).await;
+    assert_eq!(code, Some(0));
 }
 
 /// The soft and hard "Max open files" of a running process.

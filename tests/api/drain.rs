@@ -50,7 +50,8 @@ async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero()
     let (mut child, base) = serve_with_config(&config_path).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
-        .issue("alice", Duration::from_secs(600));
+        .issue("alice", Duration::from_secs(600))
+        .unwrap();
     let ask = || {
         client
             .post(format!("{base}/api/v1/chat/stream"))
@@ -121,7 +122,7 @@ async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero()
         .await
         .unwrap();
     use mangoo::store::ChatStore;
-    let messages = store.list_messages(&chat_id).await.unwrap();
+    let messages = store.list_messages(&chat_id, None, 10_000).await.unwrap();
     assert_eq!(
         messages[1].status,
         mangoo::store::MessageStatus::Interrupted

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mangoo::auth::Authenticator;
@@ -10,6 +11,7 @@ use mangoo::config::{
     AnthropicConfig, BedrockConfig, BotConfig, Config, OpenAiConfig, Secret, TargetConfig,
 };
 use mangoo::startup::Application;
+use mangoo::store::ChatStore;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -123,8 +125,37 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     start(config, fake, dir, db_path).await
 }
 
+/// The test server over a store the test made (`make` gets the database URL), e.g. one that
+/// fails on purpose; the test keeps a handle on it.
+pub async fn spawn_app_with_store<S, F, Fut>(make: F) -> (TestApp, Arc<S>)
+where
+    S: ChatStore,
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Arc<S>>,
+{
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("mangoo.db");
+    let config = test_config(&fake, &db_path);
+    let store = make(config.database.url.clone()).await;
+    let app = Application::build_with_store(config, store.clone())
+        .await
+        .expect("the app starts");
+    (serve(app, fake, dir, db_path), store)
+}
+
 async fn start(
     config: Config,
+    fake: FakeUpstream,
+    dir: tempfile::TempDir,
+    db_path: PathBuf,
+) -> TestApp {
+    let app = Application::build(config).await.expect("the app starts");
+    serve(app, fake, dir, db_path)
+}
+
+fn serve(
+    app: Application,
     fake: FakeUpstream,
     dir: tempfile::TempDir,
     db_path: PathBuf,
@@ -132,7 +163,6 @@ async fn start(
     if std::env::var_os("TEST_LOG").is_some() {
         mangoo::telemetry::init(mangoo::config::LogFormat::Text);
     }
-    let app = Application::build(config).await.expect("the app starts");
     let addr = app.local_addr();
     let metrics_addr = app.metrics_addr();
     let shutdown = app.shutdown_token();
@@ -155,7 +185,9 @@ impl TestApp {
     }
 
     pub fn token(&self, user: &str) -> String {
-        Authenticator::hs256(SECRET.as_bytes()).issue(user, Duration::from_secs(3600))
+        Authenticator::hs256(SECRET.as_bytes())
+            .issue(user, Duration::from_secs(3600))
+            .unwrap()
     }
 
     /// POSTs a chat message as `user` and returns the raw response.
@@ -210,14 +242,11 @@ impl TestApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
-    /// The stored messages of a chat, once its answer is no longer `streaming`.
+    /// Every stored message of a chat (all pages), once its answer is no longer `streaming`.
     pub async fn settled_messages(&self, user: &str, chat_id: &str) -> Vec<Value> {
-        let path = format!("/api/v1/chats/{chat_id}/messages");
         let settled = async {
             loop {
-                let (status, body) = self.get_json(user, &path).await;
-                assert_eq!(status, 200, "{body}");
-                let messages = body["messages"].as_array().unwrap().clone();
+                let messages = self.all_messages(user, chat_id).await;
                 if messages.iter().all(|m| m["status"] != "streaming") {
                     return messages;
                 }
@@ -227,6 +256,23 @@ impl TestApp {
         tokio::time::timeout(HANG_GUARD, settled)
             .await
             .expect("the answer was never stored")
+    }
+
+    /// The chat's messages, following `next_cursor` through every page.
+    pub async fn all_messages(&self, user: &str, chat_id: &str) -> Vec<Value> {
+        let mut messages = Vec::new();
+        let mut path = format!("/api/v1/chats/{chat_id}/messages");
+        loop {
+            let (status, body) = self.get_json(user, &path).await;
+            assert_eq!(status, 200, "{body}");
+            messages.extend(body["messages"].as_array().unwrap().iter().cloned());
+            match body["next_cursor"].as_str() {
+                Some(cursor) => {
+                    path = format!("/api/v1/chats/{chat_id}/messages?cursor={cursor}");
+                }
+                None => return messages,
+            }
+        }
     }
 
     /// Stops the server the way SIGTERM does and waits until it has finished.

@@ -172,17 +172,55 @@ async fn a_rotated_key_set_is_fetched_again_for_a_new_kid() {
     let old = SigningKey::generate("old");
     let new = SigningKey::generate("new");
     let (server, url) = KeyServer::start(&[&old]).await;
-    let app = app_with_jwks(&url, |auth| auth.jwks_min_refresh_secs = 0).await;
+    let app = app_with_jwks(&url, |auth| auth.jwks_min_refresh_secs = 1).await;
     assert_eq!(status_with(&app, &old.sign(claims(json!({})))).await, 200);
 
     server.serve(&[&new]);
 
-    assert_eq!(status_with(&app, &new.sign(claims(json!({})))).await, 200);
+    // The set is fetched again once a second has passed since the last fetch.
+    let accepted = async {
+        while status_with(&app, &new.sign(claims(json!({})))).await != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(super::helpers::HANG_GUARD, accepted)
+        .await
+        .expect("the new key was never fetched");
     assert_eq!(
         status_with(&app, &old.sign(claims(json!({})))).await,
         401,
         "the old key is gone"
     );
+}
+
+#[tokio::test]
+async fn with_an_identity_provider_and_no_secret_hs256_is_off() {
+    let key = SigningKey::generate("k1");
+    let (_server, url) = KeyServer::start(&[&key]).await;
+    let app = spawn_app_with(move |c| {
+        c.auth.jwt_secret = None;
+        c.auth.jwks_url = Some(url);
+        c.auth.issuer = Some(ISSUER.into());
+        c.auth.audience = Some(AUDIENCE.into());
+    })
+    .await;
+
+    assert_eq!(status_with(&app, &key.sign(claims(json!({})))).await, 200);
+    // Signed with the test suite's secret: the server must not have made one up and use it.
+    assert_eq!(status_with(&app, &app.token("alice")).await, 401);
+}
+
+#[tokio::test]
+async fn a_key_set_too_large_to_be_real_is_not_used() {
+    let key = SigningKey::generate("k1");
+    let mut padded = key.jwk.clone();
+    padded["x5c"] = json!(["A".repeat(300 * 1024)]);
+    let (server, url) = KeyServer::start(&[]).await;
+    *server.keys.lock().unwrap() = json!({ "keys": [padded] });
+    let app = app_with_jwks(&url, |_| {}).await;
+
+    assert_eq!(status_with(&app, &key.sign(claims(json!({})))).await, 401);
+    assert_eq!(server.fetches.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

@@ -42,9 +42,11 @@ async fn logged_requests(trusted_proxies: &str) -> (String, Vec<Value>) {
     let (child, base) = serve_with_config(&config).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
-        .issue("alice", Duration::from_secs(60));
+        .issue("alice", Duration::from_secs(60))
+        .unwrap();
     let response = client
-        .get(format!("{base}/api/v1/chats?token={token}"))
+        .get(format!("{base}/api/v1/chats"))
+        .bearer_auth(&token)
         .header("x-forwarded-for", "198.51.100.1, 203.0.113.7")
         .header("x-request-id", "req-from-the-proxy")
         .send()

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use futures_util::future::join_all;
 use mangoo::store::{
-    ChatStore, FinishedTurn, MessageStatus, NewTurn, Role, SqliteStore, StoreError,
+    ChatStore, FinishedTurn, MessageStatus, NewTurn, QuotaKind, Role, SqliteStore, StorageQuota,
+    StoreError,
 };
 
 fn turn(chat_id: &str, user: &str, new_chat: bool, n: usize) -> NewTurn {
@@ -17,6 +18,7 @@ fn turn(chat_id: &str, user: &str, new_chat: bool, n: usize) -> NewTurn {
         user_message_id: format!("user-{chat_id}-{n}"),
         assistant_message_id: format!("answer-{chat_id}-{n}"),
         message: format!("question {n}"),
+        quota: StorageQuota::NONE,
     }
 }
 
@@ -106,10 +108,27 @@ async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_tr
         busy_after, busy_before,
         "the busy chat's bumped timestamp was rolled back"
     );
-    assert_eq!(store.list_messages("mallory-chat").await.unwrap().len(), 2);
-    assert_eq!(store.list_messages("busy-chat").await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .list_messages("mallory-chat", None, 10_000)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        store
+            .list_messages("busy-chat", None, 10_000)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     for n in (0..300).filter(|n| n % 30 != 7 && n % 30 != 13) {
-        let messages = store.list_messages(&format!("chat-{n}")).await.unwrap();
+        let messages = store
+            .list_messages(&format!("chat-{n}"), None, 10_000)
+            .await
+            .unwrap();
         assert_eq!(messages.len(), 2, "chat-{n}");
         assert_eq!(messages[0].role, Role::User);
         assert_eq!(messages[0].content, format!("question {n}"));
@@ -130,7 +149,7 @@ async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_tr
     }
     for n in (0..300).filter(|n| n % 30 != 7 && n % 30 != 13) {
         let chat_id = format!("chat-{n}");
-        let messages = store.list_messages(&chat_id).await.unwrap();
+        let messages = store.list_messages(&chat_id, None, 10_000).await.unwrap();
         assert_eq!(messages[1].content, format!("answer {n}"));
         assert_eq!(messages[1].status, MessageStatus::Complete);
         let chat = store.get_chat(&chat_id).await.unwrap().unwrap();
@@ -158,8 +177,112 @@ async fn a_closed_store_refuses_writes_but_kept_every_one_it_accepted() {
 
     let url = format!("sqlite://{}", dir.path().join("store.db").display());
     let reopened = SqliteStore::connect(&url).await.unwrap();
-    let messages = reopened.list_messages("c").await.unwrap();
+    let messages = reopened.list_messages("c", None, 10_000).await.unwrap();
     assert_eq!(messages[1].content, "answer 0");
     assert!(reopened.delete_chat("c", "alice").await.unwrap());
-    assert!(reopened.list_messages("c").await.unwrap().is_empty());
+    assert!(
+        reopened
+            .list_messages("c", None, 10_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn fresh_store() -> (SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("q.db").display());
+    (SqliteStore::connect(&url).await.unwrap(), dir)
+}
+
+#[tokio::test]
+async fn quotas_refuse_the_turn_that_would_pass_them_and_deleting_gives_room_back() {
+    let (store, _dir) = fresh_store().await;
+    let quota = StorageQuota {
+        max_chats: 2,
+        max_bytes: 1_000,
+        max_turns: 2,
+    };
+    let with = |mut t: NewTurn| {
+        t.quota = quota;
+        t
+    };
+    store
+        .begin_turn(&with(turn("a", "alice", true, 1)))
+        .await
+        .unwrap();
+    store.finish_turn(finished("a", 1, 2)).await.unwrap();
+    store
+        .begin_turn(&with(turn("a", "alice", false, 2)))
+        .await
+        .unwrap();
+    store.finish_turn(finished("a", 2, 4)).await.unwrap();
+    assert!(matches!(
+        store.begin_turn(&with(turn("a", "alice", false, 3))).await,
+        Err(StoreError::QuotaExceeded(QuotaKind::Turns))
+    ));
+    store
+        .begin_turn(&with(turn("b", "alice", true, 1)))
+        .await
+        .unwrap();
+    store.finish_turn(finished("b", 1, 2)).await.unwrap();
+    assert!(matches!(
+        store.begin_turn(&with(turn("c", "alice", true, 1))).await,
+        Err(StoreError::QuotaExceeded(QuotaKind::Chats))
+    ));
+    assert!(
+        store
+            .begin_turn(&with(turn("c", "bob", true, 1)))
+            .await
+            .is_ok(),
+        "per user"
+    );
+    let mut big = with(turn("b", "alice", false, 2));
+    big.message = "x".repeat(1_000);
+    assert!(matches!(
+        store.begin_turn(&big).await,
+        Err(StoreError::QuotaExceeded(QuotaKind::Bytes))
+    ));
+    assert_eq!(
+        store.list_messages("b", None, 100).await.unwrap().len(),
+        2,
+        "left no trace"
+    );
+
+    assert!(store.delete_chat("a", "alice").await.unwrap());
+    store
+        .begin_turn(&with(turn("d", "alice", true, 1)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn message_pages_follow_each_other_and_recent_messages_are_the_last() {
+    let (store, _dir) = fresh_store().await;
+    store
+        .begin_turn(&turn("p", "alice", true, 1))
+        .await
+        .unwrap();
+    store.finish_turn(finished("p", 1, 2)).await.unwrap();
+    for n in 2..=5 {
+        store
+            .begin_turn(&turn("p", "alice", false, n))
+            .await
+            .unwrap();
+        store
+            .finish_turn(finished("p", n, 2 * n as i64))
+            .await
+            .unwrap();
+    }
+    let first = store.list_messages("p", None, 4).await.unwrap();
+    let rest = store
+        .list_messages("p", Some(first.last().unwrap().seq), 100)
+        .await
+        .unwrap();
+    assert_eq!(first.len() + rest.len(), 10);
+    let seqs: Vec<i64> = first.iter().chain(&rest).map(|m| m.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let recent = store.recent_messages("p", 2).await.unwrap();
+    assert_eq!(recent[0].content, "question 5");
+    assert_eq!(recent[1].role, Role::Assistant);
 }

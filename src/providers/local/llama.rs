@@ -186,6 +186,19 @@ fn rope_tables(head_dim: usize, base: f32, context: usize) -> (Vec<f32>, Vec<f32
     (cos, sin)
 }
 
+/// Prompt tokens run per forward pass while prefilling: large enough that the matmuls stay
+/// efficient, small enough that a cancellation is noticed within a fraction of a second.
+pub const PREFILL_CHUNK: usize = 128;
+
+/// What a prefill did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefilled {
+    /// Tokens computed (not taken from the cache).
+    pub computed: usize,
+    /// False when it was cancelled before the end of the prompt.
+    pub complete: bool,
+}
+
 /// One worker's mutable half: the KV cache and scratch buffers, reused for every answer.
 pub struct Session {
     keys: Vec<Vec<f32>>,
@@ -227,6 +240,19 @@ impl Session {
     /// this session saw last: a bot's system prompt, or the earlier turns of a chat, are then
     /// not computed again. At least the last token always runs, for its logits.
     pub fn prefill(&mut self, w: &Weights, prompt: &[u32]) -> Result<(), ModelError> {
+        self.prefill_until(w, prompt, &|| false).map(|_| ())
+    }
+
+    /// [`Session::prefill`] in chunks of [`PREFILL_CHUNK`] tokens, asking `cancelled` before each:
+    /// a long prompt whose client left stops within one chunk instead of holding the thread
+    /// (and every answer queued behind it) for the whole prompt. The result is the same as one
+    /// pass — each chunk attends to the cache the earlier ones filled.
+    pub fn prefill_until(
+        &mut self,
+        w: &Weights,
+        prompt: &[u32],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Prefilled, ModelError> {
         let shared = self
             .tokens
             .iter()
@@ -235,7 +261,21 @@ impl Session {
             .count()
             .min(prompt.len().saturating_sub(1));
         self.truncate(w, shared);
-        self.forward(w, &prompt[shared..])
+        let mut computed = 0;
+        for chunk in prompt[shared..].chunks(PREFILL_CHUNK) {
+            if cancelled() {
+                return Ok(Prefilled {
+                    computed,
+                    complete: false,
+                });
+            }
+            self.forward(w, chunk)?;
+            computed += chunk.len();
+        }
+        Ok(Prefilled {
+            computed,
+            complete: true,
+        })
     }
 
     fn truncate(&mut self, w: &Weights, len: usize) {

@@ -23,8 +23,10 @@ use super::{
 };
 use crate::config::LocalConfig;
 use crate::domain::TokenUsage;
+use crate::rate_limit::StreamSlots;
 use llama::Session;
 use model::{LocalModel, SamplingParams, generate};
+use prometheus_client::metrics::counter::Counter;
 
 pub const PROVIDER_NAME: &str = "local";
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -63,20 +65,26 @@ pub struct LocalProvider {
     path: PathBuf,
     settings: LocalConfig,
     places: Arc<Semaphore>,
+    /// Each user's share of the places: one user's burst cannot fill the whole queue.
+    shares: StreamSlots,
     state: Arc<Mutex<EngineState>>,
+    /// Prompt tokens computed (a metric: what long prompts cost).
+    prompt_tokens: Counter,
 }
 
 impl LocalProvider {
-    pub fn new(settings: &LocalConfig) -> Self {
+    pub fn new(settings: &LocalConfig, prompt_tokens: Counter) -> Self {
         let path = settings
             .model_path
             .clone()
             .unwrap_or_else(default_model_path);
         let provider = Self {
             places: Arc::new(Semaphore::new(settings.concurrency + settings.queue_size)),
+            shares: StreamSlots::new(settings.max_queued_per_user),
             path,
             settings: settings.clone(),
             state: Arc::new(Mutex::new(EngineState::Missing)),
+            prompt_tokens,
         };
         // Start loading right away when the file is there, so the first request does not pay
         // for it; a missing file is only an error for requests that need it.
@@ -90,9 +98,13 @@ impl LocalProvider {
 
     /// The job queue of a running engine, starting it if the model file has appeared.
     fn engine(&self) -> Result<std_mpsc::SyncSender<Job>, ProviderError> {
-        let mut state = self.state.lock().expect("local engine lock");
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(*state, EngineState::Missing) && self.path.is_file() {
-            *state = match start_engine(&self.path, &self.settings, self.state.clone()) {
+            let limits = WorkerLimits {
+                max_prompt_tokens: self.settings.max_prompt_tokens,
+                prompt_tokens: self.prompt_tokens.clone(),
+            };
+            *state = match start_engine(&self.path, &self.settings, limits, self.state.clone()) {
                 Ok(jobs) => EngineState::Running(jobs),
                 Err(e) => EngineState::Failed(format!("cannot start the model threads: {e}")),
             };
@@ -101,30 +113,38 @@ impl LocalProvider {
             EngineState::Running(jobs) => Ok(jobs.clone()),
             EngineState::Missing => Err(ProviderError::new(
                 ProviderErrorKind::ModelUnavailable,
-                format!(
-                    "the local model is not downloaded: run `mangoo model fetch` (expected at {})",
-                    self.path.display()
-                ),
-            )),
+                "the local model is not downloaded yet",
+            )
+            .with_detail(format!(
+                "run `mangoo model fetch` (expected at {})",
+                self.path.display()
+            ))),
             EngineState::Failed(reason) => Err(ProviderError::new(
                 ProviderErrorKind::ModelUnavailable,
-                reason.clone(),
-            )),
+                "the local model could not be started",
+            )
+            .with_detail(reason.clone())),
         }
     }
 }
 
 #[async_trait::async_trait]
 impl ChatProvider for LocalProvider {
-    fn admit(&self) -> Result<Admission, ProviderError> {
+    fn admit(&self, user: &str) -> Result<Admission, ProviderError> {
         self.engine()?;
-        let permit = self.places.clone().try_acquire_owned().map_err(|_| {
+        let busy = || {
             ProviderError::new(
                 ProviderErrorKind::Overloaded,
                 "the local model is busy with other answers; retry shortly",
             )
-        })?;
-        Ok(Admission::with_permit(permit))
+        };
+        let share = self.shares.take(user).ok_or_else(busy)?;
+        let permit = self
+            .places
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy())?;
+        Ok(Admission::with_permit(permit, share))
     }
 
     async fn stream(
@@ -150,10 +170,18 @@ impl ChatProvider for LocalProvider {
     }
 }
 
+/// What every worker enforces and counts.
+#[derive(Clone)]
+struct WorkerLimits {
+    max_prompt_tokens: usize,
+    prompt_tokens: Counter,
+}
+
 /// Spawns the loader, which becomes the first worker once the weights are in memory.
 fn start_engine(
     path: &Path,
     settings: &LocalConfig,
+    limits: WorkerLimits,
     state: Arc<Mutex<EngineState>>,
 ) -> std::io::Result<std_mpsc::SyncSender<Job>> {
     let (jobs, queue) = std_mpsc::sync_channel(settings.concurrency + settings.queue_size);
@@ -180,20 +208,20 @@ fn start_engine(
             );
             let model = Arc::new(model);
             for n in 1..workers {
-                let (queue, model) = (queue.clone(), model.clone());
+                let (queue, model, limits) = (queue.clone(), model.clone(), limits.clone());
                 let spawned = std::thread::Builder::new()
                     .name(format!("mangoo-model-{n}"))
-                    .spawn(move || work(&queue, &model));
+                    .spawn(move || work(&queue, &model, &limits));
                 if let Err(e) = spawned {
                     tracing::error!("could not start local model worker {n}: {e}");
                 }
             }
-            work(&queue, &model);
+            work(&queue, &model, &limits);
         })?;
     Ok(jobs)
 }
 
-fn work(queue: &Mutex<std_mpsc::Receiver<Job>>, model: &LocalModel) {
+fn work(queue: &Mutex<std_mpsc::Receiver<Job>>, model: &LocalModel, limits: &WorkerLimits) {
     let mut session = Session::new(&model.weights);
     // Compute the default system prompt once now, so even the first answer only pays for the
     // user's own words (the session reuses any shared prefix).
@@ -203,28 +231,37 @@ fn work(queue: &Mutex<std_mpsc::Receiver<Job>>, model: &LocalModel) {
         tracing::warn!("could not warm the local model: {e}");
     }
     loop {
-        let job = queue.lock().expect("job queue lock").recv();
+        let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(job) = job else {
             return; // the provider is gone
         };
         if job.events.is_closed() {
             continue; // the client left while the job waited
         }
-        if let Err(err) = answer(model, &mut session, &job) {
+        if let Err(err) = answer(model, &mut session, &job, limits) {
             let _ = job.events.blocking_send(Err(err));
         }
     }
 }
 
 fn refuse_jobs(queue: &Mutex<std_mpsc::Receiver<Job>>, reason: &str) {
-    while let Ok(job) = queue.lock().expect("job queue lock").recv() {
-        let err = ProviderError::new(ProviderErrorKind::ModelUnavailable, reason);
+    while let Ok(job) = queue.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+        let err = ProviderError::new(
+            ProviderErrorKind::ModelUnavailable,
+            "the local model could not be started",
+        )
+        .with_detail(reason);
         let _ = job.events.blocking_send(Err(err));
     }
 }
 
-fn answer(model: &LocalModel, session: &mut Session, job: &Job) -> Result<(), ProviderError> {
-    let prompt = fitted_prompt(model, &job.request)?;
+fn answer(
+    model: &LocalModel,
+    session: &mut Session,
+    job: &Job,
+    limits: &WorkerLimits,
+) -> Result<(), ProviderError> {
+    let prompt = fitted_prompt(model, &job.request, limits.max_prompt_tokens)?;
     let sampling = SamplingParams {
         max_tokens: job.request.max_tokens,
         temperature: job.request.temperature.map(f64::from),
@@ -245,7 +282,10 @@ fn answer(model: &LocalModel, session: &mut Session, job: &Job) -> Result<(), Pr
                 .is_ok()
         },
     )
-    .map_err(|e| ProviderError::new(ProviderErrorKind::Upstream, e.to_string()))?;
+    .map_err(model_failure)?;
+    limits
+        .prompt_tokens
+        .inc_by(generated.prompt_computed as u64);
     let usage = TokenUsage {
         input_tokens: generated.prompt_tokens as u64,
         output_tokens: generated.output_tokens as u64,
@@ -254,31 +294,53 @@ fn answer(model: &LocalModel, session: &mut Session, job: &Job) -> Result<(), Pr
     Ok(())
 }
 
-/// The ChatML prompt, dropping the oldest turns when the conversation outgrows the context.
-fn fitted_prompt(model: &LocalModel, request: &ModelRequest) -> Result<Vec<u32>, ProviderError> {
+/// The ChatML prompt within the local bot's budget — `max_prompt_tokens`, and the context less
+/// room for an answer — dropping the oldest turns (a question with its answer) until it fits.
+/// Each message is tokenized once.
+fn fitted_prompt(
+    model: &LocalModel,
+    request: &ModelRequest,
+    max_prompt_tokens: usize,
+) -> Result<Vec<u32>, ProviderError> {
     let context = model.weights.context;
-    // Leave room for at least a short answer.
-    let budget = context.saturating_sub((request.max_tokens as usize).clamp(16, 512));
-    let messages: Vec<_> = request
+    let budget = context
+        .saturating_sub((request.max_tokens as usize).clamp(16, 512))
+        .min(max_prompt_tokens);
+    let tokenizer = &model.tokenizer;
+    let system = tokenizer.system_prefix(request.system_prompt.as_deref());
+    let opening = tokenizer.answer_opening();
+    let turns: Result<Vec<Vec<u32>>, _> = request
         .messages
         .iter()
-        .map(|m| (m.role, m.content.as_str()))
+        .map(|m| tokenizer.turn(m.role, &m.content))
         .collect();
+    let (system, opening, turns) = match (system, opening, turns) {
+        (Ok(system), Ok(opening), Ok(turns)) => (system, opening, turns),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Err(model_failure(e)),
+    };
+    let fixed = system.len() + opening.len();
+    let mut total = fixed + turns.iter().map(Vec::len).sum::<usize>();
     let mut first = 0;
-    loop {
-        let prompt = model
-            .tokenizer
-            .chat_prompt(request.system_prompt.as_deref(), &messages[first..])
-            .map_err(|e| ProviderError::new(ProviderErrorKind::Upstream, e.to_string()))?;
-        if prompt.len() <= budget {
-            return Ok(prompt);
-        }
-        if messages.len() - first <= 1 {
+    while total > budget {
+        if turns.len() - first <= 1 {
             return Err(ProviderError::new(
                 ProviderErrorKind::InvalidRequest,
-                format!("the message is too long for the local model's {context}-token context"),
+                format!("the message is too long for the local model ({budget} tokens at most)"),
             ));
         }
+        total -= turns[first].len() + turns[first + 1].len();
         first += 2;
     }
+    let mut prompt = Vec::with_capacity(total);
+    prompt.extend(system);
+    for turn in &turns[first..] {
+        prompt.extend_from_slice(turn);
+    }
+    prompt.extend(opening);
+    Ok(prompt)
+}
+
+fn model_failure(e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::new(ProviderErrorKind::Upstream, "the local model failed")
+        .with_detail(e.to_string())
 }

@@ -177,7 +177,20 @@ impl ChatTokenizer {
         for (role, content) in messages {
             self.push_turn(&mut ids, role.as_str(), content)?;
         }
-        ids.push(self.im_start);
+        ids.extend(self.answer_opening()?);
+        Ok(ids)
+    }
+
+    /// One message as a ChatML turn, for prompts assembled turn by turn.
+    pub fn turn(&self, role: Role, content: &str) -> Result<Vec<u32>, ModelError> {
+        let mut ids = Vec::new();
+        self.push_turn(&mut ids, role.as_str(), content)?;
+        Ok(ids)
+    }
+
+    /// What follows the last turn: the opening of the assistant's answer.
+    pub fn answer_opening(&self) -> Result<Vec<u32>, ModelError> {
+        let mut ids = vec![self.im_start];
         ids.extend(self.encode("assistant")?);
         ids.extend(&self.newline);
         Ok(ids)
@@ -285,12 +298,15 @@ pub enum StopReason {
 #[derive(Debug, Clone, Copy)]
 pub struct Generated {
     pub prompt_tokens: usize,
+    /// Prompt tokens computed, not found in the session's cache (fewer when cancelled early).
+    pub prompt_computed: usize,
     pub output_tokens: usize,
     pub stop: StopReason,
 }
 
 /// Decodes one answer. `emit` receives text as soon as it forms whole characters and returns
-/// false to stop; `cancelled` is checked before every token, so a stop costs at most one.
+/// false to stop; `cancelled` is checked before every prompt chunk and every token, so a stop
+/// costs at most one of either.
 pub fn generate(
     weights: &Weights,
     session: &mut Session,
@@ -307,7 +323,15 @@ pub fn generate(
     let mut recent: VecDeque<u32> = VecDeque::with_capacity(REPEAT_WINDOW);
     let mut text = Utf8Assembler::default();
     let mut output_tokens = 0;
-    session.prefill(weights, prompt)?;
+    let prefilled = session.prefill_until(weights, prompt, &cancelled)?;
+    if !prefilled.complete {
+        return Ok(Generated {
+            prompt_tokens: prompt.len(),
+            prompt_computed: prefilled.computed,
+            output_tokens: 0,
+            stop: StopReason::Cancelled,
+        });
+    }
     let stop = loop {
         if cancelled() {
             break StopReason::Cancelled;
@@ -342,6 +366,7 @@ pub fn generate(
     }
     Ok(Generated {
         prompt_tokens: prompt.len(),
+        prompt_computed: prefilled.computed,
         output_tokens,
         stop,
     })

@@ -58,6 +58,9 @@ fn is_in_memory(url: &str) -> bool {
 }
 
 const CHAT_COLUMNS: &str = "id, user_id, bot_id, title, created_at, updated_at, last_event_id";
+const MESSAGE_COLUMNS: &str = "id, chat_id, seq, role, content, status, error_code, \
+    input_tokens, output_tokens, created_at, first_event_id, chunks, error_message, \
+    error_retryable, provider, model";
 
 fn chat_from_row(row: &SqliteRow) -> Result<ChatRecord, StoreError> {
     Ok(ChatRecord {
@@ -94,6 +97,7 @@ fn message_from_row(row: &SqliteRow) -> Result<MessageRecord, StoreError> {
         error_code: row.try_get("error_code")?,
         usage,
         created_at_ms: row.try_get("created_at")?,
+        seq: row.try_get("seq")?,
         replay: replay_from_row(row)?,
     })
 }
@@ -153,16 +157,42 @@ impl ChatStore for SqliteStore {
         rows.iter().map(chat_from_row).collect()
     }
 
-    async fn list_messages(&self, chat_id: &str) -> Result<Vec<MessageRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, chat_id, role, content, status, error_code, input_tokens, output_tokens, \
-             created_at, first_event_id, chunks, error_message, error_retryable, provider, model \
-             FROM messages WHERE chat_id = ?1 ORDER BY seq",
-        )
+    async fn list_messages(
+        &self,
+        chat_id: &str,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ?1 AND seq > ?2 \
+             ORDER BY seq LIMIT ?3"
+        ))
         .bind(chat_id)
+        .bind(after_seq.unwrap_or(i64::MIN))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(message_from_row).collect()
+    }
+
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ?1 ORDER BY seq DESC LIMIT ?2"
+        ))
+        .bind(chat_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut messages = rows
+            .iter()
+            .map(message_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        messages.reverse();
+        Ok(messages)
     }
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {

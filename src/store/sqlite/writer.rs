@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{BegunTurn, FinishedTurn, NewTurn, StoreError, now_ms, title_from};
+use crate::store::{BegunTurn, FinishedTurn, NewTurn, QuotaKind, StoreError, now_ms, title_from};
 
 /// Writes waiting for the writer; senders wait when it is full.
 const QUEUE: usize = 1024;
@@ -181,7 +181,38 @@ fn in_savepoint(conn: &Connection, job: Job) -> Box<dyn Outcome> {
     outcome
 }
 
+/// Refuses a turn that would take its user past the quota; read in the transaction that writes
+/// the turn (one writer thread), so concurrent turns cannot both slip under it.
+fn check_quota(conn: &Connection, turn: &NewTurn) -> Result<(), StoreError> {
+    let (chats, bytes): (i64, i64) = conn
+        .prepare_cached("SELECT chats, bytes FROM user_usage WHERE user_id = ?1")?
+        .query_row(params![turn.user_id], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 0));
+    let quota = &turn.quota;
+    if turn.new_chat && chats.max(0) as u64 >= quota.max_chats {
+        return Err(StoreError::QuotaExceeded(QuotaKind::Chats));
+    }
+    if (bytes.max(0) as u64).saturating_add(turn.message.len() as u64) > quota.max_bytes {
+        return Err(StoreError::QuotaExceeded(QuotaKind::Bytes));
+    }
+    Ok(())
+}
+
+/// The per-chat half of the quota, for a chat already known to be the user's.
+fn check_turns(conn: &Connection, turn: &NewTurn) -> Result<(), StoreError> {
+    // Two messages per turn; seq counts them.
+    let messages: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE chat_id = ?1")?
+        .query_row(params![turn.chat_id], |row| row.get(0))?;
+    if (messages.max(0) as u64) / 2 >= turn.quota.max_turns {
+        return Err(StoreError::QuotaExceeded(QuotaKind::Turns));
+    }
+    Ok(())
+}
+
 pub(super) fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+    check_quota(conn, turn)?;
     let now = now_ms();
     let last_event_id: i64 = if turn.new_chat {
         conn.prepare_cached(
@@ -212,6 +243,7 @@ pub(super) fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn,
         if busy {
             return Err(StoreError::ChatBusy);
         }
+        check_turns(conn, turn)?;
         last_event_id
     };
     conn.prepare_cached(

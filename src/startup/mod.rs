@@ -3,6 +3,10 @@
 //! [`Application::build`] binds the listener itself, so tests ask for port 0 and read the real
 //! port back; `main` and the tests start the server the same way.
 
+mod connections;
+pub mod listener;
+pub mod tls;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,18 +15,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::jwks::JwksVerifier;
 use crate::auth::{Authenticator, random_secret};
 use crate::chat::{ChatLimits, ChatService, StreamTimeouts};
 use crate::config::{BotConfig, Config, ConfigError};
-use crate::http::client::TrustedProxies;
+use crate::http::client_address::TrustedProxies;
 use crate::http::sse::SseSettings;
 use crate::http::{AppState, metrics_router, router};
-use crate::jwks::JwksVerifier;
 use crate::metrics::Metrics;
 use crate::providers::ProviderRegistry;
 use crate::rate_limit::{MemoryRateLimiter, StreamSlots};
-use crate::store::{self, StoreError};
+use crate::store::{self, ChatStore, StorageQuota, StoreError};
 use crate::stream_log::memory::MemoryLog;
+use connections::{ConnectionGate, ConnectionLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -52,15 +57,27 @@ pub struct Application {
     metrics_listener: Option<(TcpListener, axum::Router)>,
     /// `[server.tls]`: serve HTTPS (ALPN h2, http/1.1) instead of cleartext.
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// The connection caps and idle timeout of the main listener.
+    gate: ConnectionGate,
 }
 
 impl Application {
-    pub async fn build(mut config: Config) -> Result<Self, StartupError> {
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        config.validate()?;
+        let store = store::connect(&config.database.url).await?;
+        Self::build_with_store(config, store).await
+    }
+
+    /// Like [`Application::build`], with the chats kept in `store` instead of the configured
+    /// database: the seam a test uses to put a failing store under the real server.
+    pub async fn build_with_store(
+        mut config: Config,
+        store: Arc<dyn ChatStore>,
+    ) -> Result<Self, StartupError> {
         config.validate()?;
         if config.bots.is_empty() {
             config.bots.push(BotConfig::default_local());
         }
-        let store = store::connect(&config.database.url).await?;
         let recovered = store.recover_abandoned_turns().await?;
         if recovered > 0 {
             tracing::warn!(
@@ -68,22 +85,16 @@ impl Application {
                 "answers left streaming by a previous run marked interrupted"
             );
         }
-        let (secret, generated_secret) = match &config.auth.jwt_secret {
-            Some(secret) => (secret.expose().to_owned(), false),
-            None => (random_secret(), true),
-        };
-        if !generated_secret && secret.len() < 32 {
+        let (authenticator, generated_secret) = authenticator(&config);
+        let authenticator = Arc::new(authenticator);
+        if config.server.trusted_proxies.iter().any(|p| p == "*") {
             tracing::warn!(
-                "auth.jwt_secret is shorter than 32 bytes; HS256 needs a long random secret"
+                "server.trusted_proxies = [\"*\"]: every peer is taken for one proxy hop and \
+                 X-Forwarded-For's right-most entry for the client; list the proxies' networks instead"
             );
         }
-        let mut authenticator = Authenticator::hs256(secret.as_bytes());
-        if let Some(url) = &config.auth.jwks_url {
-            authenticator = authenticator.with_jwks(JwksVerifier::new(url, &config.auth));
-        }
-        let authenticator = Arc::new(authenticator);
-        let providers = ProviderRegistry::from_config(&config).await;
         let metrics = Arc::new(Metrics::new());
+        let providers = ProviderRegistry::from_config(&config, &metrics).await;
         let chat = Arc::new(ChatService::new(
             store,
             Arc::new(MemoryLog::default()),
@@ -93,6 +104,7 @@ impl Application {
             TaskTracker::new(),
             metrics.clone(),
         ));
+        let gate = ConnectionGate::new(connection_limits(&config), &metrics);
         let state = app_state(&config, chat.clone(), authenticator.clone(), metrics);
         let metrics_listener = match &config.metrics.listen {
             Some(listen) => Some((bind(listen).await?, metrics_router(state.clone()))),
@@ -105,7 +117,7 @@ impl Application {
             metrics_listener.is_none(),
         );
         let tls = match &config.server.tls {
-            Some(tls) => Some(crate::tls::server_config(&tls.cert_file, &tls.key_file)?),
+            Some(tls) => Some(tls::server_config(&tls.cert_file, &tls.key_file)?),
             None => None,
         };
         let addr = config.server.bind_addr()?;
@@ -128,6 +140,7 @@ impl Application {
                 .then(|| Duration::from_secs(config.streams.stalled_client_secs)),
             metrics_listener,
             tls,
+            gate,
         })
     }
 
@@ -154,6 +167,11 @@ impl Application {
         self.generated_secret
     }
 
+    /// Whether HS256 tokens (`mangoo token`) are accepted.
+    pub fn hs256_enabled(&self) -> bool {
+        self.authenticator.has_hs256()
+    }
+
     /// Cancelling this token starts a graceful shutdown: `/readyz` answers 503 and new streams are
     /// refused at once; running answers go on for up to `drain_secs`, then each still running ends
     /// with a retryable `server_shutting_down`; everything is stored and `run_until_stopped`
@@ -172,12 +190,16 @@ impl Application {
 
     async fn serve_and_drain(self) -> std::io::Result<()> {
         let close_http = CancellationToken::new();
-        let server = serve_http(
+        let stalled_client = self.stalled_client;
+        let tune = move |tcp: &mut tokio::net::TcpStream| tune_connection(tcp, stalled_client);
+        // Cleartext HTTP/1.1 + h2c, or HTTPS (ALPN h2 / http/1.1).
+        let server = listener::serve(
             self.listener,
-            self.router,
             self.tls,
+            self.router,
+            self.gate,
             close_http.clone(),
-            self.stalled_client,
+            tune,
         );
         // The metrics listener lives exactly as long as the main one.
         let metrics = async move {
@@ -215,23 +237,51 @@ impl Application {
     }
 }
 
-/// The main listener: cleartext HTTP/1.1 + h2c, or HTTPS (ALPN h2 / http/1.1).
-async fn serve_http(
-    listener: TcpListener,
-    router: axum::Router,
-    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-    stop: CancellationToken,
-    stalled_client: Option<Duration>,
-) -> std::io::Result<()> {
-    let tune = move |tcp: &mut tokio::net::TcpStream| tune_connection(tcp, stalled_client);
-    crate::listener::serve(listener, tls, router, stop, tune).await
+fn connection_limits(config: &Config) -> ConnectionLimits {
+    let server = &config.server;
+    ConnectionLimits {
+        max_connections: server.max_connections,
+        max_per_address: server.max_connections_per_address,
+        idle_timeout: Duration::from_secs(server.idle_timeout_secs),
+        exempt: TrustedProxies::new(&server.trusted_proxies),
+    }
+}
+
+/// HS256 with the configured secret; with no secret, a generated one for this run — unless an
+/// identity provider is configured, in which case HS256 is off (the second flag says whether a
+/// secret was generated).
+fn authenticator(config: &Config) -> (Authenticator, bool) {
+    let jwks = config
+        .auth
+        .jwks_url
+        .as_ref()
+        .map(|url| JwksVerifier::new(url, &config.auth));
+    match (&config.auth.jwt_secret, jwks) {
+        (Some(secret), jwks) => {
+            let hs256 = Authenticator::hs256(secret.expose().as_bytes());
+            let authenticator = match jwks {
+                Some(jwks) => hs256.with_jwks(jwks),
+                None => hs256,
+            };
+            (authenticator, false)
+        }
+        (None, Some(jwks)) => (Authenticator::jwks_only(jwks), false),
+        (None, None) => (Authenticator::hs256(random_secret().as_bytes()), true),
+    }
 }
 
 fn chat_limits(config: &Config) -> ChatLimits {
     let streams = &config.streams;
+    let quotas = &config.quotas;
     ChatLimits {
         max_message_chars: config.server.max_message_chars,
         on_disconnect: streams.on_disconnect,
+        quota: StorageQuota {
+            max_chats: quotas.max_chats_per_user,
+            max_bytes: quotas.max_bytes_per_user,
+            max_turns: quotas.max_turns_per_chat,
+        },
+        max_history_chars: quotas.max_history_chars,
         timeouts: StreamTimeouts {
             first_token: Duration::from_secs(streams.first_token_timeout_secs),
             idle: Duration::from_secs(streams.idle_timeout_secs),

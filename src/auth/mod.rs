@@ -5,6 +5,9 @@
 //! Each validation is pinned to one algorithm and built by us, never from the token's own header,
 //! so `alg: none` and algorithm-confusion tokens fail like any forgery.
 
+pub mod jwks;
+pub mod tickets;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -20,14 +23,30 @@ impl UserId {
     }
 }
 
+/// Why a request is not authenticated. What a client is told is the variant's plain message; the
+/// detail of an invalid token (which check failed, the JWT library's own words) is for the log.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("missing bearer token")]
     Missing,
     #[error("token has expired")]
     Expired,
-    #[error("invalid token: {0}")]
+    #[error("invalid token")]
     Invalid(String),
+    #[error("the stream ticket is unknown, used or expired")]
+    BadTicket,
+}
+
+impl AuthError {
+    /// What went wrong, for the log only.
+    pub fn detail(&self) -> &str {
+        match self {
+            AuthError::Invalid(detail) => detail,
+            AuthError::Missing => "no token",
+            AuthError::Expired => "expired",
+            AuthError::BadTicket => "bad ticket",
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,32 +57,51 @@ struct Claims {
     iat: Option<u64>,
 }
 
-/// Verifies and (for development and scripts) issues tokens with one shared secret.
+/// Verifies tokens: HS256 with the shared secret (unless an identity provider is the only
+/// issuer), RS256 / ES256 from the identity provider's key set when one is configured.
 #[derive(Clone)]
 pub struct Authenticator {
+    hs256: Option<Hs256>,
+    jwks: Option<std::sync::Arc<crate::auth::jwks::JwksVerifier>>,
+}
+
+/// The shared-secret half: what `mangoo token` issues.
+#[derive(Clone)]
+struct Hs256 {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
-    jwks: Option<std::sync::Arc<crate::jwks::JwksVerifier>>,
 }
 
 impl Authenticator {
     pub fn hs256(secret: &[u8]) -> Self {
-        // jsonwebtoken needs a process-wide crypto backend; installing twice is harmless.
-        let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+        install_crypto_provider();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 30;
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY_SECS;
         Self {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
+            hs256: Some(Hs256 {
+                encoding: EncodingKey::from_secret(secret),
+                decoding: DecodingKey::from_secret(secret),
+                validation,
+            }),
             jwks: None,
         }
     }
 
+    /// Only the identity provider's tokens: with a key set and no configured secret, there is
+    /// no HS256 at all (a generated secret would be a second, unmanaged way in).
+    pub fn jwks_only(jwks: crate::auth::jwks::JwksVerifier) -> Self {
+        install_crypto_provider();
+        Self {
+            hs256: None,
+            jwks: Some(std::sync::Arc::new(jwks)),
+        }
+    }
+
     /// Also accept RS256 / ES256 tokens signed by the identity provider's key set.
-    pub fn with_jwks(mut self, jwks: crate::jwks::JwksVerifier) -> Self {
+    pub fn with_jwks(mut self, jwks: crate::auth::jwks::JwksVerifier) -> Self {
         self.jwks = Some(std::sync::Arc::new(jwks));
         self
     }
@@ -83,12 +121,21 @@ impl Authenticator {
 
     /// HS256 with the shared secret: what `mangoo token` issues.
     pub fn verify_hs256(&self, token: &str) -> Result<UserId, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let hs256 = self.hs256.as_ref().ok_or_else(|| {
+            AuthError::Invalid("HS256 is off: only the identity provider's tokens count".into())
+        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &hs256.decoding, &hs256.validation)
             .map_err(decode_error)?;
         user_id(data.claims.sub)
     }
 
-    pub fn issue(&self, sub: &str, ttl: Duration) -> String {
+    pub fn has_hs256(&self) -> bool {
+        self.hs256.is_some()
+    }
+
+    /// A token for `sub`, signed with the shared secret; `None` when HS256 is off.
+    pub fn issue(&self, sub: &str, ttl: Duration) -> Option<String> {
+        let hs256 = self.hs256.as_ref()?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -98,9 +145,16 @@ impl Authenticator {
             exp: now + ttl.as_secs(),
             iat: Some(now),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .expect("HS256 encoding of plain claims cannot fail")
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &hs256.encoding).ok()
     }
+}
+
+/// Clock skew tolerated on `exp` and `nbf`.
+pub(crate) const LEEWAY_SECS: u64 = 30;
+
+/// jsonwebtoken needs a process-wide crypto backend; installing twice is harmless.
+fn install_crypto_provider() {
+    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
 }
 
 fn user_id(sub: String) -> Result<UserId, AuthError> {
@@ -159,7 +213,7 @@ mod tests {
     #[tokio::test]
     async fn issued_tokens_verify() {
         let auth = Authenticator::hs256(b"0123456789abcdef0123456789abcdef");
-        let token = auth.issue("alice", Duration::from_secs(60));
+        let token = auth.issue("alice", Duration::from_secs(60)).unwrap();
         assert_eq!(auth.verify(&token).await.unwrap().as_str(), "alice");
     }
 
@@ -168,13 +222,41 @@ mod tests {
         let auth = Authenticator::hs256(b"0123456789abcdef0123456789abcdef");
         let other = Authenticator::hs256(b"another-secret-another-secret-xx");
         assert!(
-            auth.verify(&other.issue("alice", Duration::from_secs(60)))
+            auth.verify(&other.issue("alice", Duration::from_secs(60)).unwrap())
                 .await
                 .is_err()
         );
         let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
         let claims = b64(br#"{"sub":"alice","exp":99999999999}"#);
         assert!(auth.verify(&format!("{header}.{claims}.")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn tokens_not_yet_valid_are_rejected() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let auth = Authenticator::hs256(secret);
+        let far_future = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        let claims = serde_json::json!({"sub": "alice", "exp": far_future + 60, "nbf": far_future});
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap();
+        assert!(auth.verify(&token).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn failures_tell_the_client_nothing_of_the_library() {
+        let auth = Authenticator::hs256(b"0123456789abcdef0123456789abcdef");
+        let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
+        let err = auth.verify(&format!("{header}.e30.")).await.unwrap_err();
+        assert_eq!(err.to_string(), "invalid token");
+        assert!(!err.detail().is_empty());
     }
 
     #[test]

@@ -26,10 +26,23 @@ pub struct JwksVerifier {
     audience: Option<String>,
     client_id: Option<String>,
     token_use: Option<String>,
-    keys: RwLock<HashMap<String, (DecodingKey, Algorithm)>>,
+    max_age: Duration,
+    keys: RwLock<KeySet>,
     /// Serialises refreshes and remembers when the last one ran.
     last_refresh: tokio::sync::Mutex<Option<Instant>>,
 }
+
+/// The keys of the last successful fetch. A refresh replaces them whole, so a key the provider
+/// removed stops being trusted at the next refresh.
+#[derive(Default)]
+struct KeySet {
+    keys: HashMap<String, (DecodingKey, Algorithm)>,
+    fetched_at: Option<Instant>,
+}
+
+/// A key set larger than this is refused: a misconfigured or hostile URL must not make us
+/// buffer without end (real ones are a few kilobytes).
+const MAX_KEY_SET_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Deserialize)]
 struct Claims {
@@ -50,6 +63,7 @@ impl JwksVerifier {
                 .build()
                 .expect("a reqwest client with static settings builds"),
             min_refresh: Duration::from_secs(config.jwks_min_refresh_secs),
+            max_age: Duration::from_secs(config.jwks_max_age_secs),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             client_id: config.client_id.clone(),
@@ -65,6 +79,9 @@ impl JwksVerifier {
             .kid
             .as_deref()
             .ok_or_else(|| AuthError::Invalid("the token names no key (kid)".into()))?;
+        if self.is_stale() {
+            self.refresh().await;
+        }
         let (key, algorithm) = match self.key(kid) {
             Some(found) => found,
             None => {
@@ -87,7 +104,8 @@ impl JwksVerifier {
 
     fn validation(&self, algorithm: Algorithm) -> Validation {
         let mut validation = Validation::new(algorithm);
-        validation.leeway = 30;
+        validation.leeway = crate::auth::LEEWAY_SECS;
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         if let Some(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
@@ -124,7 +142,16 @@ impl JwksVerifier {
     }
 
     fn key(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
-        self.keys.read().expect("jwks lock").get(kid).cloned()
+        self.keys.read().ok()?.keys.get(kid).cloned()
+    }
+
+    /// Never fetched, or fetched longer ago than `jwks_max_age_secs`: keys are re-read even when
+    /// every token names a known one, so a key the provider withdrew stops working.
+    fn is_stale(&self) -> bool {
+        self.keys
+            .read()
+            .map(|set| set.fetched_at.is_none_or(|at| at.elapsed() >= self.max_age))
+            .unwrap_or(true)
     }
 
     /// Fetches the key set again, unless that was done less than `min_refresh` ago.
@@ -137,23 +164,35 @@ impl JwksVerifier {
         match self.fetch().await {
             Ok(keys) => {
                 tracing::info!(keys = keys.len(), "JWKS refreshed");
-                *self.keys.write().expect("jwks lock") = keys;
+                if let Ok(mut set) = self.keys.write() {
+                    *set = KeySet {
+                        keys,
+                        fetched_at: Some(Instant::now()),
+                    };
+                }
             }
             Err(e) => tracing::warn!("JWKS refresh failed: {e}"),
         }
     }
 
     async fn fetch(&self) -> Result<HashMap<String, (DecodingKey, Algorithm)>, String> {
-        let set: JwkSet = self
+        let mut response = self
             .http
             .get(&self.url)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
             .map_err(|e| e.to_string())?;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+            if body.len() + chunk.len() > MAX_KEY_SET_BYTES {
+                return Err(format!(
+                    "the key set is larger than {MAX_KEY_SET_BYTES} bytes"
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let (Some(kid), Some(algorithm)) = (&jwk.common.key_id, pinned_algorithm(jwk)) else {

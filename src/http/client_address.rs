@@ -34,7 +34,8 @@ impl TrustedProxies {
 
     /// The client's address: the peer's own, unless the peer is a trusted proxy, in which case
     /// the right-most `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its
-    /// left were written by the client and prove nothing).
+    /// left were written by the client and prove nothing). With `"*"` every peer is one trusted
+    /// hop and nothing more: the right-most entry, the one that hop appended, is the client.
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         if !self.trusts(peer) {
             return peer;
@@ -46,6 +47,10 @@ impl TrustedProxies {
             .flat_map(|v| v.split(','))
             .filter_map(|entry| parse_forwarded(entry.trim()))
             .collect();
+        if self.any {
+            return forwarded.last().copied().unwrap_or(peer);
+        }
+        // Every entry is a trusted proxy: the left-most is as far as the chain can be believed.
         forwarded
             .iter()
             .rev()
@@ -53,6 +58,11 @@ impl TrustedProxies {
             .or(forwarded.first())
             .copied()
             .unwrap_or(peer)
+    }
+
+    /// True when `"*"` is configured, which start-up warns about.
+    pub fn trusts_any_peer(&self) -> bool {
+        self.any
     }
 }
 
@@ -131,6 +141,19 @@ mod tests {
         assert!(!loopback.trusts("127.0.0.2".parse().unwrap()));
         assert!(loopback.trusts("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!TrustedProxies::default().trusts("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_wildcard_is_one_hop_so_the_client_cannot_pick_its_address() {
+        let any = TrustedProxies::new(&["*".into()]);
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        // The client wrote "6.6.6.6"; the proxy appended the address it saw.
+        let xff = headers("6.6.6.6, 203.0.113.7");
+        assert_eq!(
+            any.client_ip(peer, &xff),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(any.client_ip(peer, &HeaderMap::new()), peer);
     }
 
     #[test]

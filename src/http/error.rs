@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::auth::AuthError;
 use crate::chat::ChatError;
+use crate::store::QuotaKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -18,6 +19,8 @@ pub enum ApiError {
     BadRequest { code: &'static str, message: String },
     #[error("{0}")]
     Unauthorized(String),
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     #[error("{message}")]
     NotFound { code: &'static str, message: String },
     #[error("method not allowed")]
@@ -28,8 +31,14 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// `retryable` decides whether `Retry-After` goes out: a model that is not downloaded will
+    /// not be there in five seconds either.
     #[error("{message}")]
-    Unavailable { code: &'static str, message: String },
+    Unavailable {
+        code: &'static str,
+        message: String,
+        retryable: bool,
+    },
     #[error("{message}")]
     TooManyRequests {
         code: &'static str,
@@ -65,6 +74,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
             ApiError::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "chat_busy"),
@@ -112,13 +122,15 @@ impl IntoResponse for ApiError {
             }
             return response;
         }
-        match status {
-            StatusCode::UNAUTHORIZED => {
+        match &self {
+            ApiError::Unauthorized(_) => {
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            StatusCode::SERVICE_UNAVAILABLE => {
+            ApiError::Unavailable {
+                retryable: true, ..
+            } => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -131,8 +143,23 @@ impl IntoResponse for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
+        // The client gets the plain reason; which check failed is for the operator.
+        if matches!(err, AuthError::Invalid(_)) {
+            tracing::info!(reason = err.detail(), "token refused");
+        }
         ApiError::Unauthorized(err.to_string())
     }
+}
+
+/// A handler that panicked: the connection stays up and the client gets the contract's 500 body;
+/// the panic's message goes to the log (with the request's id, from the span it ran in).
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    ApiError::Internal(format!("handler panicked: {message}")).into_response()
 }
 
 impl From<ChatError> for ApiError {
@@ -153,9 +180,26 @@ impl From<ChatError> for ApiError {
             ChatError::ShuttingDown => ApiError::Unavailable {
                 code: "server_shutting_down",
                 message,
+                retryable: true,
             },
-            ChatError::Refused(err) => ApiError::Unavailable {
-                code: err.kind.code(),
+            ChatError::Refused(err) => {
+                tracing::warn!(
+                    code = err.kind.code(),
+                    detail = err.detail(),
+                    "request refused: {err}"
+                );
+                ApiError::Unavailable {
+                    code: err.kind.code(),
+                    message,
+                    retryable: err.kind.retryable(),
+                }
+            }
+            ChatError::QuotaExceeded(kind) => ApiError::Forbidden {
+                code: match kind {
+                    QuotaKind::Chats => "chat_limit_reached",
+                    QuotaKind::Bytes => "storage_limit_reached",
+                    QuotaKind::Turns => "turn_limit_reached",
+                },
                 message,
             },
             ChatError::ProviderMissing(_) | ChatError::Store(_) => ApiError::Internal(message),

@@ -1,7 +1,7 @@
 //! HTTPS with ALPN: `h2` for browsers talking straight to Mangoo (so they are not held to six
 //! HTTP/1.1 connections per host, each SSE stream taking one), `http/1.1` for everyone else.
 //!
-//! This module loads the certificate; [`crate::listener`] accepts the connections.
+//! This module loads the certificate; [`super::listener`] accepts the connections.
 
 use std::path::Path;
 use std::sync::Arc;
