@@ -21,7 +21,9 @@
 //! - [`http`]: routes, extractors, the SSE encoder, access log, CORS; `http::error` is the one
 //!   place errors become responses.
 //! - [`auth`]: JWT verification (HS256, JWKS) and stream tickets, no HTTP in it.
-//! - [`chat`]: turns, history, quotas, the producer of each answer, and its events.
+//! - [`chat`]: turns, history, quotas, the producer of each answer.
+//! - [`events`]: the events of an answer (start, message, done, error), shared by the chat
+//!   service, the [`stream_log`] and the SSE encoder without those depending on one another.
 //! - [`providers`]: one module per vendor behind a trait and a closed enum.
 //! - [`store`]: chats and messages behind a trait (SQLite now, PostgreSQL next); SQLite writes go
 //!   through one writer thread that commits the writes arriving together in one transaction.
@@ -34,6 +36,7 @@ pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod providers;

@@ -1,5 +1,5 @@
 //! Who is calling: JSON Web Tokens, HS256 with the configured secret, and RS256 / ES256 from an
-//! identity provider's key set when `[auth] jwks_url` is set ([`crate::jwks`]). Knows nothing of
+//! identity provider's key set when `[auth] jwks_url` is set ([`jwks`]). Knows nothing of
 //! HTTP; `http::extract` finds the token.
 //!
 //! Each validation is pinned to one algorithm and built by us, never from the token's own header,

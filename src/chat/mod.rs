@@ -5,7 +5,6 @@
 //! Handlers call this, never a provider.
 
 mod control;
-pub mod events;
 mod replay;
 mod turn;
 
@@ -22,6 +21,7 @@ use tracing::Instrument;
 use crate::auth::UserId;
 use crate::config::{BotConfig, DisconnectPolicy};
 use crate::domain::Role;
+use crate::events::StreamEvent;
 use crate::metrics::Metrics;
 use crate::providers::{
     Admission, ModelMessage, ModelRequest, ProviderError, ProviderRegistry, Target,
@@ -34,7 +34,6 @@ use crate::store::{
 use crate::stream_log::EventLog;
 pub use control::StopCause;
 use control::{ActiveAnswer, ActiveAnswers};
-use events::StreamEvent;
 
 /// The events a client receives: a new answer, or the rest of one it reconnects to.
 pub type EventStream = BoxStream<'static, StreamEvent>;

@@ -3,7 +3,7 @@
 
 use crate::store::{MessageRecord, MessageStatus};
 
-use super::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
+use crate::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
 
 /// The stored answer's events after `after_id`.
 pub fn events_after(chat_id: &str, answer: &MessageRecord, after_id: i64) -> Vec<StreamEvent> {

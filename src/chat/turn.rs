@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::StreamTimeouts;
 use super::control::{StopCause, TurnControl};
-use super::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
 use crate::domain::TokenUsage;
+use crate::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
 use crate::metrics::{Metrics, OutcomeLabels, TokenLabels, UpstreamErrorLabels, UpstreamLabels};
 use crate::providers::{
     Admission, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream,

@@ -16,8 +16,8 @@ use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::time::{Instant, Sleep};
 
-use crate::chat::events::{EventKind, StreamEvent};
 use crate::domain::TokenUsage;
+use crate::events::{EventKind, StreamEvent};
 use crate::metrics::Metrics;
 use crate::rate_limit::StreamSlot;
 
@@ -308,7 +308,7 @@ fn encode_into(frame: &mut Vec<u8>, event: &StreamEvent, retry_ms: Option<u64>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::events::StreamFailure;
+    use crate::events::StreamFailure;
 
     fn encode(event: &StreamEvent, retry_ms: Option<u64>) -> Bytes {
         let mut frame = Vec::new();

@@ -76,7 +76,7 @@ impl Application {
     ) -> Result<Self, StartupError> {
         config.validate()?;
         if config.bots.is_empty() {
-            config.bots.push(BotConfig::default_local());
+            config.bots.push(default_local_bot());
         }
         let recovered = store.recover_abandoned_turns().await?;
         if recovered > 0 {
@@ -234,6 +234,22 @@ impl Application {
                 Ok(())
             }
         }
+    }
+}
+
+/// The bot served when none are configured: the embedded model. Built here rather than in
+/// `config`, which knows nothing of the providers.
+fn default_local_bot() -> BotConfig {
+    BotConfig {
+        id: "default".into(),
+        provider: Some(crate::providers::local::PROVIDER_NAME.into()),
+        model: Some(crate::providers::local::MODEL_NAME.into()),
+        region: None,
+        targets: Vec::new(),
+        system_prompt: None,
+        temperature: Some(0.7),
+        top_p: Some(0.9),
+        max_tokens: 512,
     }
 }
 

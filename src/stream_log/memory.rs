@@ -8,7 +8,7 @@ use futures_util::stream::{self, BoxStream};
 use tokio::sync::watch;
 
 use super::EventLog;
-use crate::chat::events::StreamEvent;
+use crate::events::StreamEvent;
 
 struct LiveAnswer {
     events: RwLock<Vec<StreamEvent>>,
@@ -103,7 +103,7 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
-    use crate::chat::events::{EventKind, StreamFailure};
+    use crate::events::{EventKind, StreamFailure};
 
     fn content(id: i64, text: &str) -> StreamEvent {
         StreamEvent {

@@ -20,7 +20,7 @@ use futures_util::Stream;
 use futures_util::stream::BoxStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::chat::events::StreamEvent;
+use crate::events::StreamEvent;
 
 /// Where the events of live answers are kept, by chat.
 #[async_trait::async_trait]

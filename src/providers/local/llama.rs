@@ -10,7 +10,7 @@ use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType, matmul};
 use candle_core::quantized::{QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 
-use super::model::ModelError;
+use super::error::ModelError;
 
 const BLOCK: usize = 32;
 

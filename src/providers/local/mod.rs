@@ -6,9 +6,11 @@
 //! from a queue. Admission is a semaphore of `concurrency + queue_size` places taken before the
 //! HTTP response starts, so a full queue is a plain `503` rather than a stream that never moves.
 
+pub mod error;
 pub mod fetch;
 pub mod llama;
 pub mod model;
+pub mod sampling;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;

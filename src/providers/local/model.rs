@@ -6,14 +6,14 @@ use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 
+pub use super::error::ModelError;
 use super::llama::{Session, Weights};
+use super::sampling::Sampler;
 use crate::domain::Role;
 
 /// The system prompt SmolLM2's own chat template uses when none is given.
@@ -24,21 +24,6 @@ const REPEAT_PENALTY: f32 = 1.1;
 const REPEAT_WINDOW: usize = 64;
 /// GGUF token type of control tokens (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, ...).
 const TOKEN_TYPE_CONTROL: i32 = 3;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("cannot read the model file {path}: {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("the model file is not a usable GGUF: {0}")]
-    Format(String),
-    #[error("model inference failed: {0}")]
-    Inference(#[from] candle_core::Error),
-    #[error("the conversation does not fit in the model's context of {0} tokens")]
-    ContextFull(usize),
-}
 
 fn format_error(e: impl std::fmt::Display) -> ModelError {
     ModelError::Format(e.to_string())
@@ -319,7 +304,7 @@ pub fn generate(
     if prompt.len() >= weights.context {
         return Err(ModelError::ContextFull(weights.context));
     }
-    let mut sampler = LogitsProcessor::from_sampling(sampling.seed, sampler_for(sampling));
+    let mut sampler = Sampler::new(sampling.seed, sampling.temperature, sampling.top_p);
     let mut recent: VecDeque<u32> = VecDeque::with_capacity(REPEAT_WINDOW);
     let mut text = Utf8Assembler::default();
     let mut output_tokens = 0;
@@ -340,7 +325,7 @@ pub fn generate(
             break StopReason::MaxTokens;
         }
         penalise_repeats(&mut session.logits, &recent);
-        let next = sampler.sample(&Tensor::new(session.logits.as_slice(), &Device::Cpu)?)?;
+        let next = sampler.sample(&session.logits);
         if tokenizer.is_stop(next) {
             break StopReason::EndOfTurn;
         }
@@ -386,24 +371,6 @@ fn penalise_repeats(logits: &mut [f32], recent: &VecDeque<u32>) {
                 *logit * REPEAT_PENALTY
             };
         }
-    }
-}
-
-/// Top-p needs the candidates sorted; sorting all 49k logits every token costs more than the
-/// rest of sampling, so nucleus sampling runs within the 40 most likely tokens (the usual top-k).
-const TOP_K: usize = 40;
-
-fn sampler_for(sampling: SamplingParams) -> Sampling {
-    match sampling.temperature {
-        Some(temperature) if temperature > 0.0 => match sampling.top_p {
-            Some(p) if p > 0.0 && p < 1.0 => Sampling::TopKThenTopP {
-                k: TOP_K,
-                p,
-                temperature,
-            },
-            _ => Sampling::All { temperature },
-        },
-        _ => Sampling::ArgMax,
     }
 }
 
