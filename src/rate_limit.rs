@@ -21,8 +21,15 @@ pub struct Decision {
     pub reset_after: Duration,
 }
 
+/// A limiter that could not decide (a shared one: its server is unreachable).
+#[derive(Debug, thiserror::Error)]
+#[error("the rate limiter is unavailable: {0}")]
+pub struct LimitError(pub String);
+
+/// Async and fallible: a shared implementation asks a server on every request.
+#[async_trait::async_trait]
 pub trait RateLimiter: Send + Sync + 'static {
-    fn check(&self, key: &str) -> Decision;
+    async fn check(&self, key: &str) -> Result<Decision, LimitError>;
     /// The burst: how many requests a fresh key may make at once.
     fn limit(&self) -> u32;
 }
@@ -52,10 +59,21 @@ impl MemoryRateLimiter {
     }
 }
 
+#[async_trait::async_trait]
 impl RateLimiter for MemoryRateLimiter {
-    fn check(&self, key: &str) -> Decision {
+    async fn check(&self, key: &str) -> Result<Decision, LimitError> {
+        Ok(self.decide(key))
+    }
+
+    fn limit(&self) -> u32 {
+        self.burst
+    }
+}
+
+impl MemoryRateLimiter {
+    fn decide(&self, key: &str) -> Decision {
         let now = Instant::now();
-        let mut arrivals = self.arrivals.lock().expect("rate limiter lock");
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
         if arrivals.len() >= MAX_KEYS && !arrivals.contains_key(key) {
             arrivals.retain(|_, tat| *tat > now);
         }
@@ -83,10 +101,6 @@ impl RateLimiter for MemoryRateLimiter {
             reset_after: ahead,
         }
     }
-
-    fn limit(&self) -> u32 {
-        self.burst
-    }
 }
 
 /// Open streams per user, capped. A [`StreamSlot`] is held by the stream's body; dropping it
@@ -107,7 +121,7 @@ impl StreamSlots {
 
     /// A place for one more stream of `user`, or `None` at the cap.
     pub fn take(&self, user: &str) -> Option<StreamSlot> {
-        let mut open = self.open.lock().expect("stream slots lock");
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let count = open.entry(user.to_owned()).or_insert(0);
         if *count >= self.max {
             return None;
@@ -128,7 +142,7 @@ pub struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        let mut open = self.open.lock().expect("stream slots lock");
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = open.get_mut(&self.user) {
             *count -= 1;
             if *count == 0 {
@@ -145,14 +159,14 @@ mod tests {
     #[test]
     fn a_burst_is_allowed_then_requests_wait_for_the_rate() {
         let limiter = MemoryRateLimiter::new(1.0, 3);
-        let decisions: Vec<_> = (0..4).map(|_| limiter.check("alice")).collect();
+        let decisions: Vec<_> = (0..4).map(|_| limiter.decide("alice")).collect();
         assert!(decisions[..3].iter().all(|d| d.allowed));
         assert_eq!(decisions[0].remaining, 2);
         assert_eq!(decisions[2].remaining, 0);
         assert!(!decisions[3].allowed);
         assert!(decisions[3].retry_after > Duration::from_millis(900));
         assert!(decisions[3].retry_after <= Duration::from_secs(1));
-        assert!(limiter.check("bob").allowed, "keys are independent");
+        assert!(limiter.decide("bob").allowed, "keys are independent");
     }
 
     #[test]

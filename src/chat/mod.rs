@@ -28,10 +28,10 @@ use crate::providers::{
 };
 use crate::rate_limit::StreamSlot;
 use crate::store::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, MessageRecord, NewTurn, QuotaKind, StorageQuota,
-    StoreError,
+    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, MessageStatus,
+    NewTurn, QuotaKind, StorageQuota, StoreError,
 };
-use crate::stream_log::EventLog;
+use crate::stream_log::{EventLog, LogError};
 pub use control::StopCause;
 use control::{ActiveAnswer, ActiveAnswers};
 
@@ -69,6 +69,8 @@ pub enum ChatError {
     Refused(ProviderError),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Log(#[from] LogError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -236,13 +238,13 @@ impl ChatService {
             quota: self.limits.quota,
         };
         let (answer, begun) = self.begin(&new_turn).await?;
-        self.log.open(&new_turn.chat_id).await;
-        // Listen before the producer starts, so the asker sees every event from `start` on.
-        let events = self
-            .log
-            .follow(&new_turn.chat_id, begun.last_event_id)
-            .await
-            .expect("the log was just opened");
+        let events = match self.open_log(&new_turn.chat_id, begun.last_event_id).await {
+            Ok(events) => events,
+            Err(e) => {
+                self.abandon(&new_turn, begun.last_event_id).await;
+                return Err(ChatError::Log(e));
+            }
+        };
         let listener = answer.audience.listen(events);
         let progress = turn::Progress::new(begun.last_event_id);
         let aftermath = turn::Aftermath {
@@ -329,6 +331,43 @@ impl ChatService {
         }
     }
 
+    /// Starts the answer's log and listens to it before the producer starts, so the asker sees
+    /// every event from `start` on.
+    async fn open_log(
+        &self,
+        chat_id: &str,
+        after_id: i64,
+    ) -> Result<BoxStream<'static, StreamEvent>, LogError> {
+        self.log.open(chat_id).await?;
+        self.log
+            .follow(chat_id, after_id)
+            .await?
+            .ok_or_else(|| LogError("the log just opened is not there".into()))
+    }
+
+    /// Undoes a begun turn that cannot be streamed: the answer is stored as failed (nothing was
+    /// sent) and the chat is free again.
+    async fn abandon(&self, turn: &NewTurn, last_event_id: i64) {
+        let record = FinishedTurn {
+            chat_id: turn.chat_id.clone(),
+            assistant_message_id: turn.assistant_message_id.clone(),
+            content: String::new(),
+            chunks: Vec::new(),
+            status: MessageStatus::Error,
+            error_code: Some("service_unavailable".into()),
+            error_message: Some("the answer could not be started".into()),
+            error_retryable: Some(true),
+            provider: None,
+            model: None,
+            usage: None,
+            last_event_id,
+        };
+        if let Err(e) = self.store.finish_turn(record).await {
+            tracing::error!(chat_id = %turn.chat_id, "could not store the abandoned turn: {e}");
+        }
+        self.active.release(&turn.chat_id);
+    }
+
     /// Runs the producer on the tracked task set, so shutdown waits for it to store its answer.
     /// However it ends — done, failed, panicked, or dropped with the runtime — the chat's claim
     /// is released; after a panic the aftermath stores the answer and ends its listeners.
@@ -365,7 +404,7 @@ impl ChatService {
         self.owned_chat(user, chat_id).await?;
         self.metrics.resumes.inc();
         if let Some(answer) = self.active.get(chat_id)
-            && let Some(events) = self.log.follow(chat_id, after_id.unwrap_or(0)).await
+            && let Some(events) = self.log.follow(chat_id, after_id.unwrap_or(0)).await?
         {
             return Ok(Some(Box::pin(answer.audience.listen(events))));
         }
@@ -563,7 +602,6 @@ fn new_id(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MessageStatus;
 
     fn message(role: Role, content: &str) -> MessageRecord {
         MessageRecord {

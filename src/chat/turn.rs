@@ -128,8 +128,10 @@ impl Aftermath {
                 id: terminal_id,
                 kind: EventKind::Error(failure),
             };
-            self.log.append(&self.chat_id, event).await;
-            self.log.close(&self.chat_id).await;
+            let delivered = self.log.append(&self.chat_id, event).await;
+            if let Err(e) = delivered.and(self.log.close(&self.chat_id).await) {
+                tracing::error!(chat_id = %self.chat_id, "could not end the failed answer's log: {e}");
+            }
         }
         let outcome = OutcomeLabels {
             outcome: "internal_error".into(),
@@ -145,6 +147,8 @@ enum Ending {
     /// Something other than the provider ended it.
     Stopped(StopCause),
     Failed(ProviderError),
+    /// The stream log refused the answer's events.
+    Undeliverable,
 }
 
 /// What a target did before its first token.
@@ -169,9 +173,13 @@ struct Emitter {
     answering: Option<usize>,
     /// When the last text went out, for the inter-token gap.
     last_text_at: Option<Instant>,
+    /// The stream log refused an event: nobody can be told more, so generation stops.
+    undeliverable: bool,
 }
 
 impl Emitter {
+    /// Appends the next event. A log that refuses it (a shared log whose server is gone) marks
+    /// the answer as undeliverable: the producer stops and stores what it has.
     async fn send(&mut self, kind: EventKind) {
         self.last_id += 1;
         self.progress.last_id.store(self.last_id, Ordering::SeqCst);
@@ -179,7 +187,12 @@ impl Emitter {
             id: self.last_id,
             kind,
         };
-        self.log.append(&self.chat_id, event).await;
+        if let Err(e) = self.log.append(&self.chat_id, event).await
+            && !self.undeliverable
+        {
+            tracing::error!(chat_id = %self.chat_id, "SSE stream error: {e}");
+            self.undeliverable = true;
+        }
     }
 
     async fn send_text(&mut self, text: String, gaps: &Histogram) {
@@ -204,6 +217,7 @@ impl Turn {
             usage: None,
             answering: None,
             last_text_at: None,
+            undeliverable: false,
         };
         let start = EventKind::Start {
             chat_id: self.chat_id.clone(),
@@ -338,7 +352,12 @@ impl Turn {
             };
             idle.as_mut().reset(Instant::now() + self.timeouts.idle);
             match item {
-                Some(Ok(ProviderEvent::TextDelta(text))) => emitter.send_text(text, gaps).await,
+                Some(Ok(ProviderEvent::TextDelta(text))) => {
+                    emitter.send_text(text, gaps).await;
+                    if emitter.undeliverable {
+                        return Ending::Undeliverable;
+                    }
+                }
                 Some(Ok(ProviderEvent::Usage(usage))) => emitter.usage = Some(usage),
                 Some(Err(e)) => return Ending::Failed(e),
                 None => return Ending::Complete,
@@ -456,7 +475,9 @@ impl Turn {
         };
         self.count_answer(&emitter, status, &terminal);
         emitter.send(terminal).await;
-        self.log.close(&self.chat_id).await;
+        if let Err(e) = self.log.close(&self.chat_id).await {
+            tracing::error!(chat_id = %self.chat_id, "could not close the answer's log: {e}");
+        }
         self.progress.ended.store(true, Ordering::SeqCst);
     }
 
@@ -509,6 +530,10 @@ impl Turn {
             Ending::Stopped(StopCause::Deleted) => (
                 MessageStatus::Interrupted,
                 failure("the chat was deleted", "chat_deleted", false),
+            ),
+            Ending::Undeliverable => (
+                MessageStatus::Error,
+                failure("the answer could not be delivered", "internal_error", true),
             ),
             Ending::Failed(err) => {
                 tracing::error!(

@@ -6,12 +6,9 @@
 //! logged, never the query string: it may hold a `token`.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 
@@ -20,9 +17,9 @@ use axum::http::{HeaderValue, Method, StatusCode};
 const MAX_LOGGED_PATH: usize = 256;
 use axum::middleware::Next;
 use axum::response::Response;
-use http_body::{Frame, SizeHint};
 use tracing::Instrument;
 
+use super::body_end::{BodyEnd, OnBodyEnd};
 use super::client_address::{RequestContext, TrustedProxies, request_id};
 use crate::metrics::{HttpLabels, Metrics};
 
@@ -92,12 +89,7 @@ pub async fn access_log(
         started,
         span,
     };
-    response.map(|body| {
-        Body::new(LoggedBody {
-            inner: body,
-            line: Some(line),
-        })
-    })
+    response.map(|body| BodyEnd::wrap(body, line))
 }
 
 /// The request method as a label of bounded cardinality: the standard methods by name, anything
@@ -139,8 +131,8 @@ struct AccessLine {
     span: tracing::Span,
 }
 
-impl AccessLine {
-    fn write(self, completed: bool) {
+impl OnBodyEnd for AccessLine {
+    fn body_ended(self, completed: bool) {
         let _in_request = self.span.enter();
         tracing::info!(
             target: "mangoo::access",
@@ -155,51 +147,5 @@ impl AccessLine {
             self.path,
             self.status.as_u16(),
         );
-    }
-}
-
-pin_project_lite::pin_project! {
-    struct LoggedBody {
-        #[pin]
-        inner: Body,
-        line: Option<AccessLine>,
-    }
-
-    impl PinnedDrop for LoggedBody {
-        fn drop(this: Pin<&mut Self>) {
-            // Still holding the line: the body was never read to its end, either because it was
-            // empty or because the client went away mid-response.
-            let this = this.project();
-            if let Some(line) = this.line.take() {
-                line.write(http_body::Body::is_end_stream(&*this.inner));
-            }
-        }
-    }
-}
-
-impl http_body::Body for LoggedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(None) = polled
-            && let Some(line) = this.line.take()
-        {
-            line.write(true);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -202,6 +202,14 @@ impl From<ChatError> for ApiError {
                 },
                 message,
             },
+            ChatError::Log(e) => {
+                tracing::error!("stream log: {e}");
+                ApiError::Unavailable {
+                    code: "service_unavailable",
+                    message: "streaming is unavailable; retry shortly".into(),
+                    retryable: true,
+                }
+            }
             ChatError::ProviderMissing(_) | ChatError::Store(_) => ApiError::Internal(message),
         }
     }

@@ -23,7 +23,7 @@ pub struct VerifiedUser(pub crate::auth::UserId);
 pub async fn rate_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     let token = token_in(&parts).ok().flatten();
-    let mut request = Request::from_parts(parts, body);
+    let request = Request::from_parts(parts, body);
     let user = match token {
         Some(token) => state.auth.verify(&token).await.ok(),
         None => None,
@@ -35,8 +35,15 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
             None => "ip:unknown".to_owned(),
         },
     };
-    let decision = state.limiter.check(&key);
     let policy = state.limiter.limit();
+    let decision = match state.limiter.check(&key).await {
+        Ok(decision) => decision,
+        // Fail open: an outage of the limiter's store must not take the whole API down with it.
+        Err(e) => {
+            tracing::warn!("rate limit not checked: {e}");
+            return next.run(with_user(request, user)).await;
+        }
+    };
     if !decision.allowed {
         state
             .metrics
@@ -55,12 +62,17 @@ pub async fn rate_limit(State(state): State<AppState>, request: Request, next: N
         }
         .into_response();
     }
+    let mut response = next.run(with_user(request, user)).await;
+    rate_limit_headers(response.headers_mut(), &decision, policy);
+    response
+}
+
+/// The request, carrying the user the check verified (if any) for the handler's extractor.
+fn with_user(mut request: Request, user: Option<crate::auth::UserId>) -> Request {
     if let Some(user) = user {
         request.extensions_mut().insert(VerifiedUser(user));
     }
-    let mut response = next.run(request).await;
-    rate_limit_headers(response.headers_mut(), &decision, policy);
-    response
+    request
 }
 
 /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (whole seconds, rounded up).

@@ -10,6 +10,7 @@
 //! Nothing compresses or buffers responses: an event leaves as soon as it is produced.
 
 mod access_log;
+pub mod body_end;
 mod chat_stream;
 mod chats;
 pub mod client_address;

@@ -2,10 +2,9 @@
 //! usage comes from `message_start` (input) and `message_delta` (output), and `error` events
 //! (`overloaded_error` and the rest) map onto the shared error kinds.
 
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::http_sse::{api_key, client, events, open_stream};
+use super::http_sse::{Dialect, answer_stream, api_key, client, cut_short, open_stream};
 use super::{
     Admission, ChatProvider, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent,
     ProviderStream,
@@ -138,82 +137,58 @@ impl ChatProvider for AnthropicProvider {
         if let Some(key) = &self.api_key {
             call = call.header("x-api-key", key);
         }
-        Ok(translate(open_stream(PROVIDER_NAME, call).await?))
+        let response = open_stream(PROVIDER_NAME, call).await?;
+        Ok(answer_stream(PROVIDER_NAME, response, Messages::default()))
     }
 }
 
-/// Anthropic events → our events. Ends after an error, and reports a stream that stops before
-/// `message_stop` as a lost connection rather than a finished answer.
-fn translate(response: reqwest::Response) -> ProviderStream {
-    struct State<S> {
-        events: S,
-        usage: TokenUsage,
-        finished: bool,
-    }
-    let state = State {
-        events: Box::pin(events(PROVIDER_NAME, response)),
-        usage: TokenUsage::default(),
-        finished: false,
-    };
-    Box::pin(futures_util::stream::unfold(
-        state,
-        |mut state| async move {
-            if state.finished {
-                return None;
+/// Anthropic's events: text from `content_block_delta`, usage from `message_start` and
+/// `message_delta`, the end at `message_stop`, failures from `error`.
+#[derive(Default)]
+struct Messages {
+    usage: TokenUsage,
+}
+
+impl Dialect for Messages {
+    fn read(
+        &mut self,
+        event: &eventsource_stream::Event,
+        out: &mut Vec<ProviderEvent>,
+    ) -> Result<bool, ProviderError> {
+        // Unknown or unparsable events (pings, new event types) are skipped, not fatal.
+        let Ok(parsed) = serde_json::from_str::<StreamEvent>(&event.data) else {
+            return Ok(false);
+        };
+        match parsed {
+            StreamEvent::ContentBlockDelta {
+                delta: Some(Delta { text: Some(text) }),
+            } if !text.is_empty() => out.push(ProviderEvent::TextDelta(text)),
+            StreamEvent::MessageStart { message } => {
+                let usage = message.and_then(|m| m.usage).unwrap_or_default();
+                self.usage.input_tokens = usage.input_tokens.unwrap_or_default();
+                self.usage.output_tokens = usage.output_tokens.unwrap_or_default();
             }
-            loop {
-                let Some(event) = state.events.next().await else {
-                    state.finished = true;
-                    let lost = ProviderError::new(
-                        ProviderErrorKind::Connection,
-                        "Anthropic closed the stream before the answer was finished",
-                    );
-                    return Some((Err(lost), state));
-                };
-                let event = match event {
-                    Ok(event) => event,
-                    Err(e) => {
-                        state.finished = true;
-                        return Some((Err(e), state));
-                    }
-                };
-                // Unknown or unparsable events (pings, new event types) are skipped, not fatal.
-                let Ok(parsed) = serde_json::from_str::<StreamEvent>(&event.data) else {
-                    continue;
-                };
-                match parsed {
-                    StreamEvent::ContentBlockDelta {
-                        delta: Some(Delta { text: Some(text) }),
-                    } if !text.is_empty() => {
-                        return Some((Ok(ProviderEvent::TextDelta(text)), state));
-                    }
-                    StreamEvent::MessageStart { message } => {
-                        let usage = message.and_then(|m| m.usage).unwrap_or_default();
-                        state.usage.input_tokens = usage.input_tokens.unwrap_or_default();
-                        state.usage.output_tokens = usage.output_tokens.unwrap_or_default();
-                    }
-                    StreamEvent::MessageDelta { usage: Some(usage) } => {
-                        if let Some(input) = usage.input_tokens {
-                            state.usage.input_tokens = input;
-                        }
-                        if let Some(output) = usage.output_tokens {
-                            state.usage.output_tokens = output;
-                        }
-                    }
-                    StreamEvent::MessageStop => {
-                        state.finished = true;
-                        let usage = state.usage;
-                        return Some((Ok(ProviderEvent::Usage(usage)), state));
-                    }
-                    StreamEvent::Error { error } => {
-                        state.finished = true;
-                        return Some((Err(stream_error(error)), state));
-                    }
-                    _ => {}
+            StreamEvent::MessageDelta { usage: Some(usage) } => {
+                if let Some(input) = usage.input_tokens {
+                    self.usage.input_tokens = input;
+                }
+                if let Some(output) = usage.output_tokens {
+                    self.usage.output_tokens = output;
                 }
             }
-        },
-    ))
+            StreamEvent::MessageStop => {
+                out.push(ProviderEvent::Usage(self.usage));
+                return Ok(true);
+            }
+            StreamEvent::Error { error } => return Err(stream_error(error)),
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    fn at_end(&self) -> Result<(), ProviderError> {
+        Err(cut_short("Anthropic"))
+    }
 }
 
 fn stream_error(error: Option<ErrorBody>) -> ProviderError {

@@ -18,7 +18,6 @@ use aws_sdk_bedrockruntime::types::{
     ContentBlock, ContentBlockDelta, ConversationRole, ConverseStreamOutput,
     InferenceConfiguration, Message, SystemContentBlock,
 };
-use futures_util::stream;
 
 use super::{
     Admission, ChatProvider, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent,
@@ -154,50 +153,45 @@ impl ChatProvider for BedrockProvider {
 /// Turns the SDK's receiver into our events. Ends after the first error, since Bedrock sends
 /// nothing useful after an exception frame, and reports a stream that ends without Bedrock's
 /// `messageStop` as a lost connection rather than a finished answer.
-fn event_stream(events: Events) -> ProviderStream {
-    struct State {
-        events: Events,
-        stopped: bool,
-    }
-    let state = State {
-        events,
-        stopped: false,
-    };
-    Box::pin(stream::unfold(Some(state), |state| async move {
-        let mut state = state?;
+fn event_stream(mut events: Events) -> ProviderStream {
+    Box::pin(async_stream::stream! {
+        let mut stopped = false;
         loop {
-            match state.events.recv().await {
+            match events.recv().await {
                 Ok(Some(ConverseStreamOutput::ContentBlockDelta(delta))) => {
                     if let Some(ContentBlockDelta::Text(text)) = delta.delta
                         && !text.is_empty()
                     {
-                        return Some((Ok(ProviderEvent::TextDelta(text)), Some(state)));
+                        yield Ok(ProviderEvent::TextDelta(text));
                     }
                 }
                 Ok(Some(ConverseStreamOutput::Metadata(meta))) => {
                     if let Some(usage) = meta.usage {
-                        let usage = TokenUsage {
+                        yield Ok(ProviderEvent::Usage(TokenUsage {
                             input_tokens: usage.input_tokens.max(0) as u64,
                             output_tokens: usage.output_tokens.max(0) as u64,
-                        };
-                        return Some((Ok(ProviderEvent::Usage(usage)), Some(state)));
+                        }));
                     }
                 }
-                Ok(Some(ConverseStreamOutput::MessageStop(_))) => state.stopped = true,
+                Ok(Some(ConverseStreamOutput::MessageStop(_))) => stopped = true,
                 // Message and block starts carry nothing we stream.
                 Ok(Some(_)) => {}
-                Ok(None) if state.stopped => return None,
                 Ok(None) => {
-                    let lost = ProviderError::new(
-                        ProviderErrorKind::Connection,
-                        "Bedrock closed the stream before the answer was finished",
-                    );
-                    return Some((Err(lost), None));
+                    if !stopped {
+                        yield Err(ProviderError::new(
+                            ProviderErrorKind::Connection,
+                            "Bedrock closed the stream before the answer was finished",
+                        ));
+                    }
+                    return;
                 }
-                Err(e) => return Some((Err(stream_error(&e)), None)),
+                Err(e) => {
+                    yield Err(stream_error(&e));
+                    return;
+                }
             }
         }
-    }))
+    })
 }
 
 /// Maps a failure of the initial ConverseStream request.

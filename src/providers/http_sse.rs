@@ -7,7 +7,60 @@ use std::time::Duration;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures_util::{Stream, StreamExt};
 
-use super::{ProviderError, ProviderErrorKind};
+use super::{ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream};
+
+/// How one vendor's SSE events read: the one part of an answer stream that differs between
+/// Anthropic and OpenAI-compatible servers. [`answer_stream`] does the rest.
+pub trait Dialect: Send + 'static {
+    /// Reads one event, pushing what it means onto `out`; `Ok(true)` when it completes the answer.
+    fn read(&mut self, event: &Event, out: &mut Vec<ProviderEvent>) -> Result<bool, ProviderError>;
+
+    /// The body ended before any event completed the answer: a cut-off stream (the usual
+    /// verdict), unless the dialect knows better.
+    fn at_end(&self) -> Result<(), ProviderError>;
+}
+
+/// A stream that ended before its vendor said the answer was complete.
+pub fn cut_short(provider: &str) -> ProviderError {
+    ProviderError::new(
+        ProviderErrorKind::Connection,
+        format!("{provider} closed the stream before the answer was finished"),
+    )
+}
+
+/// An answer's events from a streaming response: each upstream event read by `dialect`, the
+/// result sent on at once, ending after the completing event or the first error.
+pub fn answer_stream(
+    provider: &'static str,
+    response: reqwest::Response,
+    mut dialect: impl Dialect,
+) -> ProviderStream {
+    Box::pin(async_stream::stream! {
+        let mut upstream = std::pin::pin!(events(provider, response));
+        // Reused for every event: one token usually makes one event.
+        let mut out = Vec::with_capacity(2);
+        while let Some(event) = upstream.next().await {
+            let read = match event {
+                Ok(event) => dialect.read(&event, &mut out),
+                Err(e) => Err(e),
+            };
+            for event in out.drain(..) {
+                yield Ok(event);
+            }
+            match read {
+                Ok(false) => {}
+                Ok(true) => return,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            }
+        }
+        if let Err(e) = dialect.at_end() {
+            yield Err(e);
+        }
+    })
+}
 
 /// The most bytes accepted between two SSE event boundaries from a provider.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;

@@ -5,10 +5,9 @@
 //! chunks with no choices, errors as `event: error` or as `{"error": ...}` data, and a stream
 //! that ends after a `finish_reason` without `data: [DONE]`.
 
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::http_sse::{api_key, client, events, open_stream};
+use super::http_sse::{Dialect, answer_stream, api_key, client, cut_short, open_stream};
 use super::{
     Admission, ChatProvider, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent,
     ProviderStream,
@@ -127,113 +126,72 @@ impl ChatProvider for OpenAiProvider {
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key);
         }
-        Ok(translate(open_stream(PROVIDER_NAME, call).await?))
+        let response = open_stream(PROVIDER_NAME, call).await?;
+        Ok(answer_stream(
+            PROVIDER_NAME,
+            response,
+            Completions::default(),
+        ))
     }
 }
 
-/// What one parsed upstream event means for the stream.
-enum Step {
-    Emit(ProviderEvent),
-    Skip,
-    /// `[DONE]`: the answer is complete.
-    End,
-    Fail(ProviderError),
+/// Chat-completion chunks as compatible servers really send them: text and usage may share a
+/// chunk, `[DONE]` ends the answer, and some servers close after the `finish_reason` without it.
+#[derive(Default)]
+struct Completions {
+    finish_seen: bool,
 }
 
-fn translate(response: reqwest::Response) -> ProviderStream {
-    struct State<S> {
-        events: S,
-        /// Deltas already split from one chunk, waiting to go out.
-        pending: std::collections::VecDeque<ProviderEvent>,
-        finish_seen: bool,
-        finished: bool,
-    }
-    let state = State {
-        events: Box::pin(events(PROVIDER_NAME, response)),
-        pending: Default::default(),
-        finish_seen: false,
-        finished: false,
-    };
-    Box::pin(futures_util::stream::unfold(
-        state,
-        |mut state| async move {
-            loop {
-                if let Some(event) = state.pending.pop_front() {
-                    return Some((Ok(event), state));
-                }
-                if state.finished {
-                    return None;
-                }
-                let step = match state.events.next().await {
-                    // Some servers close after the finish_reason without sending [DONE].
-                    None if state.finish_seen => Step::End,
-                    None => Step::Fail(ProviderError::new(
-                        ProviderErrorKind::Connection,
-                        "the server closed the stream before the answer was finished",
-                    )),
-                    Some(Err(e)) => Step::Fail(e),
-                    Some(Ok(event)) => {
-                        interpret(&event, &mut state.pending, &mut state.finish_seen)
-                    }
-                };
-                match step {
-                    Step::Emit(event) => return Some((Ok(event), state)),
-                    Step::Skip => {}
-                    Step::End => state.finished = true,
-                    Step::Fail(e) => {
-                        state.finished = true;
-                        return Some((Err(e), state));
-                    }
-                }
+impl Dialect for Completions {
+    fn read(
+        &mut self,
+        event: &eventsource_stream::Event,
+        out: &mut Vec<ProviderEvent>,
+    ) -> Result<bool, ProviderError> {
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            return Ok(true);
+        }
+        if event.event == "error" {
+            let value = serde_json::from_str(data).unwrap_or(serde_json::Value::Null);
+            return Err(stream_error(&value));
+        }
+        // Straight into our lenient struct: this runs for every token. Keep-alive comments and
+        // unparsable lines are not worth failing an answer for.
+        let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
+            return Ok(false);
+        };
+        if let Some(error) = &chunk.error {
+            return Err(stream_error(&serde_json::json!({ "error": error })));
+        }
+        for choice in chunk.choices.unwrap_or_default() {
+            if let Some(text) = choice
+                .delta
+                .and_then(|d| d.content)
+                .filter(|t| !t.is_empty())
+            {
+                out.push(ProviderEvent::TextDelta(text));
             }
-        },
-    ))
-}
-
-fn interpret(
-    event: &eventsource_stream::Event,
-    pending: &mut std::collections::VecDeque<ProviderEvent>,
-    finish_seen: &mut bool,
-) -> Step {
-    let data = event.data.trim();
-    if data == "[DONE]" {
-        return Step::End;
-    }
-    if event.event == "error" {
-        let value = serde_json::from_str(data).unwrap_or(serde_json::Value::Null);
-        return Step::Fail(stream_error(&value));
-    }
-    // Straight into our lenient struct: this runs for every token. Keep-alive comments and
-    // unparsable lines are not worth failing an answer for.
-    let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
-        return Step::Skip;
-    };
-    if let Some(error) = &chunk.error {
-        return Step::Fail(stream_error(&serde_json::json!({ "error": error })));
-    }
-    for choice in chunk.choices.unwrap_or_default() {
-        if let Some(text) = choice
-            .delta
-            .and_then(|d| d.content)
-            .filter(|t| !t.is_empty())
+            if choice.finish_reason.is_some_and(|r| !r.is_empty()) {
+                self.finish_seen = true;
+            }
+        }
+        if let Some(usage) = chunk.usage
+            && (usage.prompt_tokens.is_some() || usage.completion_tokens.is_some())
         {
-            pending.push_back(ProviderEvent::TextDelta(text));
+            out.push(ProviderEvent::Usage(TokenUsage {
+                input_tokens: usage.prompt_tokens.unwrap_or_default(),
+                output_tokens: usage.completion_tokens.unwrap_or_default(),
+            }));
         }
-        if choice.finish_reason.is_some_and(|r| !r.is_empty()) {
-            *finish_seen = true;
+        Ok(false)
+    }
+
+    fn at_end(&self) -> Result<(), ProviderError> {
+        match self.finish_seen {
+            true => Ok(()),
+            false => Err(cut_short("the server")),
         }
-    }
-    if let Some(usage) = chunk.usage
-        && (usage.prompt_tokens.is_some() || usage.completion_tokens.is_some())
-    {
-        pending.push_back(ProviderEvent::Usage(TokenUsage {
-            input_tokens: usage.prompt_tokens.unwrap_or_default(),
-            output_tokens: usage.completion_tokens.unwrap_or_default(),
-        }));
-    }
-    match pending.pop_front() {
-        Some(event) => Step::Emit(event),
-        None => Step::Skip,
     }
 }
 

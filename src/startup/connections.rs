@@ -6,19 +6,16 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use http_body::{Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 
+use crate::http::body_end::OnBodyEnd;
 use crate::http::client_address::TrustedProxies;
 use crate::metrics::{Metrics, ReasonLabels};
 
@@ -169,47 +166,9 @@ impl Drop for Busy {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted as in flight until it is done or dropped.
-    pub struct BusyBody {
-        #[pin]
-        inner: Body,
-        busy: Option<Busy>,
-    }
-}
-
-impl BusyBody {
-    pub fn new(inner: Body, busy: Busy) -> Self {
-        Self {
-            inner,
-            busy: Some(busy),
-        }
-    }
-}
-
-impl http_body::Body for BusyBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.busy.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+/// A response body keeps its request counted as in flight until it is done or dropped.
+impl OnBodyEnd for Busy {
+    fn body_ended(self, _completed: bool) {}
 }
 
 /// How long the accept loop waits after an accept error (out of descriptors, say) before it tries

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use super::connections::{AcceptBackoff, Activity, BusyBody, ConnectionGate, ConnectionPlace};
+use super::connections::{AcceptBackoff, Activity, ConnectionGate, ConnectionPlace};
+use crate::http::body_end::BodyEnd;
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -250,7 +251,7 @@ fn service(
             .insert(ConnectInfo::<SocketAddr>(peer));
         async move {
             let response = router.oneshot(request).await?;
-            let response = response.map(|body| axum::body::Body::new(BusyBody::new(body, busy)));
+            let response = response.map(|body| BodyEnd::wrap(body, busy));
             Ok::<_, Infallible>(response)
         }
     })

@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::providers::ProviderRegistry;
 use crate::rate_limit::{MemoryRateLimiter, StreamSlots};
 use crate::store::{self, ChatStore, StorageQuota, StoreError};
+use crate::stream_log::EventLog;
 use crate::stream_log::memory::MemoryLog;
 use connections::{ConnectionGate, ConnectionLimits};
 
@@ -40,6 +41,12 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// What the chat service keeps its state in: the chats, and the live answers' events.
+pub struct Backends {
+    pub store: Arc<dyn ChatStore>,
+    pub log: Arc<dyn EventLog>,
 }
 
 pub struct Application {
@@ -64,16 +71,17 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         config.validate()?;
-        let store = store::connect(&config.database.url).await?;
-        Self::build_with_store(config, store).await
+        let backends = Backends {
+            store: store::connect(&config.database.url).await?,
+            log: Arc::new(MemoryLog::default()),
+        };
+        Self::build_with(config, backends).await
     }
 
-    /// Like [`Application::build`], with the chats kept in `store` instead of the configured
-    /// database: the seam a test uses to put a failing store under the real server.
-    pub async fn build_with_store(
-        mut config: Config,
-        store: Arc<dyn ChatStore>,
-    ) -> Result<Self, StartupError> {
+    /// Like [`Application::build`], on backends given instead of the configured ones: the seam
+    /// a test uses to put a failing store or log under the real server.
+    pub async fn build_with(mut config: Config, backends: Backends) -> Result<Self, StartupError> {
+        let Backends { store, log } = backends;
         config.validate()?;
         if config.bots.is_empty() {
             config.bots.push(default_local_bot());
@@ -97,7 +105,7 @@ impl Application {
         let providers = ProviderRegistry::from_config(&config, &metrics).await;
         let chat = Arc::new(ChatService::new(
             store,
-            Arc::new(MemoryLog::default()),
+            log,
             providers,
             &config.bots,
             chat_limits(&config),

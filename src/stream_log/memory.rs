@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use futures_util::stream::{self, BoxStream};
 use tokio::sync::watch;
 
-use super::EventLog;
+use super::{EventLog, LogError};
 use crate::events::StreamEvent;
 
 struct LiveAnswer {
@@ -22,49 +22,57 @@ pub struct MemoryLog {
 }
 
 impl MemoryLog {
+    /// Every change to the table is one insert or remove, so a lock poisoned by a panic elsewhere
+    /// still holds a consistent table.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveAnswer>>> {
+        self.answers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn get(&self, chat_id: &str) -> Option<Arc<LiveAnswer>> {
-        self.answers.lock().expect("log lock").get(chat_id).cloned()
+        self.lock().get(chat_id).cloned()
     }
 }
 
 #[async_trait::async_trait]
 impl EventLog for MemoryLog {
-    async fn open(&self, chat_id: &str) {
+    async fn open(&self, chat_id: &str) -> Result<(), LogError> {
         let answer = Arc::new(LiveAnswer {
             events: RwLock::new(Vec::new()),
             state: watch::Sender::new((0, false)),
         });
-        self.answers
-            .lock()
-            .expect("log lock")
-            .insert(chat_id.to_owned(), answer);
+        self.lock().insert(chat_id.to_owned(), answer);
+        Ok(())
     }
 
-    async fn append(&self, chat_id: &str, event: StreamEvent) {
+    async fn append(&self, chat_id: &str, event: StreamEvent) -> Result<(), LogError> {
         if let Some(answer) = self.get(chat_id) {
             let len = {
-                let mut events = answer.events.write().expect("events lock");
+                let mut events = answer.events.write().unwrap_or_else(|p| p.into_inner());
                 events.push(event);
                 events.len()
             };
             answer.state.send_modify(|(count, _)| *count = len);
         }
+        Ok(())
     }
 
-    async fn close(&self, chat_id: &str) {
-        if let Some(answer) = self.answers.lock().expect("log lock").remove(chat_id) {
+    async fn close(&self, chat_id: &str) -> Result<(), LogError> {
+        if let Some(answer) = self.lock().remove(chat_id) {
             answer.state.send_modify(|(_, closed)| *closed = true);
         }
+        Ok(())
     }
 
     async fn follow(
         &self,
         chat_id: &str,
         after_id: i64,
-    ) -> Option<BoxStream<'static, StreamEvent>> {
-        let answer = self.get(chat_id)?;
+    ) -> Result<Option<BoxStream<'static, StreamEvent>>, LogError> {
+        let Some(answer) = self.get(chat_id) else {
+            return Ok(None);
+        };
         let cursor = {
-            let events = answer.events.read().expect("events lock");
+            let events = answer.events.read().unwrap_or_else(|p| p.into_inner());
             events.iter().take_while(|e| e.id <= after_id).count()
         };
         let updates = answer.state.subscribe();
@@ -78,7 +86,7 @@ impl EventLog for MemoryLog {
                     let next = answer
                         .events
                         .read()
-                        .expect("events lock")
+                        .unwrap_or_else(|p| p.into_inner())
                         .get(cursor)
                         .cloned();
                     if let Some(event) = next {
@@ -94,7 +102,7 @@ impl EventLog for MemoryLog {
                 }
             },
         );
-        Some(Box::pin(follower))
+        Ok(Some(Box::pin(follower)))
     }
 }
 
@@ -115,18 +123,18 @@ mod tests {
     #[tokio::test]
     async fn followers_replay_after_their_id_then_follow_live_to_the_terminal() {
         let log = MemoryLog::default();
-        log.open("c").await;
-        log.append("c", content(1, "a")).await;
-        log.append("c", content(2, "b")).await;
-        let mut follower = log.follow("c", 1).await.unwrap();
+        log.open("c").await.unwrap();
+        log.append("c", content(1, "a")).await.unwrap();
+        log.append("c", content(2, "b")).await.unwrap();
+        let mut follower = log.follow("c", 1).await.unwrap().unwrap();
         assert_eq!(follower.next().await.unwrap().id, 2);
-        log.append("c", content(3, "c")).await;
+        log.append("c", content(3, "c")).await.unwrap();
         assert_eq!(follower.next().await.unwrap().id, 3);
         let terminal = StreamEvent {
             id: 4,
             kind: EventKind::Error(StreamFailure::new("x", "x", false)),
         };
-        log.append("c", terminal).await;
+        log.append("c", terminal).await.unwrap();
         assert_eq!(follower.next().await.unwrap().id, 4);
         assert!(follower.next().await.is_none());
     }
@@ -134,11 +142,11 @@ mod tests {
     #[tokio::test]
     async fn a_closed_answer_ends_its_followers_and_is_gone() {
         let log = MemoryLog::default();
-        log.open("c").await;
-        log.append("c", content(1, "a")).await;
-        let mut follower = log.follow("c", 1).await.unwrap();
-        log.close("c").await;
+        log.open("c").await.unwrap();
+        log.append("c", content(1, "a")).await.unwrap();
+        let mut follower = log.follow("c", 1).await.unwrap().unwrap();
+        log.close("c").await.unwrap();
         assert!(follower.next().await.is_none());
-        assert!(log.follow("c", 0).await.is_none());
+        assert!(log.follow("c", 0).await.unwrap().is_none());
     }
 }

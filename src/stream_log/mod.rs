@@ -22,21 +22,30 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::StreamEvent;
 
-/// Where the events of live answers are kept, by chat.
+/// A stream log that could not do what was asked (a shared one: its server is unreachable).
+#[derive(Debug, thiserror::Error)]
+#[error("the stream log is unavailable: {0}")]
+pub struct LogError(pub String);
+
+/// Where the events of live answers are kept, by chat. Fallible throughout: a shared
+/// implementation lives across a network.
 #[async_trait::async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// Starts the log of a new answer in `chat_id`, replacing any finished one.
-    async fn open(&self, chat_id: &str);
+    async fn open(&self, chat_id: &str) -> Result<(), LogError>;
 
-    async fn append(&self, chat_id: &str, event: StreamEvent);
+    async fn append(&self, chat_id: &str, event: StreamEvent) -> Result<(), LogError>;
 
     /// The answer is stored: listeners finish with what they have; new ones go to storage.
-    async fn close(&self, chat_id: &str);
+    async fn close(&self, chat_id: &str) -> Result<(), LogError>;
 
     /// The events after `after_id` of the chat's live answer, then the rest as it is appended,
     /// ending after the terminal event. `None` when no answer is live.
-    async fn follow(&self, chat_id: &str, after_id: i64)
-    -> Option<BoxStream<'static, StreamEvent>>;
+    async fn follow(
+        &self,
+        chat_id: &str,
+        after_id: i64,
+    ) -> Result<Option<BoxStream<'static, StreamEvent>>, LogError>;
 }
 
 /// Who is listening to a live answer. Under the "cancel" disconnect policy, the last listener to

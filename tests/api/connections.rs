@@ -4,7 +4,7 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::helpers::{HANG_GUARD, TestApp, spawn_app_with};
+use super::helpers::{HANG_GUARD, spawn_app_with};
 
 /// Reads until the server closes the connection; returns what it sent.
 async fn read_until_closed(tcp: &mut TcpStream) -> Vec<u8> {
@@ -21,17 +21,6 @@ async fn read_until_closed(tcp: &mut TcpStream) -> Vec<u8> {
     .await
     .expect("the server kept the connection open");
     received
-}
-
-async fn metrics(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -63,7 +52,7 @@ async fn one_address_holds_at_most_its_share_of_connections() {
     tokio::time::timeout(HANG_GUARD, freed)
         .await
         .expect("the places never came back");
-    let text = metrics(&app).await;
+    let text = app.metrics_text().await;
     assert!(
         text.contains(
             r#"mangoo_connections_refused_total{reason="max_connections_per_address"} 1"#

@@ -13,7 +13,11 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::fake_upstream::Script;
-use super::helpers::{BOT, SseReader, TestApp, spawn_app_with, spawn_app_with_store};
+use super::helpers::{
+    BOT, SseReader, TestApp, spawn_app_with, spawn_app_with_log, spawn_app_with_store,
+};
+use mangoo::events::StreamEvent;
+use mangoo::stream_log::{EventLog, LogError};
 
 #[tokio::test]
 async fn unknown_methods_share_one_metrics_label_and_grow_nothing() {
@@ -30,15 +34,7 @@ async fn unknown_methods_share_one_metrics_label_and_grow_nothing() {
         assert!(response.status().is_client_error());
     }
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
 
     assert!(!metrics.contains("XXXXXXXX"), "a raw method became a label");
     assert!(metrics.contains(r#"method="other""#), "{metrics}");
@@ -444,4 +440,47 @@ async fn messages_come_in_pages_that_chain_by_cursor() {
         (status, body["code"].as_str()),
         (400, Some("invalid_request"))
     );
+}
+
+/// A stream log whose server is gone: every call fails.
+struct UnreachableLog;
+
+#[async_trait::async_trait]
+impl EventLog for UnreachableLog {
+    async fn open(&self, _: &str) -> Result<(), LogError> {
+        Err(LogError("connection refused".into()))
+    }
+    async fn append(&self, _: &str, _: StreamEvent) -> Result<(), LogError> {
+        Err(LogError("connection refused".into()))
+    }
+    async fn close(&self, _: &str) -> Result<(), LogError> {
+        Err(LogError("connection refused".into()))
+    }
+    async fn follow(
+        &self,
+        _: &str,
+        _: i64,
+    ) -> Result<Option<futures_util::stream::BoxStream<'static, StreamEvent>>, LogError> {
+        Err(LogError("connection refused".into()))
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_stream_log_is_a_retryable_503_that_leaves_no_turn_half_begun() {
+    let app = spawn_app_with_log(Arc::new(UnreachableLog)).await;
+
+    let response = app
+        .post_stream("alice", json!({"bot_id": BOT, "message": "hello?"}))
+        .await;
+
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "service_unavailable");
+    assert!(!body.to_string().contains("refused"), "{body}");
+    assert!(app.fake.requests().is_empty(), "no provider was asked");
+    let (_, chats) = app.get_json("alice", "/api/v1/chats").await;
+    let chat_id = chats["chats"][0]["chat_id"].as_str().unwrap().to_owned();
+    let messages = app.settled_messages("alice", &chat_id).await;
+    assert_eq!(messages[1]["status"], "error", "not left streaming");
 }

@@ -10,8 +10,10 @@ use mangoo::auth::Authenticator;
 use mangoo::config::{
     AnthropicConfig, BedrockConfig, BotConfig, Config, OpenAiConfig, Secret, TargetConfig,
 };
-use mangoo::startup::Application;
+use mangoo::startup::{Application, Backends};
 use mangoo::store::ChatStore;
+use mangoo::stream_log::EventLog;
+use mangoo::stream_log::memory::MemoryLog;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -138,10 +140,30 @@ where
     let db_path = dir.path().join("mangoo.db");
     let config = test_config(&fake, &db_path);
     let store = make(config.database.url.clone()).await;
-    let app = Application::build_with_store(config, store.clone())
+    let backends = Backends {
+        store: store.clone(),
+        log: Arc::new(MemoryLog::default()),
+    };
+    let app = Application::build_with(config, backends)
         .await
         .expect("the app starts");
     (serve(app, fake, dir, db_path), store)
+}
+
+/// The test server with its stream log replaced, e.g. by one that fails on purpose.
+pub async fn spawn_app_with_log(log: Arc<dyn EventLog>) -> TestApp {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("mangoo.db");
+    let config = test_config(&fake, &db_path);
+    let backends = Backends {
+        store: mangoo::store::connect(&config.database.url).await.unwrap(),
+        log,
+    };
+    let app = Application::build_with(config, backends)
+        .await
+        .expect("the app starts");
+    serve(app, fake, dir, db_path)
 }
 
 async fn start(
@@ -256,6 +278,13 @@ impl TestApp {
         tokio::time::timeout(HANG_GUARD, settled)
             .await
             .expect("the answer was never stored")
+    }
+
+    /// What `/metrics` says now.
+    pub async fn metrics_text(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
     }
 
     /// The chat's messages, following `next_cursor` through every page.

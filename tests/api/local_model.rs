@@ -101,16 +101,9 @@ async fn a_missing_model_is_a_plain_503_that_names_no_path() {
 
 /// The `mangoo_local_prompt_tokens_total` counter.
 async fn prompt_tokens_computed(app: &super::helpers::TestApp) -> u64 {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
+    app.metrics_text()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find_map(|l| l.strip_prefix("mangoo_local_prompt_tokens_total "))
         .map_or(0, |n| n.trim().parse().unwrap())
 }

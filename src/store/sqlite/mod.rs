@@ -4,6 +4,7 @@
 //! [`writer`], one thread owning the only writing connection, which commits the writes that
 //! arrive together in one transaction.
 
+mod migrations;
 mod writer;
 
 use std::str::FromStr;
@@ -45,7 +46,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        migrations::run(&pool).await?;
         let writer = Writer::start(&filename, is_in_memory(url))?;
         Ok(Self { pool, writer })
     }
