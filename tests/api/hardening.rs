@@ -484,3 +484,34 @@ async fn an_unreachable_stream_log_is_a_retryable_503_that_leaves_no_turn_half_b
     let messages = app.settled_messages("alice", &chat_id).await;
     assert_eq!(messages[1]["status"], "error", "not left streaming");
 }
+
+#[tokio::test]
+async fn the_history_sent_to_the_provider_is_the_latest_turns_within_the_budget() {
+    let app = spawn_app_with(|c| c.quotas.max_history_chars = 40).await;
+    let first = app
+        .chat(
+            "alice",
+            json!({"bot_id": BOT, "message": "an old question, long enough to matter"}),
+        )
+        .await;
+    let chat_id = first[0].json()["chat_id"].as_str().unwrap().to_owned();
+    app.chat(
+        "alice",
+        json!({"bot_id": BOT, "message": "recent", "chat_id": chat_id}),
+    )
+    .await;
+
+    app.chat(
+        "alice",
+        json!({"bot_id": BOT, "message": "now", "chat_id": chat_id}),
+    )
+    .await;
+
+    // Bedrock's body: messages[].content[].text. The old turn (38 + 13 characters) no longer
+    // fits; the recent one (6 + 13) does; the new message always goes.
+    let sent = app.fake.requests().last().unwrap().body.to_string();
+    assert!(!sent.contains("an old question"), "{sent}");
+    assert!(sent.contains("recent") && sent.contains("now"), "{sent}");
+    let stored = app.all_messages("alice", &chat_id).await;
+    assert_eq!(stored.len(), 6, "everything stays stored");
+}
