@@ -21,15 +21,15 @@ use tracing::Instrument;
 use crate::auth::UserId;
 use crate::config::{BotConfig, DisconnectPolicy};
 use crate::domain::Role;
-use crate::events::StreamEvent;
+use crate::events::{StreamEvent, StreamFailure};
 use crate::metrics::Metrics;
 use crate::providers::{
     Admission, ModelMessage, ModelRequest, ProviderError, ProviderRegistry, Target,
 };
 use crate::rate_limit::StreamSlot;
 use crate::store::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, MessageStatus,
-    NewTurn, QuotaKind, StorageQuota, StoreError,
+    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn, QuotaKind,
+    StorageQuota, StoreError,
 };
 use crate::stream_log::{EventLog, LogError};
 pub use control::StopCause;
@@ -348,20 +348,18 @@ impl ChatService {
     /// Undoes a begun turn that cannot be streamed: the answer is stored as failed (nothing was
     /// sent) and the chat is free again.
     async fn abandon(&self, turn: &NewTurn, last_event_id: i64) {
-        let record = FinishedTurn {
-            chat_id: turn.chat_id.clone(),
-            assistant_message_id: turn.assistant_message_id.clone(),
-            content: String::new(),
-            chunks: Vec::new(),
-            status: MessageStatus::Error,
-            error_code: Some("service_unavailable".into()),
-            error_message: Some("the answer could not be started".into()),
-            error_retryable: Some(true),
-            provider: None,
-            model: None,
-            usage: None,
+        let failure = StreamFailure::new(
+            "the answer could not be started",
+            "service_unavailable",
+            true,
+        );
+        let record = FinishedTurn::failed(
+            &turn.chat_id,
+            &turn.assistant_message_id,
+            Vec::new(),
+            &failure,
             last_event_id,
-        };
+        );
         if let Err(e) = self.store.finish_turn(record).await {
             tracing::error!(chat_id = %turn.chat_id, "could not store the abandoned turn: {e}");
         }
@@ -602,6 +600,7 @@ fn new_id(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::MessageStatus;
 
     fn message(role: Role, content: &str) -> MessageRecord {
         MessageRecord {

@@ -105,20 +105,13 @@ impl Aftermath {
         let failure = StreamFailure::new("the answer failed on the server", "internal_error", true);
         if !progress.stored.load(Ordering::SeqCst) {
             let chunks = std::mem::take(&mut *progress.chunks());
-            let record = FinishedTurn {
-                chat_id: self.chat_id.clone(),
-                assistant_message_id: self.assistant_message_id.clone(),
-                content: chunks.concat(),
+            let record = FinishedTurn::failed(
+                &self.chat_id,
+                &self.assistant_message_id,
                 chunks,
-                status: MessageStatus::Error,
-                error_code: Some(failure.code.clone()),
-                error_message: Some(failure.message.clone()),
-                error_retryable: Some(failure.retryable),
-                provider: None,
-                model: None,
-                usage: None,
-                last_event_id: terminal_id,
-            };
+                &failure,
+                terminal_id,
+            );
             if let Err(e) = self.store.finish_turn(record).await {
                 tracing::error!(chat_id = %self.chat_id, "could not store the failed answer: {e}");
             }

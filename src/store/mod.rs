@@ -167,6 +167,33 @@ pub struct FinishedTurn {
     pub last_event_id: i64,
 }
 
+impl FinishedTurn {
+    /// An answer that failed on our side (no provider to name): stored as `error` with the text
+    /// streamed so far.
+    pub fn failed(
+        chat_id: &str,
+        assistant_message_id: &str,
+        chunks: Vec<std::sync::Arc<str>>,
+        failure: &crate::events::StreamFailure,
+        last_event_id: i64,
+    ) -> Self {
+        Self {
+            chat_id: chat_id.to_owned(),
+            assistant_message_id: assistant_message_id.to_owned(),
+            content: chunks.concat(),
+            chunks,
+            status: MessageStatus::Error,
+            error_code: Some(failure.code.clone()),
+            error_message: Some(failure.message.clone()),
+            error_retryable: Some(failure.retryable),
+            provider: None,
+            model: None,
+            usage: None,
+            last_event_id,
+        }
+    }
+}
+
 /// Keyset pagination position: the chat listed last on the previous page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatCursor {
