@@ -229,7 +229,7 @@ pub struct Stopped {
         (status = 404, description = "No such chat of the caller's", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
     ),
-    security(("bearer" = []), ("token" = [])))]
+    security(("bearer" = [])))]
 pub async fn stop(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -255,7 +255,7 @@ pub struct Ticket {
         (status = 429, description = "Rate limited", body = ErrorBody),
         (status = 503, description = "Too many outstanding tickets", body = ErrorBody),
     ),
-    security(("bearer" = []), ("token" = [])))]
+    security(("bearer" = [])))]
 pub async fn issue_ticket(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

@@ -114,7 +114,7 @@ impl From<MessageRecord> for MessageView {
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
     ),
-    security(("bearer" = []), ("token" = [])))]
+    security(("bearer" = [])))]
 pub async fn list_chats(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -144,7 +144,7 @@ pub async fn list_chats(
         (status = 404, description = "No such chat of the caller's", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
     ),
-    security(("bearer" = []), ("token" = [])))]
+    security(("bearer" = [])))]
 pub async fn list_messages(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -190,7 +190,7 @@ fn decode_seq(text: &str) -> Result<i64, ApiError> {
         (status = 404, description = "No such chat of the caller's", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
     ),
-    security(("bearer" = []), ("token" = [])))]
+    security(("bearer" = [])))]
 pub async fn delete_chat(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -254,7 +254,7 @@ pub struct BotList {
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
     ),
-    security(("bearer" = []), ("token" = [])))]
+    security(("bearer" = [])))]
 pub async fn list_bots(State(state): State<AppState>, AuthUser(_user): AuthUser) -> Json<BotList> {
     Json(BotList {
         bots: state.chat.bots(),

@@ -44,7 +44,8 @@ use crate::http::error::ErrorBody;
 )]
 pub struct ApiDoc;
 
-/// `Authorization: Bearer <JWT>`, or the JWT as `?token=` (for EventSource).
+/// `Authorization: Bearer <JWT>`, or — on the stream routes only — the JWT as `?token=` (for
+/// EventSource).
 struct Security;
 
 impl Modify for Security {
