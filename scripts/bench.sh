@@ -31,6 +31,12 @@ cat >"$work/mangoo.toml" <<TOML
 [server]
 bind = "127.0.0.1:9201"
 heartbeat_secs = ${HEARTBEAT_SECS:-15}
+# One client address and one user open every stream: lift the per-address and per-user caps.
+max_connections = 1000000
+max_connections_per_address = 1000000
+[quotas]
+max_chats_per_user = 1000000000
+max_bytes_per_user = 1000000000000
 [auth]
 jwt_secret = "$secret"
 [database]
