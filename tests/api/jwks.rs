@@ -270,3 +270,32 @@ async fn cognito_access_tokens_are_checked_by_client_id_and_token_use() {
         401
     );
 }
+
+#[tokio::test]
+async fn a_key_withdrawn_from_the_set_stops_counting_once_the_set_is_old() {
+    let kept = SigningKey::generate("kept");
+    let withdrawn = SigningKey::generate("withdrawn");
+    let (server, url) = KeyServer::start(&[&kept, &withdrawn]).await;
+    let app = app_with_jwks(&url, |auth| {
+        auth.jwks_max_age_secs = 1;
+        auth.jwks_min_refresh_secs = 1;
+    })
+    .await;
+    assert_eq!(
+        status_with(&app, &withdrawn.sign(claims(json!({})))).await,
+        200
+    );
+
+    server.serve(&[&kept]);
+
+    // No unknown kid ever asks for a refresh: the set's age alone makes it fetched again.
+    let refused = async {
+        while status_with(&app, &withdrawn.sign(claims(json!({})))).await != 401 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(super::helpers::HANG_GUARD, refused)
+        .await
+        .expect("the withdrawn key was trusted forever");
+    assert_eq!(status_with(&app, &kept.sign(claims(json!({})))).await, 200);
+}
