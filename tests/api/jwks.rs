@@ -113,6 +113,18 @@ async fn status_with(app: &TestApp, token: &str) -> u16 {
         .as_u16()
 }
 
+/// Asks with `token` until the answer is `status` (the key set changes on its own schedule).
+async fn until_status(app: &TestApp, token: &str, status: u16, hung: &str) {
+    let reached = async {
+        while status_with(app, token).await != status {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(super::helpers::HANG_GUARD, reached)
+        .await
+        .expect(hung);
+}
+
 async fn app_with_jwks(url: &str, adjust: impl FnOnce(&mut mangoo::config::AuthConfig)) -> TestApp {
     let url = url.to_owned();
     spawn_app_with(move |c| {
@@ -178,14 +190,13 @@ async fn a_rotated_key_set_is_fetched_again_for_a_new_kid() {
     server.serve(&[&new]);
 
     // The set is fetched again once a second has passed since the last fetch.
-    let accepted = async {
-        while status_with(&app, &new.sign(claims(json!({})))).await != 200 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(super::helpers::HANG_GUARD, accepted)
-        .await
-        .expect("the new key was never fetched");
+    until_status(
+        &app,
+        &new.sign(claims(json!({}))),
+        200,
+        "the new key was never fetched",
+    )
+    .await;
     assert_eq!(
         status_with(&app, &old.sign(claims(json!({})))).await,
         401,
@@ -289,13 +300,7 @@ async fn a_key_withdrawn_from_the_set_stops_counting_once_the_set_is_old() {
     server.serve(&[&kept]);
 
     // No unknown kid ever asks for a refresh: the set's age alone makes it fetched again.
-    let refused = async {
-        while status_with(&app, &withdrawn.sign(claims(json!({})))).await != 401 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(super::helpers::HANG_GUARD, refused)
-        .await
-        .expect("the withdrawn key was trusted forever");
+    let token = withdrawn.sign(claims(json!({})));
+    until_status(&app, &token, 401, "the withdrawn key was trusted forever").await;
     assert_eq!(status_with(&app, &kept.sign(claims(json!({})))).await, 200);
 }
