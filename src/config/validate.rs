@@ -245,11 +245,6 @@ impl AuthConfig {
         }
         Ok(())
     }
-
-    /// An identity provider issues the tokens: HS256 is only on if a secret is configured too.
-    pub fn has_identity_provider(&self) -> bool {
-        self.jwks_url.is_some()
-    }
 }
 
 /// `http://127.0.0.1:…`, `http://[::1]…` or `http://localhost…`: a key set served on this host.

@@ -95,7 +95,8 @@ impl Application {
         }
         let (authenticator, generated_secret) = authenticator(&config);
         let authenticator = Arc::new(authenticator);
-        if config.server.trusted_proxies.iter().any(|p| p == "*") {
+        let proxies = TrustedProxies::new(&config.server.trusted_proxies);
+        if proxies.trusts_any_peer() {
             tracing::warn!(
                 "server.trusted_proxies = [\"*\"]: every peer is taken for one proxy hop and \
                  X-Forwarded-For's right-most entry for the client; list the proxies' networks instead"
@@ -112,7 +113,7 @@ impl Application {
             TaskTracker::new(),
             metrics.clone(),
         ));
-        let gate = ConnectionGate::new(connection_limits(&config), &metrics);
+        let gate = ConnectionGate::new(connection_limits(&config, proxies.clone()), &metrics);
         let state = app_state(&config, chat.clone(), authenticator.clone(), metrics);
         let metrics_listener = match &config.metrics.listen {
             Some(listen) => Some((bind(listen).await?, metrics_router(state.clone()))),
@@ -121,7 +122,7 @@ impl Application {
         let router = router(
             state,
             &config.cors.allowed_origins,
-            TrustedProxies::new(&config.server.trusted_proxies),
+            proxies,
             metrics_listener.is_none(),
         );
         let tls = match &config.server.tls {
@@ -261,13 +262,14 @@ fn default_local_bot() -> BotConfig {
     }
 }
 
-fn connection_limits(config: &Config) -> ConnectionLimits {
+/// Trusted proxies carry many clients on their connections: the per-address cap exempts them.
+fn connection_limits(config: &Config, proxies: TrustedProxies) -> ConnectionLimits {
     let server = &config.server;
     ConnectionLimits {
         max_connections: server.max_connections,
         max_per_address: server.max_connections_per_address,
         idle_timeout: Duration::from_secs(server.idle_timeout_secs),
-        exempt: TrustedProxies::new(&server.trusted_proxies),
+        exempt: proxies,
     }
 }
 
