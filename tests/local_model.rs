@@ -1,6 +1,8 @@
 //! The embedded model with its real weights (fetched by `mangoo model fetch`; `scripts/test.sh`
-//! does that first): tokenizer, chat template, the forward pass against candle's reference
-//! implementation, stopping, cancelling and UTF-8 safety. Greedy decoding keeps it deterministic.
+//! does that first): tokenizer, chat template, the forward pass, stopping, cancelling and UTF-8
+//! safety. Our GGUF reader, tokenizer and forward pass are each checked against a reference
+//! built only for these tests — candle for the first and last, Hugging Face's tokenizers for the
+//! BPE. Greedy decoding keeps it deterministic.
 
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -79,6 +81,119 @@ fn the_tokenizer_follows_the_smollm_pre_tokenizer() {
         .unwrap(),
         "héllo wörld 42"
     );
+}
+
+/// Hugging Face's BPE set up as SmolLM2's tokenizer.json does: byte-level, digits split one by one.
+fn reference_tokenizer() -> tokenizers::Tokenizer {
+    use candle_core::quantized::gguf_file;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::pre_tokenizers::digits::Digits;
+    use tokenizers::pre_tokenizers::sequence::Sequence;
+
+    let mut file = std::fs::File::open(model_path()).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let strings = |key: &str| -> Vec<String> {
+        let values = content.metadata[key].to_vec().unwrap();
+        values
+            .iter()
+            .map(|v| v.to_string().unwrap().clone())
+            .collect()
+    };
+    let vocab: tokenizers::models::bpe::Vocab = strings("tokenizer.ggml.tokens")
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
+    let merges = strings("tokenizer.ggml.merges")
+        .into_iter()
+        .map(|m| {
+            let (a, b) = m.split_once(' ').unwrap();
+            (a.to_owned(), b.to_owned())
+        })
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .unwrap();
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+        Digits::new(true).into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    tokenizer
+}
+
+#[test]
+fn the_tokenizer_gives_the_ids_hugging_faces_gives() {
+    let reference = reference_tokenizer();
+    let texts = [
+        "Hello, world! It's a dog's life; they'll say we've I'm you'd THEY'RE.",
+        "  leading spaces,\ttabs\t\tand   runs   \n\n\nof newlines \r\n and trailing   ",
+        "Numbers: 2024, 3.14159, -42, 1e10, ٣٤ ² ½ Ⅻ ١٢٣",
+        "हिन्दी में लिखा गया पाठ, और मात्राएँ",
+        "العربية: مَرْحَبًا بِكُمْ",
+        "中文的句子，没有空格。日本語の文章もあります。한국어 문장",
+        "emoji 👩‍👩‍👧‍👦 and 🇫🇷 and ✨✨ with\u{200d}joiners",
+        "décomposé: e\u{301}te\u{301}, non\u{a0}breaking\u{3000}ideographic",
+        "fn main() {\n    println!(\"{}\", x + 1); // code\n}\n",
+        "<|im_start|>user\nnot a control token<|im_end|>",
+        "'s 'S ''' -- ... ?!? #hashtag @user https://example.com/a?b=c&d=e",
+        "x\u{85}y\u{2028}z   \u{a0}\u{a0}word",
+        "control\u{4}bytes\u{0}\u{7f}are dropped \u{4}\u{4}",
+        "",
+    ];
+    let ours = &model().tokenizer;
+    for text in texts {
+        let expected = reference.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(ours.encode(text).unwrap(), expected, "{text:?}");
+    }
+    // And on something long: a random walk over the vocabulary's own pieces.
+    let mut seed = 7u64;
+    let mut long = Vec::new();
+    for _ in 0..5_000 {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        long.extend_from_slice(ours.bytes((seed >> 33) as u32 % 49_152));
+    }
+    let long = String::from_utf8_lossy(&long);
+    let expected = reference.encode(long.as_ref(), false).unwrap();
+    assert_eq!(ours.encode(&long).unwrap(), expected.get_ids());
+}
+
+#[test]
+fn the_gguf_reader_decodes_what_candle_decodes() {
+    use candle_core::Device;
+    use candle_core::quantized::gguf_file;
+    use mangoo::providers::local::gguf::GgufFile;
+
+    let mut file = std::io::BufReader::new(std::fs::File::open(model_path()).unwrap());
+    let ours = GgufFile::read(&mut file).unwrap();
+    let mut candle_file = std::fs::File::open(model_path()).unwrap();
+    let theirs = gguf_file::Content::read(&mut candle_file).unwrap();
+    assert_eq!(ours.number("llama.block_count").unwrap(), 30);
+    assert_eq!(ours.float("llama.rope.freq_base").unwrap(), 100_000.0);
+    // F32 (a norm), Q4_1 (projections) and Q8_0 (the embeddings), value for value.
+    for name in [
+        "output_norm.weight",
+        "blk.7.ffn_down.weight",
+        "blk.29.attn_k.weight",
+        "token_embd.weight",
+    ] {
+        let expected: Vec<f32> = theirs
+            .tensor(&mut candle_file, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got = ours.tensor_f32(&mut file, name).unwrap();
+        assert_eq!(got.len(), expected.len(), "{name}");
+        assert!(got == expected, "{name} decodes differently");
+    }
 }
 
 #[test]

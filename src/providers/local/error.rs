@@ -10,8 +10,6 @@ pub enum ModelError {
     },
     #[error("the model file is not a usable GGUF: {0}")]
     Format(String),
-    #[error("model inference failed: {0}")]
-    Inference(#[from] candle_core::Error),
     #[error("the conversation does not fit in the model's context of {0} tokens")]
     ContextFull(usize),
 }

@@ -1,56 +1,14 @@
-//! A lean Llama forward pass for small GGUF models, built on candle's quantized matmul kernel.
+//! A lean Llama forward pass for small GGUF models.
 //!
-//! Why not `candle_transformers::models::quantized_llama`: for a 135M-parameter model the matmuls
-//! are only part of a token's cost; the rest is tensor bookkeeping (an allocation and a dispatch
-//! per op, ~600 ops a token). Here every buffer is allocated once per worker, Q/K/V and gate/up
-//! are fused into one matmul each (fewer thread-pool round trips), and attention, RoPE and norms
-//! are plain loops. The maths is the same as candle's model; a test compares the two.
-
-use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType, matmul};
-use candle_core::quantized::{QTensor, gguf_file};
-use candle_core::{Device, Tensor};
+//! Why not a general tensor library: for a 135M-parameter model the matmuls are only part of a
+//! token's cost; the rest is tensor bookkeeping (an allocation and a dispatch per op, ~600 ops a
+//! token). Here every buffer is allocated once per worker, Q/K/V and gate/up are fused into one
+//! matmul each, and attention, RoPE and norms are plain loops. The maths is candle's
+//! `quantized_llama`; a test compares the two.
 
 use super::error::ModelError;
-
-const BLOCK: usize = 32;
-
-/// One weight matrix, rows = output features, quantised to Q8_0 row by row.
-struct Matrix {
-    rows: usize,
-    cols: usize,
-    blocks: Vec<BlockQ8_0>,
-}
-
-impl Matrix {
-    fn from_f32(values: &[f32], rows: usize, cols: usize) -> Self {
-        let mut blocks = vec![BlockQ8_0::zeros(); rows * cols / BLOCK];
-        BlockQ8_0::from_float(values, &mut blocks);
-        Self { rows, cols, blocks }
-    }
-
-    /// Rows of several matrices with the same width, one after another: one matmul serves all.
-    fn stacked(parts: &[(Vec<f32>, usize)], cols: usize) -> Self {
-        let rows = parts.iter().map(|(_, r)| r).sum();
-        let values: Vec<f32> = parts.iter().flat_map(|(v, _)| v.iter().copied()).collect();
-        Self::from_f32(&values, rows, cols)
-    }
-
-    /// `out[m × rows] = x[m × cols] · selfᵀ`.
-    fn apply(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), ModelError> {
-        matmul(
-            (m, self.cols, self.rows),
-            x,
-            &self.blocks,
-            &mut out[..m * self.rows],
-        )?;
-        Ok(())
-    }
-
-    fn row(&self, index: usize, out: &mut [f32]) {
-        let per_row = self.cols / BLOCK;
-        BlockQ8_0::to_float(&self.blocks[index * per_row..(index + 1) * per_row], out);
-    }
-}
+use super::gguf::GgufFile;
+use super::quant::{BLOCK, Matrix, Q8};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -87,44 +45,26 @@ pub fn vocab_size(weights: &Weights) -> usize {
 
 impl Weights {
     pub fn from_gguf<R: std::io::Read + std::io::Seek>(
-        content: &gguf_file::Content,
+        file: &GgufFile,
         reader: &mut R,
     ) -> Result<Self, ModelError> {
-        let meta = |key: &str| -> Result<&gguf_file::Value, ModelError> {
-            content
-                .metadata
-                .get(key)
-                .ok_or_else(|| ModelError::Format(format!("missing metadata {key}")))
-        };
-        let number = |key: &str| -> Result<usize, ModelError> {
-            Ok(meta(key)?
-                .to_u32()
-                .map_err(|e| ModelError::Format(e.to_string()))? as usize)
-        };
+        let number = |key: &str| file.number(key);
         let dim = number("llama.embedding_length")?;
         let heads = number("llama.attention.head_count")?;
         let kv_heads = number("llama.attention.head_count_kv")?;
         let hidden = number("llama.feed_forward_length")?;
         let blocks = number("llama.block_count")?;
         let context = number("llama.context_length")?;
-        let eps = meta("llama.attention.layer_norm_rms_epsilon")?
-            .to_f32()
-            .map_err(|e| ModelError::Format(e.to_string()))?;
-        let rope_base = meta("llama.rope.freq_base")
-            .and_then(|v| v.to_f32().map_err(|e| ModelError::Format(e.to_string())))
-            .unwrap_or(10_000.0);
+        let eps = file.float("llama.attention.layer_norm_rms_epsilon")?;
+        let rope_base = file.float("llama.rope.freq_base").unwrap_or(10_000.0);
         if dim % heads != 0 || dim % BLOCK != 0 || hidden % BLOCK != 0 {
             return Err(ModelError::Format("unsupported tensor shapes".into()));
         }
         let head_dim = dim / heads;
-        let mut tensor = |name: &str| -> Result<Vec<f32>, ModelError> {
-            let q: QTensor = content.tensor(reader, name, &Device::Cpu)?;
-            let t: Tensor = q.dequantize(&Device::Cpu)?;
-            Ok(t.flatten_all()?.to_vec1::<f32>()?)
-        };
+        let mut tensor = |name: &str| file.tensor_f32(reader, name);
         let embeddings_f32 = tensor("token_embd.weight")?;
         let vocab = embeddings_f32.len() / dim;
-        let embeddings = Matrix::from_f32(&embeddings_f32, vocab, dim);
+        let embeddings = Matrix::from_f32(&embeddings_f32, vocab, dim)?;
         drop(embeddings_f32);
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
@@ -132,24 +72,24 @@ impl Weights {
             let kv_dim = kv_heads * head_dim;
             layers.push(Layer {
                 attn_norm: tensor(&name("attn_norm"))?,
-                qkv: Matrix::stacked(
+                qkv: stacked(
                     &[
                         (tensor(&name("attn_q"))?, dim),
                         (tensor(&name("attn_k"))?, kv_dim),
                         (tensor(&name("attn_v"))?, kv_dim),
                     ],
                     dim,
-                ),
-                out: Matrix::from_f32(&tensor(&name("attn_output"))?, dim, dim),
+                )?,
+                out: Matrix::from_f32(&tensor(&name("attn_output"))?, dim, dim)?,
                 ffn_norm: tensor(&name("ffn_norm"))?,
-                gate_up: Matrix::stacked(
+                gate_up: stacked(
                     &[
                         (tensor(&name("ffn_gate"))?, hidden),
                         (tensor(&name("ffn_up"))?, hidden),
                     ],
                     dim,
-                ),
-                down: Matrix::from_f32(&tensor(&name("ffn_down"))?, dim, hidden),
+                )?,
+                down: Matrix::from_f32(&tensor(&name("ffn_down"))?, dim, hidden)?,
             });
         }
         let norm = tensor("output_norm.weight")?;
@@ -169,6 +109,13 @@ impl Weights {
             rope_sin,
         })
     }
+}
+
+/// Rows of several matrices with the same width, one after another: one matmul serves all.
+fn stacked(parts: &[(Vec<f32>, usize)], cols: usize) -> Result<Matrix, ModelError> {
+    let rows = parts.iter().map(|(_, r)| r).sum();
+    let values: Vec<f32> = parts.iter().flat_map(|(v, _)| v.iter().copied()).collect();
+    Matrix::from_f32(&values, rows, cols)
 }
 
 fn rope_tables(head_dim: usize, base: f32, context: usize) -> (Vec<f32>, Vec<f32>) {
@@ -213,6 +160,8 @@ pub struct Session {
     proj: Vec<f32>,
     gate_up: Vec<f32>,
     act: Vec<f32>,
+    /// The activations of the matmul at hand, quantised.
+    quantized: Q8,
     scores: Vec<f32>,
     pub logits: Vec<f32>,
 }
@@ -231,6 +180,7 @@ impl Session {
             proj: Vec::new(),
             gate_up: Vec::new(),
             act: Vec::new(),
+            quantized: Q8::default(),
             scores: Vec::new(),
             logits: vec![0.0; weights.embeddings.rows],
         }
@@ -313,23 +263,23 @@ impl Session {
         resize(&mut self.gate_up, m * 2 * w.hidden);
         resize(&mut self.act, m * w.hidden);
         for (index, layer) in w.layers.iter().enumerate() {
-            self.attention(w, layer, index, m)?;
-            self.feed_forward(w, layer, m)?;
+            self.attention(w, layer, index, m);
+            self.feed_forward(w, layer, m);
         }
         self.len += m;
         self.tokens.extend_from_slice(tokens);
         let last = &self.x[(m - 1) * dim..m * dim];
         rms_norm(last, &w.norm, w.eps, &mut self.normed[..dim]);
-        w.embeddings.apply(&self.normed[..dim], 1, &mut self.logits)
+        project(
+            &mut self.quantized,
+            &w.embeddings,
+            &self.normed[..dim],
+            &mut self.logits,
+        );
+        Ok(())
     }
 
-    fn attention(
-        &mut self,
-        w: &Weights,
-        layer: &Layer,
-        index: usize,
-        m: usize,
-    ) -> Result<(), ModelError> {
+    fn attention(&mut self, w: &Weights, layer: &Layer, index: usize, m: usize) {
         let (dim, hd) = (w.dim, w.head_dim);
         let kv_dim = w.kv_heads * hd;
         let width = dim + 2 * kv_dim;
@@ -342,7 +292,7 @@ impl Session {
                 &mut self.normed[span],
             );
         }
-        layer.qkv.apply(&self.normed, m, &mut self.qkv)?;
+        project(&mut self.quantized, &layer.qkv, &self.normed, &mut self.qkv);
         let half = hd / 2;
         for row in 0..m {
             let pos = self.len + row;
@@ -377,12 +327,11 @@ impl Session {
                 }
             }
         }
-        layer.out.apply(&self.attn, m, &mut self.proj)?;
+        project(&mut self.quantized, &layer.out, &self.attn, &mut self.proj);
         self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
-        Ok(())
     }
 
-    fn feed_forward(&mut self, w: &Weights, layer: &Layer, m: usize) -> Result<(), ModelError> {
+    fn feed_forward(&mut self, w: &Weights, layer: &Layer, m: usize) {
         let (dim, hidden) = (w.dim, w.hidden);
         for row in 0..m {
             let span = row * dim..(row + 1) * dim;
@@ -393,7 +342,12 @@ impl Session {
                 &mut self.normed[span],
             );
         }
-        layer.gate_up.apply(&self.normed, m, &mut self.gate_up)?;
+        project(
+            &mut self.quantized,
+            &layer.gate_up,
+            &self.normed,
+            &mut self.gate_up,
+        );
         for row in 0..m {
             let gate_up = &self.gate_up[row * 2 * hidden..(row + 1) * 2 * hidden];
             let (gate, up) = gate_up.split_at(hidden);
@@ -402,10 +356,15 @@ impl Session {
                 *a = g / (1.0 + (-g).exp()) * u;
             }
         }
-        layer.down.apply(&self.act, m, &mut self.proj)?;
+        project(&mut self.quantized, &layer.down, &self.act, &mut self.proj);
         self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
-        Ok(())
     }
+}
+
+/// `out = x · matrixᵀ` for every row of `x`, through `scratch` (the rows quantised).
+fn project(scratch: &mut Q8, matrix: &Matrix, x: &[f32], out: &mut [f32]) {
+    scratch.quantize_from(x);
+    matrix.apply(scratch, x.len() / matrix.cols, out);
 }
 
 fn resize(buffer: &mut Vec<f32>, len: usize) {

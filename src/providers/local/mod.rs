@@ -8,9 +8,12 @@
 
 pub mod error;
 pub mod fetch;
+pub mod gguf;
 pub mod llama;
 pub mod model;
+pub mod quant;
 pub mod sampling;
+pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
