@@ -35,6 +35,7 @@ pub mod auth;
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod events;
 pub mod http;

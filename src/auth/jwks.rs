@@ -55,6 +55,7 @@ struct Claims {
 
 impl JwksVerifier {
     pub fn new(url: &str, config: &AuthConfig) -> Self {
+        crate::crypto::install_default_providers();
         Self {
             url: url.to_owned(),
             http: reqwest::Client::builder()

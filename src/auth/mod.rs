@@ -5,6 +5,7 @@
 //! Each validation is pinned to one algorithm and built by us, never from the token's own header,
 //! so `alg: none` and algorithm-confusion tokens fail like any forgery.
 
+mod crypto;
 pub mod jwks;
 pub mod tickets;
 
@@ -153,8 +154,8 @@ impl Authenticator {
 pub(crate) const LEEWAY_SECS: u64 = 30;
 
 /// jsonwebtoken needs a process-wide crypto backend; installing twice is harmless.
-fn install_crypto_provider() {
-    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+pub(crate) fn install_crypto_provider() {
+    let _ = crypto::RING_PROVIDER.install_default();
 }
 
 fn user_id(sub: String) -> Result<UserId, AuthError> {

@@ -181,6 +181,7 @@ struct StreamResult {
 }
 
 async fn load(args: &LoadArgs) -> Value {
+    mangoo::crypto::install_default_providers();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.streams)
         .tcp_nodelay(true)

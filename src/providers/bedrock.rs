@@ -37,6 +37,7 @@ pub struct BedrockProvider {
 impl BedrockProvider {
     pub async fn new(settings: &BedrockConfig) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(https_client())
             .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts))
             .timeout_config(
                 TimeoutConfig::builder()
@@ -60,6 +61,15 @@ impl BedrockProvider {
             client: Client::new(&sdk_config),
         }
     }
+}
+
+/// The SDK's own hyper + rustls client, on ring instead of its default aws-lc (see
+/// `crate::crypto`). Credential providers (STS, SSO, IMDS) get it through the same config.
+fn https_client() -> aws_sdk_bedrockruntime::config::SharedHttpClient {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
 }
 
 /// A Bedrock-compatible server on this machine (a test endpoint, a local emulator) needs neither

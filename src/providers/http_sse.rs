@@ -75,6 +75,7 @@ const MAX_EVENT_BYTES: usize = 1024 * 1024;
 /// (83 of 100 full-speed streams cut); reqwest does not expose the h2 budget. One connection per
 /// answer costs descriptors and memory; a cut answer costs the product.
 pub fn client(connect_timeout_secs: u64) -> reqwest::Client {
+    crate::crypto::install_default_providers();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(connect_timeout_secs))
         .tcp_nodelay(true)

@@ -83,6 +83,7 @@ impl Application {
     pub async fn build_with(mut config: Config, backends: Backends) -> Result<Self, StartupError> {
         let Backends { store, log } = backends;
         config.validate()?;
+        crate::crypto::install_default_providers();
         if config.bots.is_empty() {
             config.bots.push(default_local_bot());
         }

@@ -233,7 +233,7 @@ async fn a_first_run_prints_a_curl_that_streams_a_real_answer_logs_requests_and_
         body,
         url,
     } = read_banner(&mut child).await;
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = crate::helpers::client_builder().no_proxy().build().unwrap();
 
     // The printed curl example streams a real answer from the default bot (the local model).
     let response = client

@@ -48,7 +48,7 @@ async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero()
     let config_path = dir.path().join("mangoo.toml");
     std::fs::write(&config_path, config(&fake, &db)).unwrap();
     let (mut child, base) = serve_with_config(&config_path).await;
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = crate::helpers::client_builder().no_proxy().build().unwrap();
     let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
         .issue("alice", Duration::from_secs(600))
         .unwrap();

@@ -192,7 +192,7 @@ fn serve(
     TestApp {
         addr,
         metrics_addr,
-        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        client: client_builder().no_proxy().build().unwrap(),
         fake,
         db_path,
         shutdown,
@@ -459,4 +459,10 @@ pub fn assert_well_formed(events: &[SseEvent]) {
             }
         );
     }
+}
+
+/// reqwest's builder once ring is the process's TLS provider (reqwest is built without one).
+pub fn client_builder() -> reqwest::ClientBuilder {
+    mangoo::crypto::install_default_providers();
+    reqwest::Client::builder()
 }

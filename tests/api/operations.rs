@@ -40,7 +40,7 @@ async fn logged_requests(trusted_proxies: &str) -> (String, Vec<Value>) {
     )
     .unwrap();
     let (child, base) = serve_with_config(&config).await;
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = crate::helpers::client_builder().no_proxy().build().unwrap();
     let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
         .issue("alice", Duration::from_secs(60))
         .unwrap();
@@ -490,7 +490,7 @@ async fn metrics_can_need_a_bearer_token_or_move_to_their_own_listener() {
 #[tokio::test]
 async fn streams_work_over_cleartext_http2_beside_http1() {
     let app = spawn_app().await;
-    let h2 = reqwest::Client::builder()
+    let h2 = crate::helpers::client_builder()
         .no_proxy()
         .http2_prior_knowledge()
         .build()
@@ -533,7 +533,7 @@ async fn with_tls_browsers_get_http2_through_alpn() {
         });
     })
     .await;
-    let client = reqwest::Client::builder()
+    let client = crate::helpers::client_builder()
         .no_proxy()
         .add_root_certificate(
             reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap(),
@@ -558,7 +558,7 @@ async fn with_tls_browsers_get_http2_through_alpn() {
     let events = super::helpers::SseReader::new(response).collect().await;
     super::helpers::assert_well_formed(&events);
     assert_eq!(super::helpers::answer_text(&events), "Hello, world!");
-    let http1 = reqwest::Client::builder()
+    let http1 = crate::helpers::client_builder()
         .no_proxy()
         .http1_only()
         .add_root_certificate(

@@ -163,7 +163,7 @@ fn hash_copy(
     input: &mut impl Read,
     mut output: Option<&mut std::fs::File>,
 ) -> std::io::Result<String> {
-    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buffer = vec![0u8; 1 << 20];
     loop {
         let n = input.read(&mut buffer)?;
