@@ -24,12 +24,15 @@
 //! - [`chat`]: turns, history, quotas, the producer of each answer.
 //! - [`events`]: the events of an answer (start, message, done, error), shared by the chat
 //!   service, the [`stream_log`] and the SSE encoder without those depending on one another.
-//! - [`providers`]: one module per vendor behind a trait and a closed enum.
+//! - [`providers`]: one module per vendor behind a trait and a closed enum; `providers::local`
+//!   is the embedded model with its own GGUF reader, Q8_0 kernel and BPE tokenizer.
+//! - [`crypto`]: ring, the one crypto library (TLS, upstream clients, the AWS SDK, JWTs).
 //! - [`store`]: chats and messages behind a trait (SQLite now, PostgreSQL next); SQLite writes go
 //!   through one writer thread that commits the writes arriving together in one transaction.
 //!
 //! Dependency rules: `http` → `chat` → (`providers`, `store`) → `domain`. Providers and storage
-//! know nothing of HTTP; handlers never call providers.
+//! know nothing of HTTP; handlers never call providers. `unsafe` is denied everywhere except
+//! one call: the local model's matmul choosing its AVX2 build after detecting the CPU.
 
 pub mod auth;
 pub mod chat;
