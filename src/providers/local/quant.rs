@@ -42,15 +42,20 @@ impl Kind {
         })
     }
 
-    /// Bytes that `elements` values take, if they fill whole blocks.
-    pub fn bytes_for(self, elements: usize) -> Option<usize> {
-        let (values, bytes) = match self {
+    /// (values, bytes) of one stored block; a plain float is a block of one.
+    fn block_layout(self) -> (usize, usize) {
+        match self {
             Kind::F32 => (1, 4),
             Kind::F16 => (1, 2),
             Kind::Q4_0 => (BLOCK, 2 + BLOCK / 2),
             Kind::Q4_1 => (BLOCK, 4 + BLOCK / 2),
             Kind::Q8_0 => (BLOCK, 2 + BLOCK),
-        };
+        }
+    }
+
+    /// Bytes that `elements` values take, if they fill whole blocks.
+    pub fn bytes_for(self, elements: usize) -> Option<usize> {
+        let (values, bytes) = self.block_layout();
         if !elements.is_multiple_of(values) {
             return None;
         }
@@ -82,32 +87,24 @@ fn half(bytes: &[u8]) -> f32 {
 
 /// Decodes `raw` (whole blocks of `kind`) into `out`, which holds exactly its values.
 pub fn dequantize(kind: Kind, raw: &[u8], out: &mut [f32]) {
-    match kind {
-        Kind::F32 => {
-            for (value, bytes) in out.iter_mut().zip(raw.chunks_exact(4)) {
-                *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-            }
-        }
-        Kind::F16 => {
-            for (value, bytes) in out.iter_mut().zip(raw.chunks_exact(2)) {
-                *value = half(bytes);
-            }
-        }
-        // Nibbles: the low halves of the 16 bytes are values 0..16, the high halves 16..32.
-        Kind::Q4_0 => {
-            for (values, block) in out.chunks_exact_mut(BLOCK).zip(raw.chunks_exact(18)) {
+    let (values_per_block, bytes_per_block) = kind.block_layout();
+    let blocks = out
+        .chunks_exact_mut(values_per_block)
+        .zip(raw.chunks_exact(bytes_per_block));
+    for (values, block) in blocks {
+        match kind {
+            Kind::F32 => values[0] = f32::from_le_bytes([block[0], block[1], block[2], block[3]]),
+            Kind::F16 => values[0] = half(block),
+            // Nibbles: the low halves of the 16 bytes are values 0..16, the high halves 16..32.
+            Kind::Q4_0 => {
                 let scale = half(&block[..2]);
                 unpack_nibbles(&block[2..], values, |q| (f32::from(q) - 8.0) * scale);
             }
-        }
-        Kind::Q4_1 => {
-            for (values, block) in out.chunks_exact_mut(BLOCK).zip(raw.chunks_exact(20)) {
+            Kind::Q4_1 => {
                 let (scale, min) = (half(&block[..2]), half(&block[2..4]));
                 unpack_nibbles(&block[4..], values, |q| f32::from(q) * scale + min);
             }
-        }
-        Kind::Q8_0 => {
-            for (values, block) in out.chunks_exact_mut(BLOCK).zip(raw.chunks_exact(34)) {
+            Kind::Q8_0 => {
                 let scale = half(&block[..2]);
                 for (value, q) in values.iter_mut().zip(&block[2..]) {
                     *value = f32::from(*q as i8) * scale;
