@@ -294,11 +294,11 @@ impl ChatService {
     ) -> Result<Vec<ModelMessage>, ChatError> {
         let mut messages = match &request.chat_id {
             Some(chat_id) => {
-                self.owned_chat(user, chat_id).await?;
-                let earlier = self
+                let (_, earlier) = self
                     .store
-                    .recent_messages(chat_id, HISTORY_MESSAGES)
-                    .await?;
+                    .chat_history(chat_id, user.as_str(), HISTORY_MESSAGES)
+                    .await?
+                    .ok_or(ChatError::ChatNotFound)?;
                 within_budget(model_history(&earlier), self.limits.max_history_chars)
             }
             None => Vec::new(),

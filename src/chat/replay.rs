@@ -11,21 +11,21 @@ pub fn events_after(chat_id: &str, answer: &MessageRecord, after_id: i64) -> Vec
         return Vec::new();
     };
     let first = replay.first_event_id;
-    let mut kinds = Vec::with_capacity(replay.chunks.len() + 2);
-    kinds.push(EventKind::Start {
+    let start = EventKind::Start {
         chat_id: chat_id.to_owned(),
         message_id: answer.id.clone(),
-    });
-    kinds.extend(
-        replay
-            .chunks
-            .iter()
-            .map(|chunk| EventKind::Content(chunk.as_str().into())),
-    );
-    kinds.push(terminal(chat_id, answer));
-    kinds
+    };
+    let pieces = replay
+        .chunks
+        .iter()
+        .map(|chunk| EventKind::Content(chunk.as_str().into()));
+    // Ids run on from the start's; the terminal's may be further on (an answer recovered after a
+    // crash skips the ids its unsaved pieces may have used).
+    let mut events: Vec<(EventKind, i64)> =
+        std::iter::once(start).chain(pieces).zip(first..).collect();
+    events.push((terminal(chat_id, answer), replay.terminal_event_id()));
+    events
         .into_iter()
-        .zip(first..)
         .filter(|(_, id)| *id > after_id)
         .map(|(kind, id)| StreamEvent { id, kind })
         .collect()

@@ -453,9 +453,17 @@ impl Turn {
         };
         record.content = record.chunks.concat();
         let terminal = match self.store.finish_turn(record).await {
-            Ok(()) => {
+            Ok(true) => {
                 self.progress.stored.store(true, Ordering::SeqCst);
                 terminal
+            }
+            Ok(false) => {
+                // Concluded already by whoever found this producer gone (it lost its lease):
+                // that conclusion, and its terminal event, stand.
+                tracing::warn!(chat_id = %self.chat_id, "answer concluded elsewhere; not storing it");
+                self.progress.stored.store(true, Ordering::SeqCst);
+                self.progress.ended.store(true, Ordering::SeqCst);
+                return;
             }
             Err(e) => {
                 tracing::error!(chat_id = %self.chat_id, "SSE stream error: could not store the answer: {e}");

@@ -62,6 +62,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub cors: CorsConfig,
     pub database: DatabaseConfig,
+    pub redis: RedisConfig,
     pub quotas: QuotasConfig,
     pub providers: ProvidersConfig,
     pub bots: Vec<BotConfig>,
@@ -278,13 +279,51 @@ pub struct CorsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
+    /// `sqlite://file.db` (the default) or `postgres://user:pass@host:5432/db`.
     pub url: String,
+    /// PostgreSQL: connections kept at most by this instance (SQLite has its own fixed layout).
+    pub max_connections: u32,
+    /// PostgreSQL: how long a request waits for a free connection before it fails.
+    pub acquire_timeout_secs: u64,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: "sqlite://mangoo.db".into(),
+            max_connections: 16,
+            acquire_timeout_secs: 5,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    pub fn is_postgres(&self) -> bool {
+        self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")
+    }
+}
+
+/// Shared state for several instances: set `url` and every instance pointed at the same Redis
+/// (and the same PostgreSQL) behaves as one server. Unset: everything live stays in-process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:6379/0`, `rediss://` for TLS; `None` keeps live state in this process.
+    pub url: Option<String>,
+    /// Every key Mangoo writes starts with this, so instances of different deployments (or
+    /// tests) can share one Redis.
+    pub key_prefix: String,
+    /// Connections reserved for blocking reads of other instances' answers (one per listener
+    /// following an answer generated elsewhere); past this, such listeners poll.
+    pub max_blocking_readers: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key_prefix: "mangoo".into(),
+            max_blocking_readers: 256,
         }
     }
 }
@@ -429,6 +468,9 @@ impl Config {
             match key {
                 "MANGOO_BIND" => self.server.bind = value.to_owned(),
                 "MANGOO_DATABASE_URL" => self.database.url = value.to_owned(),
+                "MANGOO_REDIS_URL" => {
+                    self.redis.url = (!value.is_empty()).then(|| value.to_owned());
+                }
                 "MANGOO_JWT_SECRET" => self.auth.jwt_secret = Some(Secret::new(value)),
                 "MANGOO_LOCAL_MODEL" if !value.is_empty() => {
                     self.providers.local.model_path = Some(PathBuf::from(value));

@@ -27,17 +27,60 @@ impl Config {
             validate_origin(origin)
                 .map_err(|reason| invalid(format!("cors.allowed_origins[{i}]"), reason))?;
         }
-        if !self.database.url.starts_with("sqlite:") {
-            return Err(invalid(
-                "database.url",
-                "only sqlite: URLs are supported by this build (e.g. sqlite://mangoo.db)",
-            ));
-        }
+        self.validate_storage()?;
         if let Some(bedrock) = &self.providers.bedrock {
             bedrock.validate()?;
         }
         self.validate_providers()?;
         self.validate_bots()
+    }
+
+    /// The database and Redis URLs are parsed here, by the clients that will use them, so a typo
+    /// stops the start with the key's name instead of surfacing as a connection error later.
+    fn validate_storage(&self) -> Result<(), ConfigError> {
+        let url = &self.database.url;
+        if self.database.is_postgres() {
+            url.parse::<sqlx::postgres::PgConnectOptions>()
+                .map_err(|e| invalid("database.url", format!("not a PostgreSQL URL: {e}")))?;
+        } else if url.starts_with("sqlite:") {
+            url.parse::<sqlx::sqlite::SqliteConnectOptions>()
+                .map_err(|e| invalid("database.url", format!("not a SQLite URL: {e}")))?;
+        } else {
+            return Err(invalid(
+                "database.url",
+                "must be sqlite://file.db or postgres://user:pass@host:5432/db",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if self.database.acquire_timeout_secs == 0 {
+            return Err(invalid(
+                "database.acquire_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if let Some(url) = &self.redis.url {
+            let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+            if !scheme_ok {
+                return Err(invalid(
+                    "redis.url",
+                    "must be redis://host:6379/0 or rediss://…",
+                ));
+            }
+            redis::Client::open(url.as_str())
+                .map_err(|e| invalid("redis.url", format!("not a Redis URL: {e}")))?;
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ' ']) {
+            return Err(invalid(
+                "redis.key_prefix",
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        if self.redis.max_blocking_readers == 0 {
+            return Err(invalid("redis.max_blocking_readers", "must be at least 1"));
+        }
+        Ok(())
     }
 
     fn validate_limits(&self) -> Result<(), ConfigError> {

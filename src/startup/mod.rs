@@ -72,7 +72,7 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         config.validate()?;
         let backends = Backends {
-            store: store::connect(&config.database.url).await?,
+            store: store::connect(&config.database).await?,
             log: Arc::new(MemoryLog::default()),
         };
         Self::build_with(config, backends).await

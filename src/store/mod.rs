@@ -1,18 +1,25 @@
 //! Chats and their messages, behind [`ChatStore`] so SQLite (the default) and PostgreSQL (at
-//! scale) share one contract and one conformance test. Knows nothing of HTTP or providers.
+//! scale, shared by many instances) share one contract and one conformance test suite
+//! (`tests/api/store.rs`). Knows nothing of HTTP or providers.
 //!
 //! A turn is written twice: [`ChatStore::begin_turn`] stores the user's message and an assistant
 //! placeholder (status `streaming`) in one transaction before the model is called, and
 //! [`ChatStore::finish_turn`] fills in the answer, its status and usage in another. A chat never
 //! holds half a turn, and a chat with a `streaming` answer accepts no second turn.
 
+mod migrations;
+mod postgres;
+mod rows;
 mod sqlite;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+use crate::config::DatabaseConfig;
 
 pub use crate::domain::{Role, TokenUsage};
 
@@ -98,6 +105,17 @@ pub struct Replay {
     pub error_retryable: Option<bool>,
     pub provider: Option<String>,
     pub model: Option<String>,
+    /// The id of its terminal event when that is not simply the one after the last piece (an
+    /// answer recovered after a crash skips the ids its lost pieces may have used).
+    pub last_event_id: Option<i64>,
+}
+
+impl Replay {
+    /// The id its terminal event has.
+    pub fn terminal_event_id(&self) -> i64 {
+        let after_pieces = self.first_event_id + self.chunks.len() as i64 + 1;
+        self.last_event_id.unwrap_or(after_pieces).max(after_pieces)
+    }
 }
 
 /// What one user may store: checked when a turn begins, in the same transaction that writes it.
@@ -194,6 +212,16 @@ impl FinishedTurn {
     }
 }
 
+/// An answer's text so far, saved while it streams so a crash loses at most the last moments.
+#[derive(Debug, Clone)]
+pub struct PartialAnswer {
+    pub assistant_message_id: String,
+    pub chunks: Vec<std::sync::Arc<str>>,
+    /// No event of this answer will carry a larger id before the next save: after a crash, the
+    /// recovered answer's terminal event takes the next one, so no id a client saw is reused.
+    pub reserved_event_id: i64,
+}
+
 /// Keyset pagination position: the chat listed last on the previous page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatCursor {
@@ -213,6 +241,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database cannot be reached (or no connection came free in time): retry later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
@@ -244,6 +275,15 @@ pub trait ChatStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError>;
 
+    /// The chat, if it is `user_id`'s, with its last `limit` messages in conversation order: what
+    /// a new turn needs to know, in one round trip.
+    async fn chat_history(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError>;
+
     /// The chat's last `limit` messages, in conversation order.
     async fn recent_messages(
         &self,
@@ -257,13 +297,19 @@ pub trait ChatStore: Send + Sync + 'static {
     /// `QuotaExceeded` when the turn would take the user past `turn.quota`.
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
 
-    async fn finish_turn(&self, turn: FinishedTurn) -> Result<(), StoreError>;
+    /// Stores how the answer ended, if it is still `streaming`; false when it was concluded
+    /// already (by whoever found its producer gone): the first conclusion stands.
+    async fn finish_turn(&self, turn: FinishedTurn) -> Result<bool, StoreError>;
+
+    /// Saves the text of an answer still `streaming`; false when it is not any more.
+    async fn save_partial(&self, partial: PartialAnswer) -> Result<bool, StoreError>;
 
     /// Deletes a chat of `user_id` with its messages; false when there was none.
     async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError>;
 
-    /// Marks answers left `streaming` by a process that died as `interrupted`. Only safe where
-    /// one process owns the database (SQLite).
+    /// Marks answers left `streaming` by a process that died as `interrupted`, with the text
+    /// they had saved. Only safe where one process owns the database: without shared state
+    /// (Redis), which a cluster's answers are concluded through instead.
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError>;
 
     async fn ping(&self) -> Result<(), StoreError>;
@@ -272,9 +318,13 @@ pub trait ChatStore: Send + Sync + 'static {
     async fn close(&self);
 }
 
-/// Opens the store a database URL names, applying migrations.
-pub async fn connect(url: &str) -> Result<Arc<dyn ChatStore>, StoreError> {
-    Ok(Arc::new(SqliteStore::connect(url).await?))
+/// Opens the store the configured URL names, applying migrations.
+pub async fn connect(config: &DatabaseConfig) -> Result<Arc<dyn ChatStore>, StoreError> {
+    if config.is_postgres() {
+        Ok(Arc::new(PostgresStore::connect(config).await?))
+    } else {
+        Ok(Arc::new(SqliteStore::connect(&config.url).await?))
+    }
 }
 
 pub fn now_ms() -> i64 {

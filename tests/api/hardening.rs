@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use mangoo::store::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
-    SqliteStore, StoreError,
+    PartialAnswer, SqliteStore, StoreError,
 };
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -260,11 +260,22 @@ impl ChatStore for PanickingStore {
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
         self.inner.begin_turn(turn).await
     }
-    async fn finish_turn(&self, turn: FinishedTurn) -> Result<(), StoreError> {
+    async fn finish_turn(&self, turn: FinishedTurn) -> Result<bool, StoreError> {
         if self.panic_in_finish.swap(false, Ordering::SeqCst) {
             panic!("injected: finish_turn");
         }
         self.inner.finish_turn(turn).await
+    }
+    async fn save_partial(&self, partial: PartialAnswer) -> Result<bool, StoreError> {
+        self.inner.save_partial(partial).await
+    }
+    async fn chat_history(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
+        self.inner.chat_history(chat_id, user_id, limit).await
     }
     async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError> {
         self.inner.delete_chat(chat_id, user_id).await

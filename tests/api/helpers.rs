@@ -157,7 +157,7 @@ pub async fn spawn_app_with_log(log: Arc<dyn EventLog>) -> TestApp {
     let db_path = dir.path().join("mangoo.db");
     let config = test_config(&fake, &db_path);
     let backends = Backends {
-        store: mangoo::store::connect(&config.database.url).await.unwrap(),
+        store: mangoo::store::connect(&config.database).await.unwrap(),
         log,
     };
     let app = Application::build_with(config, backends)

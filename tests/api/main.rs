@@ -23,6 +23,7 @@ mod operations;
 mod providers;
 mod resilience;
 mod resume;
+mod services;
 mod stalled;
 mod store;
 mod streaming;

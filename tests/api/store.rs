@@ -1,13 +1,18 @@
-//! The SQLite store below the HTTP layer: writes that arrive together share one transaction
-//! (group commit), so these check that a batch keeps every write whole and separate.
+//! One conformance suite for every [`ChatStore`]: each test below runs against SQLite (a fresh
+//! file) and PostgreSQL (a fresh database on the machine's server), the atuin server's pattern.
+//! SQLite commits the writes that arrive together in one transaction (group commit), so the
+//! concurrency tests also check that a batch keeps every write whole and separate.
 
 use std::sync::Arc;
 
 use futures_util::future::join_all;
+use mangoo::config::DatabaseConfig;
 use mangoo::store::{
-    ChatStore, FinishedTurn, MessageStatus, NewTurn, QuotaKind, Role, SqliteStore, StorageQuota,
+    ChatStore, FinishedTurn, MessageStatus, NewTurn, PartialAnswer, QuotaKind, Role, StorageQuota,
     StoreError,
 };
+
+use super::services::TestDatabase;
 
 fn turn(chat_id: &str, user: &str, new_chat: bool, n: usize) -> NewTurn {
     NewTurn {
@@ -39,15 +44,86 @@ fn finished(chat_id: &str, n: usize, last_event_id: i64) -> FinishedTurn {
     }
 }
 
-async fn store() -> (tempfile::TempDir, Arc<SqliteStore>) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    (dir, Arc::new(SqliteStore::connect(&url).await.unwrap()))
+/// A fresh, empty store of one kind, and how to open it again.
+pub struct Backend {
+    pub store: Arc<dyn ChatStore>,
+    pub config: DatabaseConfig,
+    _sqlite: Option<tempfile::TempDir>,
+    _postgres: Option<TestDatabase>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_trace() {
-    let (_dir, store) = store().await;
+impl Backend {
+    pub async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let mut backend = Self::open(url).await;
+        backend._sqlite = Some(dir);
+        backend
+    }
+
+    pub async fn postgres() -> Self {
+        let database = TestDatabase::create().await;
+        let mut backend = Self::open(database.url.clone()).await;
+        backend._postgres = Some(database);
+        backend
+    }
+
+    async fn open(url: String) -> Self {
+        let config = DatabaseConfig {
+            url,
+            ..DatabaseConfig::default()
+        };
+        Self {
+            store: mangoo::store::connect(&config).await.unwrap(),
+            config,
+            _sqlite: None,
+            _postgres: None,
+        }
+    }
+
+    /// Another handle on the same database: a restarted process, or a second instance.
+    pub async fn reopen(&self) -> Arc<dyn ChatStore> {
+        mangoo::store::connect(&self.config).await.unwrap()
+    }
+}
+
+/// Each test, once per backend: `store::sqlite::name` and `store::postgres::name`.
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_trace,
+    a_closed_store_refuses_writes_but_kept_every_one_it_accepted,
+    quotas_refuse_the_turn_that_would_pass_them_and_deleting_gives_room_back,
+    message_pages_follow_each_other_and_recent_messages_are_the_last,
+    an_answer_is_concluded_once_and_the_first_conclusion_stands,
+    a_crashed_answer_keeps_its_saved_text_and_its_ids_are_never_reused,
+    chat_history_is_the_owners_only_and_holds_the_last_messages,
+    two_instances_racing_for_one_chat_start_exactly_one_answer,
+);
+
+async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_trace(
+    backend: Backend,
+) {
+    let store = backend.store.clone();
     // Mallory's chat, and a chat of Alice's with an answer still streaming.
     store
         .begin_turn(&turn("mallory-chat", "mallory", true, 0))
@@ -157,9 +233,8 @@ async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_tr
     }
 }
 
-#[tokio::test]
-async fn a_closed_store_refuses_writes_but_kept_every_one_it_accepted() {
-    let (dir, store) = store().await;
+async fn a_closed_store_refuses_writes_but_kept_every_one_it_accepted(backend: Backend) {
+    let store = backend.store.clone();
     store
         .begin_turn(&turn("c", "alice", true, 0))
         .await
@@ -173,10 +248,9 @@ async fn a_closed_store_refuses_writes_but_kept_every_one_it_accepted() {
     );
     store.close().await;
     let refused = store.begin_turn(&turn("d", "alice", true, 0)).await;
-    assert!(matches!(refused, Err(StoreError::Closed)), "{refused:?}");
+    assert!(refused.is_err(), "{refused:?}");
 
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let reopened = SqliteStore::connect(&url).await.unwrap();
+    let reopened = backend.reopen().await;
     let messages = reopened.list_messages("c", None, 10_000).await.unwrap();
     assert_eq!(messages[1].content, "answer 0");
     assert!(reopened.delete_chat("c", "alice").await.unwrap());
@@ -189,15 +263,10 @@ async fn a_closed_store_refuses_writes_but_kept_every_one_it_accepted() {
     );
 }
 
-async fn fresh_store() -> (SqliteStore, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("q.db").display());
-    (SqliteStore::connect(&url).await.unwrap(), dir)
-}
-
-#[tokio::test]
-async fn quotas_refuse_the_turn_that_would_pass_them_and_deleting_gives_room_back() {
-    let (store, _dir) = fresh_store().await;
+async fn quotas_refuse_the_turn_that_would_pass_them_and_deleting_gives_room_back(
+    backend: Backend,
+) {
+    let store = backend.store;
     let quota = StorageQuota {
         max_chats: 2,
         max_bytes: 1_000,
@@ -256,9 +325,8 @@ async fn quotas_refuse_the_turn_that_would_pass_them_and_deleting_gives_room_bac
         .unwrap();
 }
 
-#[tokio::test]
-async fn message_pages_follow_each_other_and_recent_messages_are_the_last() {
-    let (store, _dir) = fresh_store().await;
+async fn message_pages_follow_each_other_and_recent_messages_are_the_last(backend: Backend) {
+    let store = backend.store;
     store
         .begin_turn(&turn("p", "alice", true, 1))
         .await
@@ -285,4 +353,151 @@ async fn message_pages_follow_each_other_and_recent_messages_are_the_last() {
     let recent = store.recent_messages("p", 2).await.unwrap();
     assert_eq!(recent[0].content, "question 5");
     assert_eq!(recent[1].role, Role::Assistant);
+}
+
+async fn an_answer_is_concluded_once_and_the_first_conclusion_stands(backend: Backend) {
+    let store = backend.store;
+    store
+        .begin_turn(&turn("c", "alice", true, 0))
+        .await
+        .unwrap();
+    let mut interrupted = finished("c", 0, 5);
+    interrupted.status = MessageStatus::Interrupted;
+    interrupted.content = "ans".into();
+    interrupted.chunks = vec!["ans".into()];
+    assert!(
+        store.finish_turn(interrupted).await.unwrap(),
+        "the first conclusion applies"
+    );
+    assert!(
+        !store.finish_turn(finished("c", 0, 9)).await.unwrap(),
+        "a second one (a producer that lost its lease) is refused"
+    );
+    let partial = PartialAnswer {
+        assistant_message_id: "answer-c-0".into(),
+        chunks: vec!["late".into()],
+        reserved_event_id: 100,
+    };
+    assert!(
+        !store.save_partial(partial).await.unwrap(),
+        "nor can it save text"
+    );
+    let messages = store.list_messages("c", None, 10).await.unwrap();
+    assert_eq!(messages[1].content, "ans");
+    assert_eq!(messages[1].status, MessageStatus::Interrupted);
+    let chat = store.get_chat("c").await.unwrap().unwrap();
+    assert_eq!(chat.last_event_id, 5, "the refused conclusion moved no ids");
+}
+
+async fn a_crashed_answer_keeps_its_saved_text_and_its_ids_are_never_reused(backend: Backend) {
+    let store = backend.store.clone();
+    store
+        .begin_turn(&turn("c", "alice", true, 0))
+        .await
+        .unwrap();
+    store.finish_turn(finished("c", 0, 3)).await.unwrap();
+    store
+        .begin_turn(&turn("c", "alice", false, 1))
+        .await
+        .unwrap();
+    // Start is id 4; two pieces saved (5, 6), ids reserved up to 40 when the process died.
+    let partial = PartialAnswer {
+        assistant_message_id: "answer-c-1".into(),
+        chunks: vec!["Hel".into(), "lo".into()],
+        reserved_event_id: 40,
+    };
+    assert!(store.save_partial(partial).await.unwrap());
+    drop(store);
+
+    let restarted = backend.reopen().await;
+    assert_eq!(restarted.recover_abandoned_turns().await.unwrap(), 1);
+    let messages = restarted.list_messages("c", None, 10).await.unwrap();
+    let answer = &messages[3];
+    assert_eq!(answer.status, MessageStatus::Interrupted);
+    assert_eq!(answer.content, "Hello");
+    assert_eq!(answer.error_code.as_deref(), Some("server_restarted"));
+    let replay = answer.replay.as_ref().unwrap();
+    assert_eq!(replay.first_event_id, 4);
+    assert_eq!(replay.terminal_event_id(), 41, "past every reserved id");
+    let chat = restarted.get_chat("c").await.unwrap().unwrap();
+    assert_eq!(chat.last_event_id, 41, "the next turn starts after it");
+    let next = restarted
+        .begin_turn(&turn("c", "alice", false, 2))
+        .await
+        .unwrap();
+    assert_eq!(next.last_event_id, 41, "the chat takes a new turn");
+}
+
+async fn chat_history_is_the_owners_only_and_holds_the_last_messages(backend: Backend) {
+    let store = backend.store;
+    store
+        .begin_turn(&turn("h", "alice", true, 1))
+        .await
+        .unwrap();
+    store.finish_turn(finished("h", 1, 2)).await.unwrap();
+    for n in 2..=4 {
+        store
+            .begin_turn(&turn("h", "alice", false, n))
+            .await
+            .unwrap();
+        store
+            .finish_turn(finished("h", n, 2 * n as i64))
+            .await
+            .unwrap();
+    }
+    assert!(
+        store
+            .chat_history("h", "mallory", 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .chat_history("nope", "alice", 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (chat, messages) = store.chat_history("h", "alice", 3).await.unwrap().unwrap();
+    assert_eq!(chat.id, "h");
+    assert_eq!(chat.last_event_id, 8);
+    let contents: Vec<_> = messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(contents, ["answer 3", "question 4", "answer 4"]);
+    store
+        .begin_turn(&turn("empty", "alice", true, 1))
+        .await
+        .unwrap();
+    store.delete_chat("empty", "alice").await.unwrap();
+    store.begin_turn(&turn("e2", "bob", true, 1)).await.unwrap();
+    let (_, two) = store.chat_history("e2", "bob", 10).await.unwrap().unwrap();
+    assert_eq!(two.len(), 2);
+}
+
+/// Two processes (two stores on one database) asked for a turn in the same chat at the same
+/// moment: one answer streams, the other is refused as busy.
+async fn two_instances_racing_for_one_chat_start_exactly_one_answer(backend: Backend) {
+    let a = backend.store.clone();
+    a.begin_turn(&turn("r", "alice", true, 0)).await.unwrap();
+    a.finish_turn(finished("r", 0, 2)).await.unwrap();
+    let b = backend.reopen().await;
+    for round in 1..=10 {
+        let (one, other) = (
+            turn("r", "alice", false, 2 * round),
+            turn("r", "alice", false, 2 * round + 1),
+        );
+        let (left, right) = tokio::join!(a.begin_turn(&one), b.begin_turn(&other));
+        let won = [&left, &right].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "round {round}: {left:?} / {right:?}");
+        let loser = if left.is_ok() { &right } else { &left };
+        assert!(matches!(loser, Err(StoreError::ChatBusy)), "{loser:?}");
+        let winner = if left.is_ok() {
+            2 * round
+        } else {
+            2 * round + 1
+        };
+        a.finish_turn(finished("r", winner, 2 + 2 * round as i64))
+            .await
+            .unwrap();
+    }
 }

@@ -4,21 +4,19 @@
 //! [`writer`], one thread owning the only writing connection, which commits the writes that
 //! arrive together in one transaction.
 
-mod migrations;
 mod writer;
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::Row;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::rows::{CHAT_COLUMNS, MESSAGE_COLUMNS, chat_from, message_from};
 use super::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, MessageStatus,
-    NewTurn, Replay, Role, StoreError, TokenUsage,
+    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
+    PartialAnswer, StoreError, migrations,
 };
 use writer::Writer;
 
@@ -46,7 +44,10 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        migrations::run(&pool).await?;
+        migrations::migrator(migrations::SQLITE)
+            .await?
+            .run(&pool)
+            .await?;
         let writer = Writer::start(&filename, is_in_memory(url))?;
         Ok(Self { pool, writer })
     }
@@ -58,71 +59,6 @@ fn is_in_memory(url: &str) -> bool {
     url.ends_with(":memory:") || url.contains("mode=memory")
 }
 
-const CHAT_COLUMNS: &str = "id, user_id, bot_id, title, created_at, updated_at, last_event_id";
-const MESSAGE_COLUMNS: &str = "id, chat_id, seq, role, content, status, error_code, \
-    input_tokens, output_tokens, created_at, first_event_id, chunks, error_message, \
-    error_retryable, provider, model";
-
-fn chat_from_row(row: &SqliteRow) -> Result<ChatRecord, StoreError> {
-    Ok(ChatRecord {
-        id: row.try_get("id")?,
-        user_id: row.try_get("user_id")?,
-        bot_id: row.try_get("bot_id")?,
-        title: row.try_get("title")?,
-        created_at_ms: row.try_get("created_at")?,
-        updated_at_ms: row.try_get("updated_at")?,
-        last_event_id: row.try_get("last_event_id")?,
-    })
-}
-
-fn message_from_row(row: &SqliteRow) -> Result<MessageRecord, StoreError> {
-    let input: Option<i64> = row.try_get("input_tokens")?;
-    let output: Option<i64> = row.try_get("output_tokens")?;
-    let usage = match (input, output) {
-        (None, None) => None,
-        (i, o) => Some(TokenUsage {
-            input_tokens: i.unwrap_or_default().max(0) as u64,
-            output_tokens: o.unwrap_or_default().max(0) as u64,
-        }),
-    };
-    Ok(MessageRecord {
-        id: row.try_get("id")?,
-        chat_id: row.try_get("chat_id")?,
-        role: {
-            let role: &str = row.try_get("role")?;
-            Role::parse(role)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown role '{role}'")))?
-        },
-        content: row.try_get("content")?,
-        status: MessageStatus::parse(row.try_get("status")?)?,
-        error_code: row.try_get("error_code")?,
-        usage,
-        created_at_ms: row.try_get("created_at")?,
-        seq: row.try_get("seq")?,
-        replay: replay_from_row(row)?,
-    })
-}
-
-fn replay_from_row(row: &SqliteRow) -> Result<Option<Replay>, StoreError> {
-    let Some(first_event_id) = row.try_get::<Option<i64>, _>("first_event_id")? else {
-        return Ok(None);
-    };
-    let chunks = match row.try_get::<Option<String>, _>("chunks")? {
-        Some(json) => {
-            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("chunks: {e}")))?
-        }
-        None => Vec::new(),
-    };
-    Ok(Some(Replay {
-        first_event_id,
-        chunks,
-        error_message: row.try_get("error_message")?,
-        error_retryable: row.try_get::<Option<bool>, _>("error_retryable")?,
-        provider: row.try_get("provider")?,
-        model: row.try_get("model")?,
-    }))
-}
-
 #[async_trait::async_trait]
 impl ChatStore for SqliteStore {
     async fn get_chat(&self, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
@@ -130,7 +66,7 @@ impl ChatStore for SqliteStore {
             .bind(chat_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(chat_from_row).transpose()
+        row.as_ref().map(|r| chat_from(r, "")).transpose()
     }
 
     async fn list_chats(
@@ -155,7 +91,7 @@ impl ChatStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(chat_from_row).collect()
+        rows.iter().map(|r| chat_from(r, "")).collect()
     }
 
     async fn list_messages(
@@ -173,7 +109,22 @@ impl ChatStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(message_from_row).collect()
+        rows.iter().map(message_from).collect()
+    }
+
+    async fn chat_history(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
+        let rows = sqlx::query(super::rows::CHAT_HISTORY)
+            .bind(chat_id)
+            .bind(user_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        super::rows::chat_history_from(&rows)
     }
 
     async fn recent_messages(
@@ -190,7 +141,7 @@ impl ChatStore for SqliteStore {
         .await?;
         let mut messages = rows
             .iter()
-            .map(message_from_row)
+            .map(message_from)
             .collect::<Result<Vec<_>, _>>()?;
         messages.reverse();
         Ok(messages)
@@ -203,9 +154,15 @@ impl ChatStore for SqliteStore {
             .await
     }
 
-    async fn finish_turn(&self, turn: FinishedTurn) -> Result<(), StoreError> {
+    async fn finish_turn(&self, turn: FinishedTurn) -> Result<bool, StoreError> {
         self.writer
             .write(move |conn| writer::finish_turn(conn, &turn))
+            .await
+    }
+
+    async fn save_partial(&self, partial: PartialAnswer) -> Result<bool, StoreError> {
+        self.writer
+            .write(move |conn| writer::save_partial(conn, &partial))
             .await
     }
 

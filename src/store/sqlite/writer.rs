@@ -18,7 +18,9 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{BegunTurn, FinishedTurn, NewTurn, QuotaKind, StoreError, now_ms, title_from};
+use crate::store::{
+    BegunTurn, FinishedTurn, NewTurn, PartialAnswer, QuotaKind, StoreError, now_ms, title_from,
+};
 
 /// Writes waiting for the writer; senders wait when it is full.
 const QUEUE: usize = 1024;
@@ -266,31 +268,53 @@ pub(super) fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn,
     Ok(BegunTurn { last_event_id })
 }
 
-pub(super) fn finish_turn(conn: &Connection, turn: &FinishedTurn) -> Result<(), StoreError> {
+pub(super) fn finish_turn(conn: &Connection, turn: &FinishedTurn) -> Result<bool, StoreError> {
     let chunks = serde_json::to_string(&turn.chunks).expect("strings serialise");
-    conn.prepare_cached(
-        "UPDATE messages SET content = ?2, status = ?3, error_code = ?4, input_tokens = ?5, \
-         output_tokens = ?6, chunks = ?7, error_message = ?8, error_retryable = ?9, \
-         provider = ?10, model = ?11 WHERE id = ?1",
-    )?
-    .execute(params![
-        turn.assistant_message_id,
-        turn.content,
-        turn.status.as_str(),
-        turn.error_code,
-        turn.usage.map(|u| u.input_tokens as i64),
-        turn.usage.map(|u| u.output_tokens as i64),
-        chunks,
-        turn.error_message,
-        turn.error_retryable,
-        turn.provider,
-        turn.model
-    ])?;
+    let updated = conn
+        .prepare_cached(
+            "UPDATE messages SET content = ?2, status = ?3, error_code = ?4, input_tokens = ?5, \
+             output_tokens = ?6, chunks = ?7, error_message = ?8, error_retryable = ?9, \
+             provider = ?10, model = ?11, last_event_id = ?12 \
+             WHERE id = ?1 AND status = 'streaming'",
+        )?
+        .execute(params![
+            turn.assistant_message_id,
+            turn.content,
+            turn.status.as_str(),
+            turn.error_code,
+            turn.usage.map(|u| u.input_tokens as i64),
+            turn.usage.map(|u| u.output_tokens as i64),
+            chunks,
+            turn.error_message,
+            turn.error_retryable,
+            turn.provider,
+            turn.model,
+            turn.last_event_id
+        ])?;
+    if updated == 0 {
+        return Ok(false);
+    }
     conn.prepare_cached(
         "UPDATE chats SET last_event_id = MAX(last_event_id, ?2), updated_at = ?3 WHERE id = ?1",
     )?
     .execute(params![turn.chat_id, turn.last_event_id, now_ms()])?;
-    Ok(())
+    Ok(true)
+}
+
+pub(super) fn save_partial(conn: &Connection, partial: &PartialAnswer) -> Result<bool, StoreError> {
+    let chunks = serde_json::to_string(&partial.chunks).expect("strings serialise");
+    let updated = conn
+        .prepare_cached(
+            "UPDATE messages SET content = ?2, chunks = ?3, last_event_id = ?4 \
+             WHERE id = ?1 AND status = 'streaming'",
+        )?
+        .execute(params![
+            partial.assistant_message_id,
+            partial.chunks.concat(),
+            chunks,
+            partial.reserved_event_id
+        ])?;
+    Ok(updated > 0)
 }
 
 pub(super) fn delete_chat(
@@ -304,12 +328,25 @@ pub(super) fn delete_chat(
     Ok(deleted > 0)
 }
 
+/// Each abandoned answer keeps the text it saved; its terminal event's id comes after every id it
+/// may have sent (its reservation) and the chat's next turn continues after that.
 pub(super) fn recover_abandoned_turns(conn: &Connection) -> Result<u64, StoreError> {
-    let updated = conn
+    let recovered = conn
         .prepare_cached(
-            "UPDATE messages SET status = 'interrupted', error_code = 'server_restarted' \
-             WHERE status = 'streaming'",
+            "UPDATE messages SET status = 'interrupted', error_code = 'server_restarted', \
+         error_message = 'the server restarted before the answer was finished', \
+         error_retryable = 1, last_event_id = MAX(COALESCE(last_event_id, 0), \
+           COALESCE(first_event_id, 0) + json_array_length(COALESCE(chunks, '[]'))) + 1 \
+         WHERE status = 'streaming'",
         )?
         .execute([])?;
-    Ok(updated as u64)
+    // Only the chats whose answers were just recovered: their new terminal ids are the largest.
+    conn.prepare_cached(
+        "UPDATE chats SET last_event_id = MAX(last_event_id, \
+               (SELECT MAX(m.last_event_id) FROM messages m WHERE m.chat_id = chats.id)) \
+             WHERE id IN (SELECT chat_id FROM messages WHERE error_code = 'server_restarted' \
+               AND last_event_id > (SELECT c.last_event_id FROM chats c WHERE c.id = chat_id))",
+    )?
+    .execute([])?;
+    Ok(recovered as u64)
 }

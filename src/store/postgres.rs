@@ -1,0 +1,275 @@
+//! PostgreSQL implementation of [`ChatStore`], for many instances sharing one database.
+//!
+//! Each half of a turn is one round trip: `begin_turn` calls `mangoo_begin_turn` (a function in
+//! the schema that checks ownership, the streaming answer and the quotas under row locks and
+//! writes both messages), `finish_turn` is one statement. A stream start is therefore two round
+//! trips for an existing chat ([`ChatStore::chat_history`], then the function) and one for a new
+//! one. Connections come from a bounded pool; running out of them is `Unavailable`, not a hang.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::rows::{
+    CHAT_COLUMNS, CHAT_HISTORY, MESSAGE_COLUMNS, as_bigint, chat_from, chat_history_from,
+    message_from,
+};
+use super::{
+    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
+    PartialAnswer, QuotaKind, StoreError, migrations, now_ms, title_from,
+};
+use crate::config::DatabaseConfig;
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects and migrates. Several instances may do this at once on a fresh database: the
+    /// migrator's advisory lock lets one apply each migration while the others wait.
+    pub async fn connect(config: &DatabaseConfig) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(&config.url)?.application_name("mangoo");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_secs(config.acquire_timeout_secs))
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        migrations::migrator(migrations::POSTGRES)
+            .await?
+            .run(&pool)
+            .await?;
+        Ok(Self { pool })
+    }
+}
+
+/// Connection-level failures are the database being away, not a fault in the data.
+fn unavailable(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
+        other => StoreError::Database(other),
+    }
+}
+
+/// `mangoo_begin_turn`'s refusals, by the SQLSTATE it raises them with.
+fn refusal(e: sqlx::Error) -> StoreError {
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    match code.as_deref() {
+        Some("MG001") => StoreError::ChatNotFound,
+        Some("MG002") => StoreError::ChatBusy,
+        Some("MG003") => StoreError::QuotaExceeded(QuotaKind::Chats),
+        Some("MG004") => StoreError::QuotaExceeded(QuotaKind::Bytes),
+        Some("MG005") => StoreError::QuotaExceeded(QuotaKind::Turns),
+        // Two instances creating the same chat id: it is somebody else's now.
+        Some("23505") => StoreError::ChatNotFound,
+        _ => unavailable(e),
+    }
+}
+
+#[async_trait::async_trait]
+impl ChatStore for PostgresStore {
+    async fn get_chat(&self, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {CHAT_COLUMNS} FROM chats WHERE id = $1"))
+            .bind(chat_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(|r| chat_from(r, "")).transpose()
+    }
+
+    async fn list_chats(
+        &self,
+        user_id: &str,
+        limit: u32,
+        cursor: Option<&ChatCursor>,
+    ) -> Result<Vec<ChatRecord>, StoreError> {
+        let (after_time, after_id) = match cursor {
+            Some(c) => (c.updated_at_ms, c.id.as_str()),
+            None => (i64::MAX, ""),
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {CHAT_COLUMNS} FROM chats WHERE user_id = $1 \
+             AND (updated_at < $2 OR (updated_at = $2 AND id < $3)) \
+             ORDER BY updated_at DESC, id DESC LIMIT $4"
+        ))
+        .bind(user_id)
+        .bind(after_time)
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(|r| chat_from(r, "")).collect()
+    }
+
+    async fn list_messages(
+        &self,
+        chat_id: &str,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3"
+        ))
+        .bind(chat_id)
+        .bind(after_seq.unwrap_or(i64::MIN))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(message_from).collect()
+    }
+
+    async fn chat_history(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
+        let rows = sqlx::query(CHAT_HISTORY)
+            .bind(chat_id)
+            .bind(user_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        chat_history_from(&rows)
+    }
+
+    async fn recent_messages(
+        &self,
+        chat_id: &str,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 ORDER BY seq DESC LIMIT $2"
+        ))
+        .bind(chat_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut messages = rows
+            .iter()
+            .map(message_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+        let last_event_id: i64 = sqlx::query_scalar(
+            "SELECT mangoo_begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&turn.chat_id)
+        .bind(&turn.user_id)
+        .bind(turn.new_chat)
+        .bind(&turn.bot_id)
+        .bind(title_from(&turn.message))
+        .bind(&turn.user_message_id)
+        .bind(&turn.assistant_message_id)
+        .bind(&turn.message)
+        .bind(now_ms())
+        .bind(as_bigint(turn.quota.max_chats))
+        .bind(as_bigint(turn.quota.max_bytes))
+        .bind(as_bigint(turn.quota.max_turns))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(refusal)?;
+        Ok(BegunTurn { last_event_id })
+    }
+
+    async fn finish_turn(&self, turn: FinishedTurn) -> Result<bool, StoreError> {
+        let chunks = serde_json::to_string(&turn.chunks).expect("strings serialise");
+        // One statement: the answer, then its chat's event ids, only if it was still streaming.
+        let applied = sqlx::query(
+            "WITH answer AS (UPDATE messages SET content = $2, status = $3, error_code = $4, \
+               input_tokens = $5, output_tokens = $6, chunks = $7, error_message = $8, \
+               error_retryable = $9, provider = $10, model = $11, last_event_id = $12 \
+               WHERE id = $1 AND status = 'streaming' RETURNING chat_id) \
+             UPDATE chats SET last_event_id = GREATEST(last_event_id, $12), updated_at = $13 \
+             WHERE id IN (SELECT chat_id FROM answer)",
+        )
+        .bind(&turn.assistant_message_id)
+        .bind(&turn.content)
+        .bind(turn.status.as_str())
+        .bind(&turn.error_code)
+        .bind(turn.usage.map(|u| as_bigint(u.input_tokens)))
+        .bind(turn.usage.map(|u| as_bigint(u.output_tokens)))
+        .bind(chunks)
+        .bind(&turn.error_message)
+        .bind(turn.error_retryable)
+        .bind(&turn.provider)
+        .bind(&turn.model)
+        .bind(turn.last_event_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(applied.rows_affected() > 0)
+    }
+
+    async fn save_partial(&self, partial: PartialAnswer) -> Result<bool, StoreError> {
+        let chunks = serde_json::to_string(&partial.chunks).expect("strings serialise");
+        let applied = sqlx::query(
+            "UPDATE messages SET content = $2, chunks = $3, last_event_id = $4 \
+             WHERE id = $1 AND status = 'streaming'",
+        )
+        .bind(&partial.assistant_message_id)
+        .bind(partial.chunks.concat())
+        .bind(chunks)
+        .bind(partial.reserved_event_id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(applied.rows_affected() > 0)
+    }
+
+    async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM chats WHERE id = $1 AND user_id = $2")
+            .bind(chat_id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
+        let recovered = sqlx::query(
+            "WITH recovered AS (UPDATE messages SET status = 'interrupted', \
+               error_code = 'server_restarted', \
+               error_message = 'the server restarted before the answer was finished', \
+               error_retryable = TRUE, last_event_id = GREATEST(COALESCE(last_event_id, 0), \
+                 COALESCE(first_event_id, 0) + json_array_length(COALESCE(chunks, '[]')::json)) + 1 \
+               WHERE status = 'streaming' RETURNING chat_id, last_event_id) \
+             UPDATE chats SET last_event_id = GREATEST(chats.last_event_id, r.last_event_id) \
+             FROM recovered r WHERE chats.id = r.chat_id",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(recovered.rows_affected())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

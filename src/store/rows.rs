@@ -1,0 +1,145 @@
+//! Rows to records, once for both databases: each backend's row type reads its columns through
+//! [`Columns`], and the mapping from columns to [`ChatRecord`] and [`MessageRecord`] is shared.
+
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use sqlx::sqlite::SqliteRow;
+
+use super::{ChatRecord, MessageRecord, MessageStatus, Replay, Role, StoreError, TokenUsage};
+
+/// The chat columns every chat query selects, in this order.
+pub(super) const CHAT_COLUMNS: &str =
+    "id, user_id, bot_id, title, created_at, updated_at, last_event_id";
+/// The message columns every message query selects.
+pub(super) const MESSAGE_COLUMNS: &str = "id, chat_id, seq, role, content, status, error_code, \
+    input_tokens, output_tokens, created_at, first_event_id, chunks, error_message, \
+    error_retryable, provider, model, last_event_id";
+
+/// A chat of a user with its last messages, in one query both databases run: `$1` chat, `$2`
+/// user, `$3` how many messages. A chat's `seq` counts its messages from 1 without gaps, so the
+/// last N are those above `MAX(seq) - N`. No row: not that user's chat.
+pub(super) const CHAT_HISTORY: &str = "SELECT c.id AS c_id, c.user_id AS c_user_id, \
+    c.bot_id AS c_bot_id, c.title AS c_title, c.created_at AS c_created_at, \
+    c.updated_at AS c_updated_at, c.last_event_id AS c_last_event_id, \
+    m.id, m.chat_id, m.seq, m.role, m.content, m.status, m.error_code, m.input_tokens, \
+    m.output_tokens, m.created_at, m.first_event_id, m.chunks, m.error_message, \
+    m.error_retryable, m.provider, m.model, m.last_event_id \
+    FROM chats c LEFT JOIN messages m ON m.chat_id = c.id \
+    AND m.seq > (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE chat_id = $1) - $3 \
+    WHERE c.id = $1 AND c.user_id = $2 ORDER BY m.seq";
+
+/// The rows of [`CHAT_HISTORY`] as the chat and its messages.
+pub(super) fn chat_history_from<R: Columns>(
+    rows: &[R],
+) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let chat = chat_from(first, "c_")?;
+    let mut messages = Vec::with_capacity(rows.len());
+    for row in rows {
+        // The LEFT JOIN's one row for a chat without messages has no message columns.
+        if row.opt_text("id")?.is_some() {
+            messages.push(message_from(row)?);
+        }
+    }
+    Ok(Some((chat, messages)))
+}
+
+/// Typed column reads, by name.
+pub(super) trait Columns {
+    fn text(&self, name: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, name: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, name: &str) -> Result<i64, StoreError>;
+    fn opt_int(&self, name: &str) -> Result<Option<i64>, StoreError>;
+    fn opt_bool(&self, name: &str) -> Result<Option<bool>, StoreError>;
+}
+
+macro_rules! columns_for {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn text(&self, name: &str) -> Result<String, StoreError> {
+                Ok(self.try_get(name)?)
+            }
+            fn opt_text(&self, name: &str) -> Result<Option<String>, StoreError> {
+                Ok(self.try_get(name)?)
+            }
+            fn int(&self, name: &str) -> Result<i64, StoreError> {
+                Ok(self.try_get(name)?)
+            }
+            fn opt_int(&self, name: &str) -> Result<Option<i64>, StoreError> {
+                Ok(self.try_get(name)?)
+            }
+            fn opt_bool(&self, name: &str) -> Result<Option<bool>, StoreError> {
+                Ok(self.try_get(name)?)
+            }
+        }
+    };
+}
+
+columns_for!(SqliteRow);
+columns_for!(PgRow);
+
+/// A chat from columns named `{prefix}id`, `{prefix}user_id`, …
+pub(super) fn chat_from(row: &impl Columns, prefix: &str) -> Result<ChatRecord, StoreError> {
+    let col = |name: &str| format!("{prefix}{name}");
+    Ok(ChatRecord {
+        id: row.text(&col("id"))?,
+        user_id: row.text(&col("user_id"))?,
+        bot_id: row.text(&col("bot_id"))?,
+        title: row.text(&col("title"))?,
+        created_at_ms: row.int(&col("created_at"))?,
+        updated_at_ms: row.int(&col("updated_at"))?,
+        last_event_id: row.int(&col("last_event_id"))?,
+    })
+}
+
+pub(super) fn message_from(row: &impl Columns) -> Result<MessageRecord, StoreError> {
+    let usage = match (row.opt_int("input_tokens")?, row.opt_int("output_tokens")?) {
+        (None, None) => None,
+        (i, o) => Some(TokenUsage {
+            input_tokens: i.unwrap_or_default().max(0) as u64,
+            output_tokens: o.unwrap_or_default().max(0) as u64,
+        }),
+    };
+    let role = row.text("role")?;
+    Ok(MessageRecord {
+        id: row.text("id")?,
+        chat_id: row.text("chat_id")?,
+        role: Role::parse(&role)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown role '{role}'")))?,
+        content: row.text("content")?,
+        status: MessageStatus::parse(&row.text("status")?)?,
+        error_code: row.opt_text("error_code")?,
+        usage,
+        created_at_ms: row.int("created_at")?,
+        seq: row.int("seq")?,
+        replay: replay_from(row)?,
+    })
+}
+
+fn replay_from(row: &impl Columns) -> Result<Option<Replay>, StoreError> {
+    let Some(first_event_id) = row.opt_int("first_event_id")? else {
+        return Ok(None);
+    };
+    let chunks = match row.opt_text("chunks")? {
+        Some(json) => {
+            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("chunks: {e}")))?
+        }
+        None => Vec::new(),
+    };
+    Ok(Some(Replay {
+        first_event_id,
+        chunks,
+        error_message: row.opt_text("error_message")?,
+        error_retryable: row.opt_bool("error_retryable")?,
+        provider: row.opt_text("provider")?,
+        model: row.opt_text("model")?,
+        last_event_id: row.opt_int("last_event_id")?,
+    }))
+}
+
+/// Quotas are `u64` (with `u64::MAX` for none); databases compare `BIGINT`s.
+pub(super) fn as_bigint(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,184 @@
+//! The real PostgreSQL and Redis this machine runs (127.0.0.1:5432, trust auth; 127.0.0.1:6379),
+//! shared by tests running in parallel: each test gets its own database and its own key prefix,
+//! removed when the handle drops (also when the test fails). A test that must stop Redis starts
+//! its own `redis-server` on a free port ([`OwnRedis`]).
+
+use std::process::{Child, Command, Stdio};
+
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+
+/// The server's maintenance database, where test databases are created and dropped.
+fn admin_url() -> String {
+    std::env::var("MANGOO_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("MANGOO_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A database of its own on the test PostgreSQL server, dropped with the handle.
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin = admin_url();
+        let name = unique("mangoo_test");
+        let mut conn = PgConnection::connect(&admin)
+            .await
+            .expect("PostgreSQL runs at 127.0.0.1:5432 (MANGOO_TEST_POSTGRES_URL)");
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        let base = admin.rsplit_once('/').expect("a URL with a database").0;
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop runs outside any async context we can rely on (maybe during a panic): a thread of
+        // its own with a small runtime. FORCE ends connections a failed test left open.
+        let (admin, name) = (admin_url(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut conn = PgConnection::connect(&admin).await?;
+                sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// A key prefix of its own on a Redis server; every key under it is deleted with the handle.
+pub struct TestKeys {
+    pub url: String,
+    pub prefix: String,
+}
+
+impl TestKeys {
+    pub fn new() -> Self {
+        Self::on(redis_url())
+    }
+
+    pub fn on(url: String) -> Self {
+        Self {
+            url,
+            prefix: unique("mangoo-test"),
+        }
+    }
+
+    /// Keys under the prefix right now.
+    pub fn keys(&self) -> Vec<String> {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let Ok(mut conn) = client.get_connection() else {
+            return Vec::new();
+        };
+        let pattern = format!("{}:*", self.prefix);
+        let keys: redis::Iter<String> = redis::cmd("SCAN")
+            .cursor_arg(0)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .clone()
+            .iter(&mut conn)
+            .unwrap();
+        keys.filter_map(Result::ok).collect()
+    }
+}
+
+impl Drop for TestKeys {
+    fn drop(&mut self) {
+        let keys = self.keys();
+        if keys.is_empty() {
+            return;
+        }
+        if let Ok(mut conn) =
+            redis::Client::open(self.url.as_str()).and_then(|c| c.get_connection())
+        {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+        }
+    }
+}
+
+/// A `redis-server` of the test's own on a free port, for tests that stop and restart it.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.resume();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it (again) on the same port, and waits until it answers.
+    pub fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = std::time::Instant::now() + super::helpers::HANG_GUARD;
+        while client.get_connection().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it (SIGKILL: no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
