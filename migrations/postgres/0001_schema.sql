@@ -94,13 +94,14 @@ CREATE TRIGGER usage_message_deleted AFTER DELETE ON messages
     FOR EACH ROW EXECUTE FUNCTION mangoo_usage_messages();
 
 -- The first half of a turn: the user's message and a streaming placeholder for the answer, after
--- every check, in one statement. Returns the chat's last event id before this turn. Refusals
+-- every check, in one statement; the answer holds p_reserved_ids event ids from its start (see
+-- the store's RESERVED_EVENT_IDS). Returns the chat's last event id before this turn. Refusals
 -- are errors with their own SQLSTATEs (the store maps them): MG001 no such chat of this user,
 -- MG002 an answer is streaming, MG003 chat quota, MG004 bytes quota, MG005 turns quota.
 CREATE FUNCTION mangoo_begin_turn(
     p_chat TEXT, p_user TEXT, p_new_chat BOOLEAN, p_bot TEXT, p_title TEXT,
     p_user_message TEXT, p_answer TEXT, p_message TEXT, p_now BIGINT,
-    p_max_chats BIGINT, p_max_bytes BIGINT, p_max_turns BIGINT
+    p_max_chats BIGINT, p_max_bytes BIGINT, p_max_turns BIGINT, p_reserved_ids BIGINT
 ) RETURNS BIGINT LANGUAGE plpgsql AS $$
 DECLARE
     v_chats BIGINT;
@@ -135,8 +136,10 @@ BEGIN
             RAISE EXCEPTION 'turns quota' USING ERRCODE = 'MG005';
         END IF;
     END IF;
-    INSERT INTO messages (id, chat_id, seq, role, content, status, created_at, first_event_id)
-    VALUES (p_user_message, p_chat, v_seq + 1, 'user', p_message, 'complete', p_now, NULL),
-           (p_answer, p_chat, v_seq + 2, 'assistant', '', 'streaming', p_now, v_last + 1);
+    INSERT INTO messages (id, chat_id, seq, role, content, status, created_at, first_event_id,
+                          last_event_id)
+    VALUES (p_user_message, p_chat, v_seq + 1, 'user', p_message, 'complete', p_now, NULL, NULL),
+           (p_answer, p_chat, v_seq + 2, 'assistant', '', 'streaming', p_now, v_last + 1,
+            v_last + p_reserved_ids);
     RETURN v_last;
 END $$;

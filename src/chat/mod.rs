@@ -4,6 +4,7 @@
 //! encode — for a new answer, or for one a client reconnects to ([`ChatService::resume`]).
 //! Handlers call this, never a provider.
 
+mod checkpoint;
 mod control;
 mod replay;
 mod turn;
@@ -85,6 +86,9 @@ pub struct ChatLimits {
     /// Characters of earlier turns sent to a provider with a new message; older turns beyond
     /// it are left out (they stay stored).
     pub max_history_chars: usize,
+    /// Save a streaming answer's text this often (see [`checkpoint`]); `None` where the stream
+    /// log outlives the process (Redis).
+    pub checkpoint_every: Option<Duration>,
 }
 
 /// The most earlier messages read for a turn's history, however short they are.
@@ -373,12 +377,31 @@ impl ChatService {
         let claim = control::ClaimGuard::new(self.active.clone(), producer.chat_id.clone());
         // The producer's log lines keep the request's id and user.
         let span = tracing::Span::current();
+        let checkpoints = self.limits.checkpoint_every.map(|every| {
+            checkpoint::save_while_streaming(
+                self.store.clone(),
+                producer.assistant_message_id.clone(),
+                producer.progress.clone(),
+                every,
+            )
+        });
+        let over = producer.progress.over.clone();
         self.tasks.spawn(
             async move {
                 let _claim = claim;
-                let ran = std::panic::AssertUnwindSafe(producer.run())
-                    .catch_unwind()
-                    .await;
+                let producing = async {
+                    let ran = std::panic::AssertUnwindSafe(producer.run())
+                        .catch_unwind()
+                        .await;
+                    over.cancel(); // however it ended, the saver stops with it
+                    ran
+                };
+                // The saver runs beside the producer in the same task and ends with it.
+                let (ran, ()) = tokio::join!(producing, async {
+                    if let Some(checkpoints) = checkpoints {
+                        checkpoints.await;
+                    }
+                });
                 if ran.is_err() {
                     let cleanup = std::panic::AssertUnwindSafe(aftermath.after_panic());
                     if cleanup.catch_unwind().await.is_err() {

@@ -62,10 +62,14 @@ pub(super) struct Turn {
 /// How far a producer got, kept where its [`Aftermath`] can read it after a panic.
 #[derive(Debug, Default)]
 pub(super) struct Progress {
-    last_id: AtomicI64,
+    pub last_id: AtomicI64,
     chunks: Mutex<Vec<Arc<str>>>,
     stored: AtomicBool,
     ended: AtomicBool,
+    /// Signalled when text arrives (the checkpoint saver waits on it).
+    pub changed: tokio::sync::Notify,
+    /// Cancelled once the producer is about to store the outcome: no more checkpoints.
+    pub over: CancellationToken,
 }
 
 impl Progress {
@@ -76,7 +80,7 @@ impl Progress {
         })
     }
 
-    fn chunks(&self) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
+    pub fn chunks(&self) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
         // A panic while the lock was held leaves the text as it was: still worth storing.
         self.chunks
             .lock()
@@ -101,6 +105,7 @@ impl Aftermath {
     pub async fn after_panic(self) {
         tracing::error!(chat_id = %self.chat_id, "the answer's producer panicked; ending the answer");
         let progress = &self.progress;
+        progress.over.cancel();
         let terminal_id = progress.last_id.load(Ordering::SeqCst) + 1;
         let failure = StreamFailure::new("the answer failed on the server", "internal_error", true);
         if !progress.stored.load(Ordering::SeqCst) {
@@ -196,6 +201,7 @@ impl Emitter {
         let text: Arc<str> = text.into();
         self.progress.chunks().push(text.clone());
         self.send(EventKind::Content(text)).await;
+        self.progress.changed.notify_one();
     }
 }
 
@@ -429,6 +435,7 @@ impl Turn {
     /// answer nobody listens to any more gets one too): a client that comes back later replays
     /// exactly what a listener would have seen.
     async fn finish(&self, mut emitter: Emitter, ending: Ending) {
+        self.progress.over.cancel();
         let terminal_id = emitter.last_id + 1;
         let (status, terminal) = self.conclude(ending, &emitter, terminal_id);
         let target = emitter.answering.map(|i| &self.targets[i]);

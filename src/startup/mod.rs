@@ -309,6 +309,11 @@ fn chat_limits(config: &Config) -> ChatLimits {
             max_turns: quotas.max_turns_per_chat,
         },
         max_history_chars: quotas.max_history_chars,
+        checkpoint_every: config
+            .redis
+            .url
+            .is_none()
+            .then_some(Duration::from_secs(1)),
         timeouts: StreamTimeouts {
             first_token: Duration::from_secs(streams.first_token_timeout_secs),
             idle: Duration::from_secs(streams.idle_timeout_secs),

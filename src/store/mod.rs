@@ -212,6 +212,12 @@ impl FinishedTurn {
     }
 }
 
+/// Event ids an answer holds in reserve beyond the last one it saved (and from its start, which
+/// `begin_turn` reserves in the same write): a crash recovers its answer with a terminal id past
+/// them, so a client never sees an id twice. Saves come about once a second, far fewer events
+/// than this apart.
+pub const RESERVED_EVENT_IDS: i64 = 4096;
+
 /// An answer's text so far, saved while it streams so a crash loses at most the last moments.
 #[derive(Debug, Clone)]
 pub struct PartialAnswer {

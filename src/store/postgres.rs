@@ -17,7 +17,7 @@ use super::rows::{
 };
 use super::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
-    PartialAnswer, QuotaKind, StoreError, migrations, now_ms, title_from,
+    PartialAnswer, QuotaKind, RESERVED_EVENT_IDS, StoreError, migrations, now_ms, title_from,
 };
 use crate::config::DatabaseConfig;
 
@@ -168,7 +168,7 @@ impl ChatStore for PostgresStore {
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
         let last_event_id: i64 = sqlx::query_scalar(
-            "SELECT mangoo_begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "SELECT mangoo_begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&turn.chat_id)
         .bind(&turn.user_id)
@@ -182,6 +182,7 @@ impl ChatStore for PostgresStore {
         .bind(as_bigint(turn.quota.max_chats))
         .bind(as_bigint(turn.quota.max_bytes))
         .bind(as_bigint(turn.quota.max_turns))
+        .bind(RESERVED_EVENT_IDS)
         .fetch_one(&self.pool)
         .await
         .map_err(refusal)?;

@@ -129,3 +129,100 @@ async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero()
     );
     assert_eq!(messages[1].content, "partial");
 }
+
+/// `kill -9` mid-answer, without Redis: the text saved while it streamed (about once a second)
+/// survives. The next start marks the answer interrupted with that text; a client resuming with
+/// the last id it saw gets one terminal event with a larger id, and the chat's next turn goes on
+/// after it — no id is ever reused.
+#[tokio::test]
+async fn kill_9_mid_answer_loses_at_most_the_last_moments_and_no_id_is_reused() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let config_path = dir.path().join("mangoo.toml");
+    std::fs::write(&config_path, config(&fake, &db)).unwrap();
+    let (mut child, base) = serve_with_config(&config_path).await;
+    let client = crate::helpers::client_builder().no_proxy().build().unwrap();
+    let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
+        .issue("alice", Duration::from_secs(600))
+        .unwrap();
+    fake.push(Script::tokens(&["partial", " answer", " never", " finished"]).gated());
+    let response = client
+        .post(format!("{base}/api/v1/chat/stream"))
+        .bearer_auth(&token)
+        .json(&json!({"bot_id": BOT, "message": "a long answer please"}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = SseReader::new(response);
+    let chat_id = stream.next_event().await.unwrap().json()["chat_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    fake.release(2);
+    stream.next_event().await.unwrap();
+    let last_seen = stream.next_event().await.unwrap();
+    assert_eq!(last_seen.json()["content"], " answer");
+
+    // The checkpoint lands within about a second of the text; wait for it, then kill.
+    let saved = || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row(
+            "SELECT content FROM messages WHERE chat_id = ?1 AND role = 'assistant'",
+            [&chat_id],
+            |row| row.get::<_, String>(0),
+        )
+        .unwrap()
+    };
+    tokio::time::timeout(HANG_GUARD, async {
+        while saved() != "partial answer" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the partial answer was never saved");
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    drop(stream);
+
+    let (restarted, base) = serve_with_config(&config_path).await;
+    let messages: Value = client
+        .get(format!("{base}/api/v1/chats/{chat_id}/messages"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let answer = &messages["messages"][1];
+    assert_eq!(answer["content"], "partial answer");
+    assert_eq!(answer["status"], "interrupted");
+
+    let resumed = client
+        .get(format!("{base}/api/v1/chats/{chat_id}/stream"))
+        .bearer_auth(&token)
+        .header("last-event-id", last_seen.id_num().to_string())
+        .send()
+        .await
+        .unwrap();
+    let events = SseReader::new(resumed).collect().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].event, "error");
+    assert_eq!(events[0].json()["retryable"], true);
+    let terminal_id = events[0].id_num();
+    assert!(terminal_id > last_seen.id_num());
+
+    fake.push(Script::tokens(&["again"]));
+    let next = client
+        .post(format!("{base}/api/v1/chat/stream"))
+        .bearer_auth(&token)
+        .json(&json!({"bot_id": BOT, "message": "go on", "chat_id": chat_id}))
+        .send()
+        .await
+        .unwrap();
+    let next = SseReader::new(next).collect().await;
+    assert_eq!(next.last().unwrap().event, "done", "the chat takes a new turn");
+    assert!(next[0].id_num() > terminal_id, "ids go on after the recovered answer");
+    drop(restarted);
+}

@@ -19,7 +19,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{
-    BegunTurn, FinishedTurn, NewTurn, PartialAnswer, QuotaKind, StoreError, now_ms, title_from,
+    BegunTurn, FinishedTurn, NewTurn, PartialAnswer, QuotaKind, RESERVED_EVENT_IDS, StoreError,
+    now_ms, title_from,
 };
 
 /// Writes waiting for the writer; senders wait when it is full.
@@ -250,11 +251,11 @@ pub(super) fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn,
     };
     conn.prepare_cached(
         "INSERT INTO messages (id, chat_id, seq, role, content, status, created_at, \
-         first_event_id) \
-         SELECT ?1, ?3, base + 1, 'user', ?4, 'complete', ?5, NULL FROM \
+         first_event_id, last_event_id) \
+         SELECT ?1, ?3, base + 1, 'user', ?4, 'complete', ?5, NULL, NULL FROM \
            (SELECT COALESCE(MAX(seq), 0) AS base FROM messages WHERE chat_id = ?3) \
          UNION ALL \
-         SELECT ?2, ?3, base + 2, 'assistant', '', 'streaming', ?5, ?6 FROM \
+         SELECT ?2, ?3, base + 2, 'assistant', '', 'streaming', ?5, ?6, ?7 FROM \
            (SELECT COALESCE(MAX(seq), 0) AS base FROM messages WHERE chat_id = ?3)",
     )?
     .execute(params![
@@ -263,7 +264,8 @@ pub(super) fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn,
         turn.chat_id,
         turn.message,
         now,
-        last_event_id + 1
+        last_event_id + 1,
+        last_event_id + RESERVED_EVENT_IDS
     ])?;
     Ok(BegunTurn { last_event_id })
 }
