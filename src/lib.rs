@@ -45,6 +45,7 @@ pub mod http;
 pub mod metrics;
 pub mod providers;
 pub mod rate_limit;
+pub mod shared;
 pub mod startup;
 pub mod store;
 pub mod stream_log;

@@ -1,8 +1,9 @@
 //! Request rate limits (GCRA) and the cap on concurrent streams, per user — or per client address
 //! for requests that are not authenticated, so guessing tokens is slow too.
 //!
-//! [`RateLimiter`] is the seam for a shared implementation (Redis, one Lua script) serving several
-//! instances; [`MemoryRateLimiter`] is the in-process one. Its keyed state is bounded: keys whose
+//! [`RateLimiter`] is the seam: [`MemoryRateLimiter`] is the in-process one; with shared state
+//! `shared::limits` decides in one Lua script on Redis for every instance (and holds the stream
+//! cap's places as expiring leases). Its keyed state is bounded: keys whose
 //! limit has fully recovered carry no information and are swept out, and the table has a cap.
 
 use std::collections::HashMap;
@@ -150,6 +151,31 @@ impl Drop for StreamSlot {
             }
         }
     }
+}
+
+/// The per-user cap on concurrent streams: counted in this process, or — with shared state —
+/// as leases in Redis that every instance counts against.
+#[derive(Clone)]
+pub enum StreamCap {
+    Local(StreamSlots),
+    Shared(crate::shared::limits::StreamLeases),
+}
+
+impl StreamCap {
+    /// A place for one more stream of `user`, or `None` at the cap.
+    pub async fn take(&self, user: &str) -> Result<Option<StreamPlace>, LimitError> {
+        match self {
+            StreamCap::Local(slots) => Ok(slots.take(user).map(StreamPlace::Local)),
+            StreamCap::Shared(leases) => Ok(leases.take(user).await?.map(StreamPlace::Shared)),
+        }
+    }
+}
+
+/// One stream's place under the cap, given back when dropped.
+#[derive(Debug)]
+pub enum StreamPlace {
+    Local(StreamSlot),
+    Shared(crate::shared::limits::StreamLease),
 }
 
 #[cfg(test)]

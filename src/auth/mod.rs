@@ -22,6 +22,11 @@ impl UserId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A user named by a trusted record (a ticket this server issued), not by a request.
+    pub(crate) fn from_trusted(sub: String) -> Self {
+        UserId(sub)
+    }
 }
 
 /// Why a request is not authenticated. What a client is told is the variant's plain message; the

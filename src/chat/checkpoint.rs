@@ -40,7 +40,9 @@ pub(super) async fn save_while_streaming(
             Ok(true) => {}
             Ok(false) => return,
             // The final write will try again; a missed checkpoint only widens what a crash loses.
-            Err(e) => tracing::warn!(message_id = %assistant_message_id, "could not save the partial answer: {e}"),
+            Err(e) => {
+                tracing::warn!(message_id = %assistant_message_id, "could not save the partial answer: {e}")
+            }
         }
     }
 }

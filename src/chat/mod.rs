@@ -6,6 +6,7 @@
 
 mod checkpoint;
 mod control;
+mod recovery;
 mod replay;
 mod turn;
 
@@ -27,12 +28,12 @@ use crate::metrics::Metrics;
 use crate::providers::{
     Admission, ModelMessage, ModelRequest, ProviderError, ProviderRegistry, Target,
 };
-use crate::rate_limit::StreamSlot;
+use crate::rate_limit::StreamPlace;
 use crate::store::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn, QuotaKind,
     StorageQuota, StoreError,
 };
-use crate::stream_log::{EventLog, LogError};
+use crate::stream_log::{AnswerSignals, Claim, ClaimError, EventLog, LogError, StopOutcome};
 pub use control::StopCause;
 use control::{ActiveAnswer, ActiveAnswers};
 
@@ -126,6 +127,7 @@ pub struct ChatService {
     draining: CancellationToken,
     active: ActiveAnswers,
     metrics: Arc<Metrics>,
+    recovery: recovery::Recovery,
 }
 
 /// One page of a user's chats.
@@ -160,8 +162,13 @@ impl ChatService {
                 }
             })
             .collect();
+        let recovery = recovery::Recovery {
+            store: store.clone(),
+            log: log.clone(),
+        };
         Self {
             bot_order,
+            recovery,
             store,
             log,
             providers,
@@ -202,6 +209,22 @@ impl ChatService {
         &self.store
     }
 
+    /// The dependencies that do not answer right now, by name (`database`, `redis`); each
+    /// failure's cause is logged.
+    pub async fn unreachable_dependencies(&self) -> Vec<&'static str> {
+        let (database, log) = tokio::join!(self.store.ping(), self.log.ping());
+        let mut unreachable = Vec::new();
+        if let Err(e) = database {
+            tracing::warn!("readiness: the database does not answer: {e}");
+            unreachable.push("database");
+        }
+        if let Err(e) = log {
+            tracing::warn!("readiness: redis does not answer: {e}");
+            unreachable.push("redis");
+        }
+        unreachable
+    }
+
     /// Stores the user's message, starts the answer and returns its events. Every error here
     /// happens before anything is streamed.
     /// `slot` is the user's place among their concurrent streams; the producer holds it until
@@ -210,7 +233,7 @@ impl ChatService {
         &self,
         user: &UserId,
         request: TurnRequest,
-        slot: StreamSlot,
+        slot: StreamPlace,
     ) -> Result<EventStream, ChatError> {
         self.check_message(&request.message)?;
         let bot = self
@@ -241,11 +264,19 @@ impl ChatService {
             message: request.message,
             quota: self.limits.quota,
         };
-        let (answer, begun) = self.begin(&new_turn).await?;
-        let events = match self.open_log(&new_turn.chat_id, begun.last_event_id).await {
-            Ok(events) => events,
+        let claim = self.claim(&new_turn.chat_id).await?;
+        let (answer, begun) = match self.begin(&new_turn, claim).await {
+            Ok(begun) => begun,
+            Err(e) => {
+                self.log.release(&new_turn.chat_id, claim).await;
+                return Err(e);
+            }
+        };
+        let (signals, events) = match self.open_log(&new_turn, claim, begun.last_event_id).await {
+            Ok(opened) => opened,
             Err(e) => {
                 self.abandon(&new_turn, begun.last_event_id).await;
+                self.log.release(&new_turn.chat_id, claim).await;
                 return Err(ChatError::Log(e));
             }
         };
@@ -279,6 +310,7 @@ impl ChatService {
             store: self.store.clone(),
             log: self.log.clone(),
             control: answer.control,
+            signals,
             all_gone: answer.audience.all_gone(),
             deadline: tokio::time::Instant::now(),
             metrics: self.metrics.clone(),
@@ -314,14 +346,40 @@ impl ChatService {
         Ok(messages)
     }
 
-    /// Claims the chat for this answer and stores the turn's first half.
-    async fn begin(&self, turn: &NewTurn) -> Result<(ActiveAnswer, BegunTurn), ChatError> {
+    /// Claims the chat in the stream log (across instances, with shared state). An answer
+    /// abandoned by a dead instance is concluded first, so the chat takes the new turn.
+    async fn claim(&self, chat_id: &str) -> Result<Claim, ChatError> {
+        match self.log.claim(chat_id).await {
+            Ok(claim) => Ok(claim),
+            Err(ClaimError::Orphaned) => {
+                self.recovery.conclude_if_orphaned(chat_id).await?;
+                self.log.claim(chat_id).await.map_err(claim_error)
+            }
+            Err(e) => Err(claim_error(e)),
+        }
+    }
+
+    /// Claims the chat in this process and stores the turn's first half. With the chat claimed
+    /// in the shared log, an answer storage still holds as streaming has no producer left (the
+    /// shared state lost it): it is concluded and the turn tried once more.
+    async fn begin(
+        &self,
+        turn: &NewTurn,
+        claim: Claim,
+    ) -> Result<(ActiveAnswer, BegunTurn), ChatError> {
         let cancel_when_unheard = self.limits.on_disconnect == DisconnectPolicy::Cancel;
         let answer = self
             .active
             .claim(&turn.chat_id, cancel_when_unheard)
             .ok_or(ChatError::ChatBusy)?;
-        match self.store.begin_turn(turn).await {
+        let mut begun = self.store.begin_turn(turn).await;
+        if matches!(begun, Err(StoreError::ChatBusy))
+            && claim != Claim::LOCAL
+            && self.recovery.conclude_stored(&turn.chat_id).await?
+        {
+            begun = self.store.begin_turn(turn).await;
+        }
+        match begun {
             Ok(begun) => Ok((answer, begun)),
             Err(e) => {
                 self.active.release(&turn.chat_id);
@@ -339,14 +397,21 @@ impl ChatService {
     /// every event from `start` on.
     async fn open_log(
         &self,
-        chat_id: &str,
+        turn: &NewTurn,
+        claim: Claim,
         after_id: i64,
-    ) -> Result<BoxStream<'static, StreamEvent>, LogError> {
-        self.log.open(chat_id).await?;
-        self.log
+    ) -> Result<(AnswerSignals, BoxStream<'static, StreamEvent>), LogError> {
+        let chat_id = &turn.chat_id;
+        let signals = self
+            .log
+            .open(chat_id, claim, &turn.assistant_message_id, after_id + 1)
+            .await?;
+        let events = self
+            .log
             .follow(chat_id, after_id)
             .await?
-            .ok_or_else(|| LogError("the log just opened is not there".into()))
+            .ok_or_else(|| LogError("the log just opened is not there".into()))?;
+        Ok((signals, events))
     }
 
     /// Undoes a begun turn that cannot be streamed: the answer is stored as failed (nothing was
@@ -424,10 +489,23 @@ impl ChatService {
     ) -> Result<Option<EventStream>, ChatError> {
         self.owned_chat(user, chat_id).await?;
         self.metrics.resumes.inc();
-        if let Some(answer) = self.active.get(chat_id)
-            && let Some(events) = self.log.follow(chat_id, after_id.unwrap_or(0)).await?
+        let after = after_id.unwrap_or(0);
+        let local = self.active.get(chat_id);
+        if (local.is_some() || self.log.is_shared())
+            && let Some(events) = self.log.follow(chat_id, after).await?
         {
-            return Ok(Some(Box::pin(answer.audience.listen(events))));
+            // Shared: the answer may be generated elsewhere, or taken over while we listen.
+            let events = match self.log.is_shared() {
+                true => self
+                    .recovery
+                    .clone()
+                    .watch(chat_id.to_owned(), after, events),
+                false => events,
+            };
+            return Ok(Some(match local {
+                Some(answer) => Box::pin(answer.audience.listen(events)),
+                None => events,
+            }));
         }
         let messages = self.store.recent_messages(chat_id, 2).await?;
         let Some(latest) = messages.iter().rev().find(|m| m.role == Role::Assistant) else {
@@ -465,7 +543,28 @@ impl ChatService {
     /// Says whether an answer was running.
     pub async fn stop(&self, user: &UserId, chat_id: &str) -> Result<bool, ChatError> {
         self.owned_chat(user, chat_id).await?;
-        Ok(self.active.stop(chat_id, StopCause::Stopped))
+        self.stop_anywhere(chat_id, StopCause::Stopped).await
+    }
+
+    /// Stops the chat's answer here, or asks the instance generating it (through the shared
+    /// log's flag, which its producer reads on its next write or lease renewal — no message to
+    /// lose); an answer whose producer is gone is concluded on the spot.
+    async fn stop_anywhere(&self, chat_id: &str, cause: StopCause) -> Result<bool, ChatError> {
+        if self.active.stop(chat_id, cause) {
+            return Ok(true);
+        }
+        match self.log.request_stop(chat_id).await? {
+            StopOutcome::Stopping => Ok(true),
+            StopOutcome::NotRunning => Ok(false),
+            StopOutcome::Orphaned => self.recovery.conclude_if_orphaned(chat_id).await,
+        }
+    }
+
+    /// Concludes answers abandoned by dead instances until `stop` (with shared state only).
+    pub async fn sweep_abandoned(&self, stop: CancellationToken) {
+        if self.log.is_shared() {
+            self.recovery.clone().sweep(stop).await;
+        }
     }
 
     pub async fn list_chats(
@@ -524,7 +623,7 @@ impl ChatService {
     /// Deletes a chat of the caller, stopping its answer first if one is being generated.
     pub async fn delete_chat(&self, user: &UserId, chat_id: &str) -> Result<(), ChatError> {
         self.owned_chat(user, chat_id).await?;
-        self.active.stop(chat_id, StopCause::Deleted);
+        self.stop_anywhere(chat_id, StopCause::Deleted).await?;
         if self.store.delete_chat(chat_id, user.as_str()).await? {
             Ok(())
         } else {
@@ -548,6 +647,13 @@ impl ChatService {
             return Err(ChatError::MessageTooLong { max });
         }
         Ok(())
+    }
+}
+
+fn claim_error(e: ClaimError) -> ChatError {
+    match e {
+        ClaimError::Busy | ClaimError::Orphaned => ChatError::ChatBusy,
+        ClaimError::Log(e) => ChatError::Log(e),
     }
 }
 

@@ -31,7 +31,7 @@ pub fn events_after(chat_id: &str, answer: &MessageRecord, after_id: i64) -> Vec
         .collect()
 }
 
-fn terminal(chat_id: &str, answer: &MessageRecord) -> EventKind {
+pub fn terminal(chat_id: &str, answer: &MessageRecord) -> EventKind {
     let replay = answer.replay.clone().unwrap_or_default();
     match answer.status {
         MessageStatus::Complete | MessageStatus::Stopped => EventKind::Done(DoneEvent {

@@ -27,7 +27,7 @@ use crate::providers::{
     Target,
 };
 use crate::store::{ChatStore, FinishedTurn, MessageStatus};
-use crate::stream_log::EventLog;
+use crate::stream_log::{AnswerSignals, EventLog};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -48,6 +48,9 @@ pub(super) struct Turn {
     pub log: Arc<dyn EventLog>,
     /// Stop, delete and shutdown reach the answer through this.
     pub control: Arc<TurnControl>,
+    /// What the stream log says from outside: a stop asked for on another instance, the claim
+    /// lost to a take-over, the log failing.
+    pub signals: AnswerSignals,
     /// Cancelled when the last listener leaves and the policy is to cancel then.
     pub all_gone: CancellationToken,
     /// When the whole answer must be over; set when the producer starts.
@@ -56,7 +59,7 @@ pub(super) struct Turn {
     /// Shared with the [`Aftermath`], which finishes the turn if this producer panics.
     pub progress: Arc<Progress>,
     /// The user's place among their concurrent streams, held while this answer is generated.
-    pub _slot: crate::rate_limit::StreamSlot,
+    pub _slot: crate::rate_limit::StreamPlace,
 }
 
 /// How far a producer got, kept where its [`Aftermath`] can read it after a panic.
@@ -147,6 +150,9 @@ enum Ending {
     Failed(ProviderError),
     /// The stream log refused the answer's events.
     Undeliverable,
+    /// Another instance took the answer over (this producer's lease lapsed): it writes nothing
+    /// more, anywhere.
+    Lost,
 }
 
 /// What a target did before its first token.
@@ -419,6 +425,9 @@ impl Turn {
         tokio::select! {
             biased;
             _ = self.control.stopped() => Ending::Stopped(self.control.cause()),
+            _ = self.signals.lost.cancelled() => Ending::Lost,
+            _ = self.signals.failed.cancelled() => Ending::Undeliverable,
+            _ = self.signals.stop.cancelled() => Ending::Stopped(StopCause::Stopped),
             _ = self.all_gone.cancelled() => Ending::Stopped(StopCause::ClientGone),
             _ = tokio::time::sleep_until(self.deadline) => {
                 let total = self.timeouts.total.as_secs();
@@ -436,6 +445,14 @@ impl Turn {
     /// exactly what a listener would have seen.
     async fn finish(&self, mut emitter: Emitter, ending: Ending) {
         self.progress.over.cancel();
+        // Everything appended is written (or refused) before the outcome is decided.
+        let delivered = self.log.flush(&self.chat_id).await;
+        if matches!(ending, Ending::Lost) || self.signals.lost.is_cancelled() {
+            tracing::warn!(chat_id = %self.chat_id, "answer taken over elsewhere; this producer stores nothing");
+            self.progress.stored.store(true, Ordering::SeqCst);
+            self.progress.ended.store(true, Ordering::SeqCst);
+            return;
+        }
         let terminal_id = emitter.last_id + 1;
         let (status, terminal) = self.conclude(ending, &emitter, terminal_id);
         let target = emitter.answering.map(|i| &self.targets[i]);
@@ -448,7 +465,7 @@ impl Turn {
             assistant_message_id: self.assistant_message_id.clone(),
             content: String::new(),
             // A copy (of pointers): if storing panics, the aftermath still has the text.
-            chunks: emitter.progress.chunks().clone(),
+            chunks: self.delivered_chunks(delivered),
             status,
             error_code: failure.map(|f| f.code.clone()),
             error_message: failure.map(|f| f.message.clone()),
@@ -460,17 +477,12 @@ impl Turn {
         };
         record.content = record.chunks.concat();
         let terminal = match self.store.finish_turn(record).await {
-            Ok(true) => {
+            // `false`: the chat was deleted meanwhile, or — with shared state — the answer was
+            // concluded by an instance that found this producer's lease lapsed; then the log
+            // refuses this producer's terminal event too (fencing), and the conclusion stands.
+            Ok(_) => {
                 self.progress.stored.store(true, Ordering::SeqCst);
                 terminal
-            }
-            Ok(false) => {
-                // Concluded already by whoever found this producer gone (it lost its lease):
-                // that conclusion, and its terminal event, stand.
-                tracing::warn!(chat_id = %self.chat_id, "answer concluded elsewhere; not storing it");
-                self.progress.stored.store(true, Ordering::SeqCst);
-                self.progress.ended.store(true, Ordering::SeqCst);
-                return;
             }
             Err(e) => {
                 tracing::error!(chat_id = %self.chat_id, "SSE stream error: could not store the answer: {e}");
@@ -487,6 +499,22 @@ impl Turn {
             tracing::error!(chat_id = %self.chat_id, "could not close the answer's log: {e}");
         }
         self.progress.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// The text every listener was sent: all of it, unless the log failed part-way, when only
+    /// the pieces it delivered count (the others reached nobody). A piece's id is its place
+    /// after the `start` event.
+    fn delivered_chunks(
+        &self,
+        delivered: Result<Option<i64>, crate::stream_log::LogError>,
+    ) -> Vec<Arc<str>> {
+        let mut chunks = self.progress.chunks().clone();
+        if let Ok(Some(last)) = delivered {
+            let start_id = self.last_event_id + 1;
+            let pieces = (last - start_id).clamp(0, chunks.len() as i64);
+            chunks.truncate(pieces as usize);
+        }
+        chunks
     }
 
     /// The stored status and the terminal event of an ending.
@@ -539,7 +567,7 @@ impl Turn {
                 MessageStatus::Interrupted,
                 failure("the chat was deleted", "chat_deleted", false),
             ),
-            Ending::Undeliverable => (
+            Ending::Undeliverable | Ending::Lost => (
                 MessageStatus::Error,
                 failure("the answer could not be delivered", "internal_error", true),
             ),

@@ -14,7 +14,7 @@ use super::sse::{SseEvent, stream_response};
 use crate::auth::UserId;
 use crate::chat::TurnRequest;
 use crate::http::error::{ApiError, ErrorBody};
-use crate::rate_limit::StreamSlot;
+use crate::rate_limit::StreamPlace;
 
 /// A message for a bot: a new chat, or the next turn of `chat_id`.
 /// The answer's events, in the public contract's shape (schemas: StartData, ContentData,
@@ -123,7 +123,7 @@ async fn answer(
     user: &UserId,
     request: TurnRequest,
 ) -> Result<Response, ApiError> {
-    let slot = stream_slot(state, user)?;
+    let slot = stream_slot(state, user).await?;
     // A new answer's place is held by its producer for as long as it generates — under the
     // "continue" policy that outlasts the client's connection — so the cap counts generations.
     let (events, body_slot) = match last_event_id(headers, None)? {
@@ -143,8 +143,8 @@ async fn answer(
 
 /// One of the caller's concurrent-stream places, taken before anything starts (a refused
 /// request leaves no trace).
-fn stream_slot(state: &AppState, user: &UserId) -> Result<StreamSlot, ApiError> {
-    state.streams.take(user.as_str()).ok_or_else(|| {
+async fn stream_slot(state: &AppState, user: &UserId) -> Result<StreamPlace, ApiError> {
+    state.streams.take(user.as_str()).await?.ok_or_else(|| {
         let reason = crate::metrics::ReasonLabels {
             reason: "streams".into(),
         };
@@ -202,7 +202,7 @@ pub async fn resume_stream(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let after = last_event_id(&headers, query.as_deref())?;
-    let slot = stream_slot(&state, &user)?;
+    let slot = stream_slot(&state, &user).await?;
     match state.chat.resume(&user, &chat_id, after).await? {
         Some(events) => Ok(stream_response(
             events,
@@ -263,6 +263,7 @@ pub async fn issue_ticket(
     let ticket = state
         .tickets
         .issue(&user)
+        .await?
         .ok_or_else(|| ApiError::Unavailable {
             code: "service_unavailable",
             message: "too many outstanding tickets; retry shortly".into(),

@@ -141,6 +141,28 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A shared dependency (Redis) that could not answer: the request may succeed in a moment.
+fn dependency_unavailable(what: &str, cause: &dyn std::fmt::Display) -> ApiError {
+    tracing::warn!("{what} unavailable: {cause}");
+    ApiError::Unavailable {
+        code: "service_unavailable",
+        message: format!("{what} is unavailable; retry shortly"),
+        retryable: true,
+    }
+}
+
+impl From<crate::auth::tickets::TicketError> for ApiError {
+    fn from(err: crate::auth::tickets::TicketError) -> Self {
+        dependency_unavailable("the ticket store", &err)
+    }
+}
+
+impl From<crate::rate_limit::LimitError> for ApiError {
+    fn from(err: crate::rate_limit::LimitError) -> Self {
+        dependency_unavailable("the stream limiter", &err)
+    }
+}
+
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
         // The client gets the plain reason; which check failed is for the operator.

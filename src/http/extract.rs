@@ -20,7 +20,11 @@ impl FromRequestParts<AppState> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let user = match stream_ticket(parts) {
-            Some(ticket) => state.tickets.redeem(&ticket).ok_or(AuthError::BadTicket)?,
+            Some(ticket) => state
+                .tickets
+                .redeem(&ticket)
+                .await?
+                .ok_or(AuthError::BadTicket)?,
             None => match parts.extensions.get::<super::limits::VerifiedUser>() {
                 Some(verified) => verified.0.clone(),
                 None => {

@@ -44,8 +44,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub sse: sse::SseSettings,
     pub limiter: Arc<dyn crate::rate_limit::RateLimiter>,
-    pub streams: crate::rate_limit::StreamSlots,
-    pub tickets: Arc<crate::auth::tickets::TicketBook>,
+    pub streams: crate::rate_limit::StreamCap,
+    pub tickets: Arc<dyn crate::auth::tickets::Tickets>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// `None`: `/metrics` is open (or served elsewhere).
     pub metrics_token: Option<crate::config::Secret>,
@@ -243,11 +243,12 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
-/// Ready for traffic: storage answers and the server is not draining.
+/// Ready for traffic: the server is not draining and its dependencies answer — storage, and
+/// the shared state (Redis) when configured. A 503 names what is unreachable.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Draining or storage unreachable", body = ErrorBody),
+        (status = 503, description = "Draining, or storage or Redis unreachable", body = ErrorBody),
     ))]
 async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     if state.chat.is_draining() {
@@ -257,20 +258,18 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
             retryable: true,
         });
     }
-    match state.chat.store().ping().await {
-        Ok(()) => Ok((
+    let unreachable = state.chat.unreachable_dependencies().await;
+    if unreachable.is_empty() {
+        return Ok((
             StatusCode::OK,
             axum::Json(serde_json::json!({"status": "ready"})),
-        )),
-        Err(e) => {
-            tracing::warn!("readiness check failed: {e}");
-            Err(ApiError::Unavailable {
-                code: "service_unavailable",
-                message: "storage is unreachable".into(),
-                retryable: true,
-            })
-        }
+        ));
     }
+    Err(ApiError::Unavailable {
+        code: "service_unavailable",
+        message: format!("unreachable: {}", unreachable.join(", ")),
+        retryable: true,
+    })
 }
 
 async fn not_found() -> ApiError {

@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::domain::TokenUsage;
 use crate::events::{EventKind, StreamEvent};
 use crate::metrics::Metrics;
-use crate::rate_limit::StreamSlot;
+use crate::rate_limit::StreamPlace;
 
 /// How streams are written: the heartbeat interval and the reconnection hint.
 #[derive(Clone)]
@@ -43,7 +43,7 @@ pub fn stream_response(
     events: impl Stream<Item = StreamEvent> + Send + 'static,
     version: Version,
     settings: SseSettings,
-    slot: Option<StreamSlot>,
+    slot: Option<StreamPlace>,
 ) -> Response {
     settings.metrics.streams_open.inc();
     let body = Body::from_stream(SseBody {
@@ -82,7 +82,7 @@ struct SseBody {
     metrics: Arc<Metrics>,
     /// The caller's place among their concurrent streams, given back when the body is dropped.
     /// A resumed stream's place among the user's streams (a new answer's is its producer's).
-    _slot: Option<StreamSlot>,
+    _slot: Option<StreamPlace>,
     events: Pin<Box<dyn Stream<Item = StreamEvent> + Send>>,
     heartbeat: Option<(Duration, Pin<Box<Sleep>>)>,
     /// Sent once, on the first event.

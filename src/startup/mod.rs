@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::jwks::JwksVerifier;
+use crate::auth::tickets::{TicketBook, Tickets};
 use crate::auth::{Authenticator, random_secret};
 use crate::chat::{ChatLimits, ChatService, StreamTimeouts};
 use crate::config::{BotConfig, Config, ConfigError};
@@ -24,10 +25,14 @@ use crate::http::sse::SseSettings;
 use crate::http::{AppState, metrics_router, router};
 use crate::metrics::Metrics;
 use crate::providers::ProviderRegistry;
-use crate::rate_limit::{MemoryRateLimiter, StreamSlots};
+use crate::rate_limit::{MemoryRateLimiter, RateLimiter, StreamCap, StreamSlots};
+use crate::shared::limits::{RedisRateLimiter, StreamLeases};
+use crate::shared::tickets::RedisTickets;
+use crate::shared::{Redis, SharedError};
 use crate::store::{self, ChatStore, StorageQuota, StoreError};
 use crate::stream_log::EventLog;
 use crate::stream_log::memory::MemoryLog;
+use crate::stream_log::redis::RedisLog;
 use connections::{ConnectionGate, ConnectionLimits};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +41,8 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot set up shared state: {0}")]
+    Shared(#[from] SharedError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -43,10 +50,20 @@ pub enum StartupError {
     },
 }
 
-/// What the chat service keeps its state in: the chats, and the live answers' events.
+/// What the chat service keeps its state in: the chats, and the live answers' events; with
+/// shared state, the Redis that limits and tickets live in too.
 pub struct Backends {
     pub store: Arc<dyn ChatStore>,
     pub log: Arc<dyn EventLog>,
+    pub shared: Option<Redis>,
+}
+
+/// Work that lives as long as the server: the shared log's writers, the stream-place keeper, the
+/// sweep for abandoned answers. Stopped and awaited after the drain.
+#[derive(Clone, Default)]
+struct Background {
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 pub struct Application {
@@ -66,28 +83,53 @@ pub struct Application {
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// The connection caps and idle timeout of the main listener.
     gate: ConnectionGate,
+    background: Background,
 }
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         config.validate()?;
+        crate::crypto::install_default_providers();
+        let shared = match &config.redis.url {
+            Some(url) => Some(Redis::new(url, &config.redis)?),
+            None => None,
+        };
+        let background = Background::default();
+        let log: Arc<dyn EventLog> = match &shared {
+            Some(redis) => Arc::new(RedisLog::new(redis.clone(), background.tasks.clone())),
+            None => Arc::new(MemoryLog::default()),
+        };
         let backends = Backends {
             store: store::connect(&config.database).await?,
-            log: Arc::new(MemoryLog::default()),
+            log,
+            shared,
         };
-        Self::build_with(config, backends).await
+        Self::build_in(config, backends, background).await
     }
 
     /// Like [`Application::build`], on backends given instead of the configured ones: the seam
     /// a test uses to put a failing store or log under the real server.
-    pub async fn build_with(mut config: Config, backends: Backends) -> Result<Self, StartupError> {
-        let Backends { store, log } = backends;
+    pub async fn build_with(config: Config, backends: Backends) -> Result<Self, StartupError> {
+        Self::build_in(config, backends, Background::default()).await
+    }
+
+    async fn build_in(
+        mut config: Config,
+        backends: Backends,
+        background: Background,
+    ) -> Result<Self, StartupError> {
+        let Backends { store, log, shared } = backends;
         config.validate()?;
         crate::crypto::install_default_providers();
         if config.bots.is_empty() {
             config.bots.push(default_local_bot());
         }
-        let recovered = store.recover_abandoned_turns().await?;
+        // With a shared log, another instance may be generating any streaming answer right now;
+        // abandoned ones are concluded through their lapsed leases instead.
+        let recovered = match log.is_shared() {
+            true => 0,
+            false => store.recover_abandoned_turns().await?,
+        };
         if recovered > 0 {
             tracing::warn!(
                 recovered,
@@ -115,7 +157,19 @@ impl Application {
             metrics.clone(),
         ));
         let gate = ConnectionGate::new(connection_limits(&config, proxies.clone()), &metrics);
-        let state = app_state(&config, chat.clone(), authenticator.clone(), metrics);
+        let state = app_state(
+            &config,
+            chat.clone(),
+            authenticator.clone(),
+            metrics,
+            shared.as_ref(),
+            &background,
+        );
+        let sweeper = chat.clone();
+        let stop = background.stop.clone();
+        background
+            .tasks
+            .spawn(async move { sweeper.sweep_abandoned(stop).await });
         let metrics_listener = match &config.metrics.listen {
             Some(listen) => Some((bind(listen).await?, metrics_router(state.clone()))),
             None => None,
@@ -151,6 +205,7 @@ impl Application {
             metrics_listener,
             tls,
             gate,
+            background,
         })
     }
 
@@ -192,7 +247,11 @@ impl Application {
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let chat = self.chat.clone();
+        let background = self.background.clone();
         let served = self.serve_and_drain().await;
+        background.stop.cancel();
+        background.tasks.close();
+        background.tasks.wait().await;
         // Every answer is stored by now; writes still queued commit before the process ends.
         chat.store().close().await;
         served
@@ -309,11 +368,7 @@ fn chat_limits(config: &Config) -> ChatLimits {
             max_turns: quotas.max_turns_per_chat,
         },
         max_history_chars: quotas.max_history_chars,
-        checkpoint_every: config
-            .redis
-            .url
-            .is_none()
-            .then_some(Duration::from_secs(1)),
+        checkpoint_every: config.redis.url.is_none().then_some(Duration::from_secs(1)),
         timeouts: StreamTimeouts {
             first_token: Duration::from_secs(streams.first_token_timeout_secs),
             idle: Duration::from_secs(streams.idle_timeout_secs),
@@ -322,23 +377,46 @@ fn chat_limits(config: &Config) -> ChatLimits {
     }
 }
 
+/// The limits and tickets: in this process, or shared through Redis.
 fn app_state(
     config: &Config,
     chat: Arc<ChatService>,
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
+    shared: Option<&Redis>,
+    background: &Background,
 ) -> AppState {
     let limits = &config.rate_limit;
+    let (rate, burst, max_streams) = (
+        limits.requests_per_second,
+        limits.burst,
+        limits.max_concurrent_streams,
+    );
+    let (limiter, streams, tickets): (Arc<dyn RateLimiter>, StreamCap, Arc<dyn Tickets>) =
+        match shared {
+            Some(redis) => {
+                let (leases, keeper) =
+                    StreamLeases::new(redis.clone(), max_streams, background.stop.clone());
+                background.tasks.spawn(keeper);
+                (
+                    Arc::new(RedisRateLimiter::new(redis.clone(), rate, burst)),
+                    StreamCap::Shared(leases),
+                    Arc::new(RedisTickets::new(redis.clone())),
+                )
+            }
+            None => (
+                Arc::new(MemoryRateLimiter::new(rate, burst)),
+                StreamCap::Local(StreamSlots::new(max_streams)),
+                Arc::new(TicketBook::default()),
+            ),
+        };
     AppState {
         chat,
         auth,
         max_body_bytes: config.server.max_body_bytes,
-        limiter: Arc::new(MemoryRateLimiter::new(
-            limits.requests_per_second,
-            limits.burst,
-        )),
-        streams: StreamSlots::new(limits.max_concurrent_streams),
-        tickets: Arc::default(),
+        limiter,
+        streams,
+        tickets,
         sse: SseSettings {
             heartbeat: (config.server.heartbeat_secs > 0)
                 .then(|| Duration::from_secs(config.server.heartbeat_secs)),

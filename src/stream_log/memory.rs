@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use futures_util::stream::{self, BoxStream};
 use tokio::sync::watch;
 
-use super::{EventLog, LogError};
+use super::{AnswerSignals, Claim, EventLog, LogError};
 use crate::events::StreamEvent;
 
 struct LiveAnswer {
@@ -35,31 +35,24 @@ impl MemoryLog {
 
 #[async_trait::async_trait]
 impl EventLog for MemoryLog {
-    async fn open(&self, chat_id: &str) -> Result<(), LogError> {
-        let answer = Arc::new(LiveAnswer {
-            events: RwLock::new(Vec::new()),
-            state: watch::Sender::new((0, false)),
-        });
-        self.lock().insert(chat_id.to_owned(), answer);
-        Ok(())
+    async fn open(
+        &self,
+        chat_id: &str,
+        _: Claim,
+        _: &str,
+        _: i64,
+    ) -> Result<AnswerSignals, LogError> {
+        self.start(chat_id);
+        Ok(AnswerSignals::default())
     }
 
     async fn append(&self, chat_id: &str, event: StreamEvent) -> Result<(), LogError> {
-        if let Some(answer) = self.get(chat_id) {
-            let len = {
-                let mut events = answer.events.write().unwrap_or_else(|p| p.into_inner());
-                events.push(event);
-                events.len()
-            };
-            answer.state.send_modify(|(count, _)| *count = len);
-        }
+        self.push(chat_id, [event]);
         Ok(())
     }
 
     async fn close(&self, chat_id: &str) -> Result<(), LogError> {
-        if let Some(answer) = self.lock().remove(chat_id) {
-            answer.state.send_modify(|(_, closed)| *closed = true);
-        }
+        self.end(chat_id);
         Ok(())
     }
 
@@ -68,9 +61,48 @@ impl EventLog for MemoryLog {
         chat_id: &str,
         after_id: i64,
     ) -> Result<Option<BoxStream<'static, StreamEvent>>, LogError> {
-        let Some(answer) = self.get(chat_id) else {
-            return Ok(None);
-        };
+        Ok(self.follower(chat_id, after_id))
+    }
+}
+
+/// The same operations, synchronous: the shared log fans out to this process's listeners
+/// through one of these.
+impl MemoryLog {
+    pub fn start(&self, chat_id: &str) {
+        let answer = Arc::new(LiveAnswer {
+            events: RwLock::new(Vec::new()),
+            state: watch::Sender::new((0, false)),
+        });
+        self.lock().insert(chat_id.to_owned(), answer);
+    }
+
+    pub fn push(&self, chat_id: &str, new: impl IntoIterator<Item = StreamEvent>) {
+        if let Some(answer) = self.get(chat_id) {
+            let len = {
+                let mut events = answer.events.write().unwrap_or_else(|p| p.into_inner());
+                events.extend(new);
+                events.len()
+            };
+            answer.state.send_modify(|(count, _)| *count = len);
+        }
+    }
+
+    pub fn end(&self, chat_id: &str) {
+        if let Some(answer) = self.lock().remove(chat_id) {
+            answer.state.send_modify(|(_, closed)| *closed = true);
+        }
+    }
+
+    pub fn is_live(&self, chat_id: &str) -> bool {
+        self.get(chat_id).is_some()
+    }
+
+    pub fn follower(
+        &self,
+        chat_id: &str,
+        after_id: i64,
+    ) -> Option<BoxStream<'static, StreamEvent>> {
+        let answer = self.get(chat_id)?;
         let cursor = {
             let events = answer.events.read().unwrap_or_else(|p| p.into_inner());
             events.iter().take_while(|e| e.id <= after_id).count()
@@ -102,7 +134,7 @@ impl EventLog for MemoryLog {
                 }
             },
         );
-        Ok(Some(Box::pin(follower)))
+        Some(Box::pin(follower))
     }
 }
 
@@ -123,7 +155,7 @@ mod tests {
     #[tokio::test]
     async fn followers_replay_after_their_id_then_follow_live_to_the_terminal() {
         let log = MemoryLog::default();
-        log.open("c").await.unwrap();
+        log.open("c", Claim::LOCAL, "m", 1).await.unwrap();
         log.append("c", content(1, "a")).await.unwrap();
         log.append("c", content(2, "b")).await.unwrap();
         let mut follower = log.follow("c", 1).await.unwrap().unwrap();
@@ -142,7 +174,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_answer_ends_its_followers_and_is_gone() {
         let log = MemoryLog::default();
-        log.open("c").await.unwrap();
+        log.open("c", Claim::LOCAL, "m", 1).await.unwrap();
         log.append("c", content(1, "a")).await.unwrap();
         let mut follower = log.follow("c", 1).await.unwrap().unwrap();
         log.close("c").await.unwrap();

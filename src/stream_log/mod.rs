@@ -6,10 +6,14 @@
 //! or stuck client never holds the producer back, and memory per answer is the answer itself
 //! (bounded by the bot's `max_tokens`). Finished answers are replayed from storage instead.
 //!
-//! [`EventLog`] is the seam for a shared implementation (Redis Streams) serving several instances;
-//! [`memory::MemoryLog`] is the in-process one.
+//! [`EventLog`] is the seam: [`memory::MemoryLog`] is the in-process log; [`redis::RedisLog`]
+//! keeps every live answer's events in a Redis Stream that every instance reads, and with them
+//! who owns each answer (a lease with a fencing token), so that an answer outlives the instance
+//! generating it and any instance can resume, stop or conclude it.
 
+pub mod codec;
 pub mod memory;
+pub mod redis;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,14 +31,93 @@ use crate::events::StreamEvent;
 #[error("the stream log is unavailable: {0}")]
 pub struct LogError(pub String);
 
+/// The right to write one answer of a chat: every write carries its fence, and a write whose
+/// fence is no longer the chat's current one is refused (the answer was taken over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub fence: u64,
+}
+
+impl Claim {
+    /// In one process nothing else can write: there is nothing to fence.
+    pub const LOCAL: Claim = Claim { fence: 0 };
+}
+
+/// Why a chat cannot be claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("the chat has an answer in progress")]
+    Busy,
+    /// Its answer's producer is gone and nobody concluded it yet: conclude it, then claim.
+    #[error("the chat's answer was abandoned by its producer")]
+    Orphaned,
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// What the log says to an answer's producer from outside it.
+#[derive(Debug, Clone, Default)]
+pub struct AnswerSignals {
+    /// A stop was asked for, maybe on another instance.
+    pub stop: CancellationToken,
+    /// The producer lost its claim (its lease lapsed and another instance took over): it must
+    /// not write anything more, to the log or to storage.
+    pub lost: CancellationToken,
+    /// The log cannot take more events (its server failed): the producer ends the answer with
+    /// what was delivered.
+    pub failed: CancellationToken,
+}
+
+/// What a stop request found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// A live answer was asked to stop; its producer ends it.
+    Stopping,
+    NotRunning,
+    /// The answer's producer is gone: conclude it instead.
+    Orphaned,
+}
+
+/// An answer whose producer is gone, taken over to be concluded: its events as logged.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub claim: Claim,
+    pub message_id: String,
+    /// The id of its `start` event.
+    pub first_id: i64,
+    pub events: Vec<StreamEvent>,
+}
+
 /// Where the events of live answers are kept, by chat. Fallible throughout: a shared
-/// implementation lives across a network.
+/// implementation lives across a network. The methods with defaults only do something where
+/// several instances share the log.
 #[async_trait::async_trait]
 pub trait EventLog: Send + Sync + 'static {
-    /// Starts the log of a new answer in `chat_id`, replacing any finished one.
-    async fn open(&self, chat_id: &str) -> Result<(), LogError>;
+    /// Claims the chat for a new answer, before anything is stored.
+    async fn claim(&self, _chat_id: &str) -> Result<Claim, ClaimError> {
+        Ok(Claim::LOCAL)
+    }
+
+    /// Gives back a claim that never became an answer.
+    async fn release(&self, _chat_id: &str, _claim: Claim) {}
+
+    /// Starts the log of the answer `message_id`, whose first event has id `first_id`, replacing
+    /// any finished one.
+    async fn open(
+        &self,
+        chat_id: &str,
+        claim: Claim,
+        message_id: &str,
+        first_id: i64,
+    ) -> Result<AnswerSignals, LogError>;
 
     async fn append(&self, chat_id: &str, event: StreamEvent) -> Result<(), LogError>;
+
+    /// Waits until every event appended so far is delivered (or refused); returns the id of the
+    /// last one delivered.
+    async fn flush(&self, _chat_id: &str) -> Result<Option<i64>, LogError> {
+        Ok(None)
+    }
 
     /// The answer is stored: listeners finish with what they have; new ones go to storage.
     async fn close(&self, chat_id: &str) -> Result<(), LogError>;
@@ -46,6 +129,41 @@ pub trait EventLog: Send + Sync + 'static {
         chat_id: &str,
         after_id: i64,
     ) -> Result<Option<BoxStream<'static, StreamEvent>>, LogError>;
+
+    /// Asks the chat's live answer, wherever it is generated, to stop.
+    async fn request_stop(&self, _chat_id: &str) -> Result<StopOutcome, LogError> {
+        Ok(StopOutcome::NotRunning)
+    }
+
+    /// Takes over the chat's answer if its producer's lease has lapsed; once only.
+    async fn take_over(&self, _chat_id: &str) -> Result<Option<Orphan>, LogError> {
+        Ok(None)
+    }
+
+    /// Ends a taken-over answer: appends its terminal event (unless the log has it already) and
+    /// closes it.
+    async fn conclude(
+        &self,
+        _chat_id: &str,
+        _claim: Claim,
+        _terminal: StreamEvent,
+    ) -> Result<(), LogError> {
+        Ok(())
+    }
+
+    /// Chats whose answers' leases may have lapsed (for a periodic sweep).
+    async fn lapsed(&self) -> Result<Vec<String>, LogError> {
+        Ok(Vec::new())
+    }
+
+    /// Whether several instances share it (answers outlive this process).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    async fn ping(&self) -> Result<(), LogError> {
+        Ok(())
+    }
 }
 
 /// Who is listening to a live answer. Under the "cancel" disconnect policy, the last listener to

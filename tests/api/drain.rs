@@ -222,7 +222,14 @@ async fn kill_9_mid_answer_loses_at_most_the_last_moments_and_no_id_is_reused() 
         .await
         .unwrap();
     let next = SseReader::new(next).collect().await;
-    assert_eq!(next.last().unwrap().event, "done", "the chat takes a new turn");
-    assert!(next[0].id_num() > terminal_id, "ids go on after the recovered answer");
+    assert_eq!(
+        next.last().unwrap().event,
+        "done",
+        "the chat takes a new turn"
+    );
+    assert!(
+        next[0].id_num() > terminal_id,
+        "ids go on after the recovered answer"
+    );
     drop(restarted);
 }

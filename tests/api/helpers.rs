@@ -143,6 +143,7 @@ where
     let backends = Backends {
         store: store.clone(),
         log: Arc::new(MemoryLog::default()),
+        shared: None,
     };
     let app = Application::build_with(config, backends)
         .await
@@ -159,6 +160,7 @@ pub async fn spawn_app_with_log(log: Arc<dyn EventLog>) -> TestApp {
     let backends = Backends {
         store: mangoo::store::connect(&config.database).await.unwrap(),
         log,
+        shared: None,
     };
     let app = Application::build_with(config, backends)
         .await

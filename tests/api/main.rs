@@ -24,6 +24,7 @@ mod providers;
 mod resilience;
 mod resume;
 mod services;
+mod shared_state;
 mod stalled;
 mod store;
 mod streaming;
