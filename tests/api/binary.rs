@@ -19,6 +19,7 @@ fn command(mut command: Command) -> Command {
         .env_remove("MANGOO_CONFIG")
         .env_remove("MANGOO_BIND")
         .env_remove("MANGOO_DATABASE_URL")
+        .env_remove("MANGOO_REDIS_URL")
         .env_remove("MANGOO_ALLOWED_ORIGINS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -7,6 +7,7 @@ mod bench_smoke;
 mod binary;
 mod browser;
 mod chats;
+mod cluster;
 mod connections;
 mod cors;
 mod drain;

@@ -1,0 +1,372 @@
+//! Three real `mangoo serve` processes, started together on a fresh PostgreSQL database and one
+//! Redis key prefix, behind a real HAProxy (Debian's package; `scripts/test.sh` installs it)
+//! configured by the shipped `deploy/haproxy.cfg`: round-robin, no stickiness. Clients speak to
+//! the load balancer only, except where a test must aim at one instance (to kill it).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+use super::binary::serve_with_config;
+use super::fake_upstream::{FakeUpstream, Script};
+use super::helpers::{BOT, HANG_GUARD, MODEL, SECRET, SseEvent, SseReader, client_builder};
+use super::services::{TestDatabase, TestKeys};
+
+pub struct Cluster {
+    /// The load balancer's base URL.
+    pub lb: String,
+    pub instances: Vec<(Option<Child>, String)>,
+    pub fake: FakeUpstream,
+    pub client: reqwest::Client,
+    _haproxy: Child,
+    _db: TestDatabase,
+    _keys: TestKeys,
+    _dir: tempfile::TempDir,
+}
+
+fn instance_config(fake: &FakeUpstream, db: &TestDatabase, keys: &TestKeys) -> String {
+    format!(
+        r#"
+[server]
+bind = "127.0.0.1:0"
+trusted_proxies = ["127.0.0.1/32"]
+drain_secs = 2
+
+[auth]
+jwt_secret = "{SECRET}"
+
+[database]
+url = "{db}"
+max_connections = 4
+
+[redis]
+url = "{redis}"
+key_prefix = "{prefix}"
+
+[streams]
+on_disconnect = "continue"
+
+[rate_limit]
+requests_per_second = 1000.0
+burst = 1000
+max_concurrent_streams = 200
+
+[providers.bedrock]
+region = "us-east-1"
+endpoint_url = "{fake}"
+max_attempts = 1
+
+[[bots]]
+id = "{BOT}"
+provider = "bedrock"
+model = "{MODEL}"
+"#,
+        db = db.url,
+        redis = keys.url,
+        prefix = keys.prefix,
+        fake = fake.url(),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the instances at the same moment (on a fresh database: their migrations race) and
+/// HAProxy in front of them; returns once the load balancer serves.
+pub async fn cluster() -> Cluster {
+    let fake = FakeUpstream::start().await;
+    let db = TestDatabase::create().await;
+    let keys = TestKeys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mangoo.toml");
+    std::fs::write(&config, instance_config(&fake, &db, &keys)).unwrap();
+    let instances = join_all((0..3).map(|_| serve_with_config(&config))).await;
+    let lb_port = free_port();
+    let address = |base: &str| base.trim_start_matches("http://").to_owned();
+    let haproxy = Command::new("haproxy")
+        .arg("-f")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg"))
+        .arg("-db")
+        .env("MANGOO_LB_BIND", format!("127.0.0.1:{lb_port}"))
+        .env("MANGOO_INSTANCE_1", address(&instances[0].1))
+        .env("MANGOO_INSTANCE_2", address(&instances[1].1))
+        .env("MANGOO_INSTANCE_3", address(&instances[2].1))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("haproxy is installed (scripts/test.sh installs Debian's package)");
+    let cluster = Cluster {
+        lb: format!("http://127.0.0.1:{lb_port}"),
+        instances: instances
+            .into_iter()
+            .map(|(child, base)| (Some(child), base))
+            .collect(),
+        fake,
+        client: client_builder().no_proxy().build().unwrap(),
+        _haproxy: haproxy,
+        _db: db,
+        _keys: keys,
+        _dir: dir,
+    };
+    cluster.wait_until_ready().await;
+    cluster
+}
+
+impl Cluster {
+    /// Until the load balancer answers `/readyz` with 200 on a round of every instance.
+    async fn wait_until_ready(&self) {
+        let ready = async {
+            let mut in_a_row = 0;
+            while in_a_row < 3 {
+                let answered = self.client.get(format!("{}/readyz", self.lb)).send().await;
+                in_a_row = match answered {
+                    Ok(response) if response.status() == 200 => in_a_row + 1,
+                    _ => 0,
+                };
+                if in_a_row == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        tokio::time::timeout(HANG_GUARD, ready)
+            .await
+            .expect("the cluster never became ready");
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
+            .issue(user, Duration::from_secs(3600))
+            .unwrap()
+    }
+
+    pub async fn post_stream(&self, base: &str, user: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(format!("{base}/api/v1/chat/stream"))
+            .bearer_auth(self.token(user))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn resume(&self, user: &str, chat_id: &str, after: i64) -> reqwest::Response {
+        self.client
+            .get(format!("{}/api/v1/chats/{chat_id}/stream", self.lb))
+            .bearer_auth(self.token(user))
+            .header("last-event-id", after.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn messages(&self, user: &str, chat_id: &str) -> Vec<Value> {
+        let body: Value = self
+            .client
+            .get(format!("{}/api/v1/chats/{chat_id}/messages", self.lb))
+            .bearer_auth(self.token(user))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["messages"].as_array().unwrap().clone()
+    }
+}
+
+fn ids(events: &[SseEvent]) -> Vec<i64> {
+    events.iter().map(SseEvent::id_num).collect()
+}
+
+/// Turns, resumption from every cut point, stop and tickets, all through the load balancer: the
+/// requests of one client land on different instances and nothing shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_behind_haproxy_behave_as_one_server() {
+    let cluster = cluster().await;
+    let lb = cluster.lb.clone();
+
+    // Turns of one chat, each on whichever instance the balancer picks.
+    let mut all_ids = Vec::new();
+    let mut chat_id: Option<String> = None;
+    for turn in 0..4 {
+        cluster
+            .fake
+            .push(Script::tokens(&["answer", &format!(" {turn}")]));
+        let mut body = json!({"bot_id": BOT, "message": format!("question {turn}")});
+        if let Some(id) = &chat_id {
+            body["chat_id"] = json!(id);
+        }
+        let response = cluster.post_stream(&lb, "alice", body).await;
+        assert_eq!(response.status(), 200);
+        let events = SseReader::new(response).collect().await;
+        assert_eq!(events.last().unwrap().event, "done");
+        chat_id.get_or_insert_with(|| events[0].json()["chat_id"].as_str().unwrap().to_owned());
+        all_ids.extend(ids(&events));
+    }
+    assert!(all_ids.windows(2).all(|w| w[0] < w[1]), "{all_ids:?}");
+    let chat_id = chat_id.unwrap();
+    let history = cluster.fake.requests()[3].body.to_string();
+    assert!(
+        history.contains("question 0") && history.contains("answer 2"),
+        "{history}"
+    );
+    assert_eq!(cluster.messages("alice", &chat_id).await.len(), 8);
+
+    // One answer of 100 pieces, joined by a follower after every one of its events.
+    let tokens: Vec<String> = (0..100).map(|i| format!("w{i} ")).collect();
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    cluster.fake.push(Script::tokens(&refs).gated());
+    let body = json!({"bot_id": BOT, "message": "count", "chat_id": chat_id});
+    let mut asker = SseReader::new(cluster.post_stream(&lb, "alice", body).await);
+    let mut seen = vec![asker.next_event().await.unwrap()];
+    let mut followers = Vec::new();
+    for _ in 0..100 {
+        let after = seen.last().unwrap().id_num();
+        let response = cluster.resume("alice", &chat_id, after).await;
+        assert_eq!(response.status(), 200);
+        followers.push((after, SseReader::new(response)));
+        cluster.fake.release(1);
+        seen.push(asker.next_event().await.unwrap());
+    }
+    seen.extend(asker.collect().await);
+    assert_eq!(seen.last().unwrap().event, "done");
+    let seen_ids = ids(&seen);
+    for (after, follower) in followers {
+        let got = follower.collect().await;
+        let expected: Vec<i64> = seen_ids.iter().copied().filter(|id| *id > after).collect();
+        assert_eq!(
+            ids(&got),
+            expected,
+            "follower after {after}: no gap, no repeat"
+        );
+        assert_eq!(got.iter().filter(|e| e.event == "done").count(), 1);
+    }
+
+    // Stop through the balancer ends the answer wherever it runs.
+    cluster
+        .fake
+        .push(Script::tokens(&["never", " ends"]).gated());
+    let body = json!({"bot_id": BOT, "message": "stop me", "chat_id": chat_id});
+    let mut running = SseReader::new(cluster.post_stream(&lb, "alice", body).await);
+    running.next_event().await.unwrap();
+    for user in ["mallory", "alice"] {
+        let stopped = cluster
+            .client
+            .post(format!("{lb}/api/v1/chats/{chat_id}/stop"))
+            .bearer_auth(cluster.token(user))
+            .send()
+            .await
+            .unwrap();
+        match user {
+            "mallory" => assert_eq!(stopped.status(), 404),
+            _ => {
+                let body: Value = stopped.json().await.unwrap();
+                assert_eq!(body["stopped"], true);
+            }
+        }
+    }
+    let end = running.next_event().await.unwrap();
+    assert_eq!(
+        (end.event.as_str(), end.json()["stopped"].clone()),
+        ("done", json!(true))
+    );
+
+    // A ticket is good once, whichever instances issue and redeem it.
+    let ticket: Value = cluster
+        .client
+        .post(format!("{lb}/api/v1/stream-tickets"))
+        .bearer_auth(cluster.token("alice"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = format!(
+        "{lb}/api/v1/chat/stream?bot_id={BOT}&message=hi&ticket={}",
+        ticket["ticket"].as_str().unwrap()
+    );
+    let statuses: Vec<u16> = join_all((0..3).map(|_| cluster.client.get(&url).send()))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        2,
+        "{statuses:?}"
+    );
+}
+
+/// `kill -9` of the instance generating an answer: the client resumes through the balancer on
+/// another instance, gets the rest of what was logged and then one retryable terminal event;
+/// the stored answer is exactly the text it was sent; the chat takes a new turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_generating_instance_loses_nothing_a_client_was_sent() {
+    let mut cluster = cluster().await;
+    let victim = cluster.instances[0].1.clone();
+    cluster
+        .fake
+        .push(Script::tokens(&["one", " two", " three", " four", " five"]).gated());
+    let response = cluster
+        .post_stream(&victim, "alice", json!({"bot_id": BOT, "message": "long"}))
+        .await;
+    let mut reader = SseReader::new(response);
+    let start = reader.next_event().await.unwrap();
+    let chat_id = start.json()["chat_id"].as_str().unwrap().to_owned();
+    cluster.fake.release(3);
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        sent.push(reader.next_event().await.unwrap());
+    }
+    // The client saw two of the three pieces when the instance died.
+    let last_seen = sent[1].id_num();
+    let mut victim_process = cluster.instances[0].0.take().unwrap();
+    victim_process.start_kill().unwrap();
+    victim_process.wait().await.unwrap();
+    drop(reader);
+
+    let resumed = SseReader::new(cluster.resume("alice", &chat_id, last_seen).await)
+        .collect()
+        .await;
+    assert_eq!(resumed.len(), 2, "{resumed:?}");
+    assert_eq!(resumed[0].id_num(), sent[2].id_num());
+    assert_eq!(resumed[0].json()["content"], " three");
+    assert_eq!(resumed[1].event, "error");
+    assert_eq!(resumed[1].json()["code"], "answer_interrupted");
+    assert_eq!(resumed[1].json()["retryable"], true);
+    assert!(resumed[1].id_num() > resumed[0].id_num());
+
+    let messages = cluster.messages("alice", &chat_id).await;
+    assert_eq!(
+        messages[1]["content"], "one two three",
+        "exactly what was logged and sent"
+    );
+    assert_eq!(messages[1]["status"], "interrupted");
+
+    cluster.fake.push(Script::tokens(&["fine"]));
+    let body = json!({"bot_id": BOT, "message": "again", "chat_id": chat_id});
+    let next = SseReader::new(cluster.post_stream(&cluster.lb, "alice", body).await)
+        .collect()
+        .await;
+    assert_eq!(
+        next.last().unwrap().event,
+        "done",
+        "the chat takes a new turn"
+    );
+    assert!(next[0].id_num() > resumed[1].id_num());
+}
