@@ -44,12 +44,14 @@ impl From<redis::RedisError> for SharedError {
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The handle every shared component uses. Cheap to clone.
+/// The handle every shared component uses. Cheap to clone (one pointer).
 #[derive(Clone)]
-pub struct Redis {
+pub struct Redis(Arc<Connections>);
+
+struct Connections {
     client: Client,
     manager: ConnectionManager,
-    prefix: Arc<str>,
+    prefix: String,
     blocking: Arc<Semaphore>,
 }
 
@@ -74,25 +76,25 @@ impl Redis {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
-        Ok(Self {
+        Ok(Self(Arc::new(Connections {
             client,
             manager,
-            prefix: config.key_prefix.as_str().into(),
+            prefix: config.key_prefix.clone(),
             blocking: Arc::new(Semaphore::new(config.max_blocking_readers)),
-        })
+        })))
     }
 
     /// The multiplexed connection, for short commands only.
     pub fn conn(&self) -> ConnectionManager {
-        self.manager.clone()
+        self.0.manager.clone()
     }
 
     pub fn key(&self, name: &str) -> String {
-        format!("{}:{name}", self.prefix)
+        format!("{}:{name}", self.0.prefix)
     }
 
     pub fn chat_keys(&self, chat_id: &str) -> ChatKeys {
-        let base = format!("{}:chat:{{{chat_id}}}", self.prefix);
+        let base = format!("{}:chat:{{{chat_id}}}", self.0.prefix);
         ChatKeys {
             answer: format!("{base}:answer"),
             lease: format!("{base}:lease"),
@@ -106,13 +108,14 @@ impl Redis {
         &self,
         block: Duration,
     ) -> Result<Option<(MultiplexedConnection, OwnedSemaphorePermit)>, SharedError> {
-        let Ok(permit) = self.blocking.clone().try_acquire_owned() else {
+        let Ok(permit) = self.0.blocking.clone().try_acquire_owned() else {
             return Ok(None);
         };
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(block + RESPONSE_TIMEOUT));
         let conn = self
+            .0
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;

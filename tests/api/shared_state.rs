@@ -7,8 +7,8 @@ use mangoo::config::{Config, DisconnectPolicy};
 use serde_json::{Value, json};
 
 use super::fake_upstream::{Outcome, Script};
-use super::helpers::{BOT, SseEvent, SseReader, TestApp, answer_text, spawn_app_with};
-use super::services::{TestDatabase, TestKeys};
+use super::helpers::{BOT, HANG_GUARD, SseEvent, SseReader, TestApp, answer_text, spawn_app_with};
+use super::services::{OwnRedis, TestDatabase, TestKeys};
 
 /// Two instances on one database and one Redis prefix.
 pub struct Pair {
@@ -28,7 +28,7 @@ pub async fn pair(adjust: impl Fn(&mut Config) + Clone) -> Pair {
         config.streams.on_disconnect = DisconnectPolicy::Continue;
         adjust(config);
     };
-    let a = spawn_app_with(shared.clone()).await;
+    let a = spawn_app_with(shared).await;
     let b = spawn_app_with(shared).await;
     Pair {
         a,
@@ -283,4 +283,74 @@ async fn readiness_names_redis_when_it_is_unreachable() {
     assert!(refused.headers().contains_key("retry-after"));
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["code"], "service_unavailable");
+}
+
+/// Redis killed in the middle of an answer, then started again: the stream in flight ends with
+/// exactly one terminal event and the stored answer holds what was delivered; `/readyz` says
+/// Redis is gone, and is ready again once Redis is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lost_mid_stream_ends_the_stream_once_and_the_server_recovers_by_itself() {
+    let mut redis = OwnRedis::start();
+    let db = TestDatabase::create().await;
+    let url = redis.url();
+    let app = spawn_app_with(|c| {
+        c.database.url = db.url.clone();
+        c.redis.url = Some(url.clone());
+        c.streams.on_disconnect = DisconnectPolicy::Continue;
+    })
+    .await;
+    app.fake
+        .push(Script::tokens(&["one", " two", " three"]).gated());
+    let (mut reader, chat_id) = app.open_stream("alice", "go").await;
+    app.fake.release(1);
+    assert_eq!(reader.next_event().await.unwrap().json()["content"], "one");
+
+    redis.kill();
+    app.fake.release(1);
+    let end = reader.next_event().await.unwrap();
+    assert_eq!(end.event, "error", "{end:?}");
+    assert_eq!(end.json()["retryable"], true);
+    assert!(
+        reader.next_event().await.is_none(),
+        "exactly one terminal event"
+    );
+    let messages = app.settled_messages("alice", &chat_id).await;
+    assert_eq!(
+        messages[1]["content"], "one",
+        "what was delivered, nothing else"
+    );
+    assert_eq!(messages[1]["status"], "error");
+
+    let readyz = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    let body: Value = readyz.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("redis"), "{body}");
+    let refused = app
+        .post_stream("alice", json!({"bot_id": BOT, "message": "now?"}))
+        .await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+
+    redis.resume();
+    let ready = async {
+        loop {
+            let readyz = app.client.get(app.url("/readyz")).send().await.unwrap();
+            if readyz.status() == 200 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(HANG_GUARD, ready)
+        .await
+        .expect("never ready again after Redis came back");
+    app.fake.push(Script::tokens(&["back"]));
+    let again = app
+        .chat(
+            "alice",
+            json!({"bot_id": BOT, "message": "again", "chat_id": chat_id}),
+        )
+        .await;
+    assert_eq!(answer_text(&again), "back");
+    assert!(again[0].id_num() > end.id_num());
 }
