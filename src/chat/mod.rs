@@ -92,6 +92,9 @@ pub struct ChatLimits {
     pub checkpoint_every: Option<Duration>,
 }
 
+/// How long a readiness check waits for each dependency.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The most earlier messages read for a turn's history, however short they are.
 const HISTORY_MESSAGES: u32 = 200;
 
@@ -212,7 +215,9 @@ impl ChatService {
     /// The dependencies that do not answer right now, by name (`database`, `redis`); each
     /// failure's cause is logged.
     pub async fn unreachable_dependencies(&self) -> Vec<&'static str> {
-        let (database, log) = tokio::join!(self.store.ping(), self.log.ping());
+        let database = answers_in_time(self.store.ping());
+        let log = answers_in_time(self.log.ping());
+        let (database, log) = tokio::join!(database, log);
         let mut unreachable = Vec::new();
         if let Err(e) = database {
             tracing::warn!("readiness: the database does not answer: {e}");
@@ -654,6 +659,16 @@ fn claim_error(e: ClaimError) -> ChatError {
     match e {
         ClaimError::Busy | ClaimError::Orphaned => ChatError::ChatBusy,
         ClaimError::Log(e) => ChatError::Log(e),
+    }
+}
+
+/// A dependency's check, bounded: a health check must answer before the load balancer gives up.
+async fn answers_in_time<E: std::fmt::Display>(
+    check: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(READINESS_TIMEOUT, check).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer in time".to_owned()),
     }
 }
 

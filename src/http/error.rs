@@ -232,6 +232,9 @@ impl From<ChatError> for ApiError {
                     retryable: true,
                 }
             }
+            ChatError::Store(crate::store::StoreError::Unavailable(cause)) => {
+                dependency_unavailable("the database", &cause)
+            }
             ChatError::ProviderMissing(_) | ChatError::Store(_) => ApiError::Internal(message),
         }
     }

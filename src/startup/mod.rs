@@ -126,15 +126,8 @@ impl Application {
         }
         // With a shared log, another instance may be generating any streaming answer right now;
         // abandoned ones are concluded through their lapsed leases instead.
-        let recovered = match log.is_shared() {
-            true => 0,
-            false => store.recover_abandoned_turns().await?,
-        };
-        if recovered > 0 {
-            tracing::warn!(
-                recovered,
-                "answers left streaming by a previous run marked interrupted"
-            );
+        if !log.is_shared() {
+            recover_abandoned_turns(&store, &background).await?;
         }
         let (authenticator, generated_secret) = authenticator(&config);
         let authenticator = Arc::new(authenticator);
@@ -304,6 +297,42 @@ impl Application {
             }
         }
     }
+}
+
+/// Marks the answers a previous run left streaming as interrupted. With the database away at
+/// start, this waits for it in the background (new turns in those chats are refused as busy
+/// meanwhile) instead of keeping the server from starting.
+async fn recover_abandoned_turns(
+    store: &Arc<dyn ChatStore>,
+    background: &Background,
+) -> Result<(), StartupError> {
+    let report = |recovered: u64| {
+        if recovered > 0 {
+            tracing::warn!(
+                recovered,
+                "answers left streaming by a previous run marked interrupted"
+            );
+        }
+    };
+    match store.recover_abandoned_turns().await {
+        Ok(recovered) => report(recovered),
+        Err(StoreError::Unavailable(_)) => {
+            let (store, stop) = (store.clone(), background.stop.clone());
+            background.tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                    if let Ok(recovered) = store.recover_abandoned_turns().await {
+                        return report(recovered);
+                    }
+                }
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
 }
 
 /// The bot served when none are configured: the embedded model. Built here rather than in

@@ -7,6 +7,7 @@
 //! one. Connections come from a bounded pool; running out of them is `Unavailable`, not a hang.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -23,24 +24,65 @@ use crate::config::DatabaseConfig;
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Set once the schema is known to be current; until then every call first tries to migrate
+    /// (one at a time), so a server that started while PostgreSQL was down catches up by itself.
+    migrated: AtomicBool,
+    migrating: tokio::sync::Mutex<()>,
 }
 
 impl PostgresStore {
     /// Connects and migrates. Several instances may do this at once on a fresh database: the
-    /// migrator's advisory lock lets one apply each migration while the others wait.
+    /// migrator's advisory lock lets one apply each migration while the others wait. A database
+    /// that cannot be reached is no error here: the store connects and migrates when it can, and
+    /// meanwhile answers `Unavailable` (readiness says so).
     pub async fn connect(config: &DatabaseConfig) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(&config.url)?.application_name("mangoo");
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(config.acquire_timeout_secs))
-            .connect_with(options)
-            .await
-            .map_err(unavailable)?;
-        migrations::migrator(migrations::POSTGRES)
-            .await?
-            .run(&pool)
-            .await?;
-        Ok(Self { pool })
+            // No ping before each use: it would be a round trip more per query. A connection
+            // that broke fails its next query (answered 503) and leaves the pool.
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        let store = Self {
+            pool,
+            migrated: AtomicBool::new(false),
+            migrating: tokio::sync::Mutex::new(()),
+        };
+        match store.ensure_migrated().await {
+            Err(StoreError::Unavailable(e)) => {
+                tracing::warn!(
+                    "PostgreSQL is unreachable, serving without it until it is back: {e}"
+                );
+                Ok(store)
+            }
+            other => other.map(|()| store),
+        }
+    }
+
+    async fn ensure_migrated(&self) -> Result<(), StoreError> {
+        if self.migrated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.migrating.lock().await;
+        if self.migrated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let migrator = migrations::migrator(migrations::POSTGRES).await?;
+        match migrator.run(&self.pool).await {
+            Ok(()) => {
+                self.migrated.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(sqlx::migrate::MigrateError::Execute(e)) => Err(unavailable(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The pool, once the schema is current.
+    async fn pool(&self) -> Result<&PgPool, StoreError> {
+        self.ensure_migrated().await?;
+        Ok(&self.pool)
     }
 }
 
@@ -79,7 +121,7 @@ impl ChatStore for PostgresStore {
     async fn get_chat(&self, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
         let row = sqlx::query(&format!("SELECT {CHAT_COLUMNS} FROM chats WHERE id = $1"))
             .bind(chat_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool().await?)
             .await
             .map_err(unavailable)?;
         row.as_ref().map(|r| chat_from(r, "")).transpose()
@@ -104,7 +146,7 @@ impl ChatStore for PostgresStore {
         .bind(after_time)
         .bind(after_id)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool().await?)
         .await
         .map_err(unavailable)?;
         rows.iter().map(|r| chat_from(r, "")).collect()
@@ -123,7 +165,7 @@ impl ChatStore for PostgresStore {
         .bind(chat_id)
         .bind(after_seq.unwrap_or(i64::MIN))
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool().await?)
         .await
         .map_err(unavailable)?;
         rows.iter().map(message_from).collect()
@@ -139,7 +181,7 @@ impl ChatStore for PostgresStore {
             .bind(chat_id)
             .bind(user_id)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool().await?)
             .await
             .map_err(unavailable)?;
         chat_history_from(&rows)
@@ -155,7 +197,7 @@ impl ChatStore for PostgresStore {
         ))
         .bind(chat_id)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool().await?)
         .await
         .map_err(unavailable)?;
         let mut messages = rows
@@ -183,7 +225,7 @@ impl ChatStore for PostgresStore {
         .bind(as_bigint(turn.quota.max_bytes))
         .bind(as_bigint(turn.quota.max_turns))
         .bind(RESERVED_EVENT_IDS)
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool().await?)
         .await
         .map_err(refusal)?;
         Ok(BegunTurn { last_event_id })
@@ -213,7 +255,7 @@ impl ChatStore for PostgresStore {
         .bind(&turn.model)
         .bind(turn.last_event_id)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(self.pool().await?)
         .await
         .map_err(unavailable)?;
         Ok(applied.rows_affected() > 0)
@@ -229,7 +271,7 @@ impl ChatStore for PostgresStore {
         .bind(partial.chunks.concat())
         .bind(chunks)
         .bind(partial.reserved_event_id)
-        .execute(&self.pool)
+        .execute(self.pool().await?)
         .await
         .map_err(unavailable)?;
         Ok(applied.rows_affected() > 0)
@@ -239,7 +281,7 @@ impl ChatStore for PostgresStore {
         let deleted = sqlx::query("DELETE FROM chats WHERE id = $1 AND user_id = $2")
             .bind(chat_id)
             .bind(user_id)
-            .execute(&self.pool)
+            .execute(self.pool().await?)
             .await
             .map_err(unavailable)?;
         Ok(deleted.rows_affected() > 0)
@@ -256,7 +298,7 @@ impl ChatStore for PostgresStore {
              UPDATE chats SET last_event_id = GREATEST(chats.last_event_id, r.last_event_id) \
              FROM recovered r WHERE chats.id = r.chat_id",
         )
-        .execute(&self.pool)
+        .execute(self.pool().await?)
         .await
         .map_err(unavailable)?;
         Ok(recovered.rows_affected())
@@ -264,7 +306,7 @@ impl ChatStore for PostgresStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(self.pool().await?)
             .await
             .map_err(unavailable)?;
         Ok(())

@@ -182,3 +182,59 @@ impl Drop for OwnRedis {
         self.kill();
     }
 }
+
+/// A TCP path to a real server that a test can cut and restore: a network partition between
+/// Mangoo and its database, without stopping the database other tests share.
+pub struct Partition {
+    pub port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    /// Forwards `127.0.0.1:<port>` to `target`; starts cut when `open` is false.
+    pub async fn to(target: &'static str, open: bool) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (switch, _) = tokio::sync::watch::channel(open);
+        let state = switch.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !*state.borrow() {
+                    continue; // dropped: the connection is refused as a cut network would
+                }
+                let mut cut = state.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            open: switch,
+            _accept: accept,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// The database URL `url` with its host and port replaced by this path.
+    pub fn database_url(&self, url: &str) -> String {
+        url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port))
+    }
+}

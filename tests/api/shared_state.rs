@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::fake_upstream::{Outcome, Script};
 use super::helpers::{BOT, HANG_GUARD, SseEvent, SseReader, TestApp, answer_text, spawn_app_with};
-use super::services::{OwnRedis, TestDatabase, TestKeys};
+use super::services::{OwnRedis, Partition, TestDatabase, TestKeys};
 
 /// Two instances on one database and one Redis prefix.
 pub struct Pair {
@@ -332,6 +332,84 @@ async fn redis_lost_mid_stream_ends_the_stream_once_and_the_server_recovers_by_i
     assert!(refused.headers().contains_key("retry-after"));
 
     redis.resume();
+    wait_until_ready(&app).await;
+    app.fake.push(Script::tokens(&["back"]));
+    let again = app
+        .chat(
+            "alice",
+            json!({"bot_id": BOT, "message": "again", "chat_id": chat_id}),
+        )
+        .await;
+    assert_eq!(answer_text(&again), "back");
+    assert!(again[0].id_num() > end.id_num());
+}
+
+/// PostgreSQL unreachable at start, then lost mid-stream: the server runs and is alive, not ready
+/// (naming the database), refuses new streams with a retryable 503, ends the stream in flight
+/// with one terminal event — and serves again once the database is back, migrating then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_away_at_start_and_mid_stream_is_a_503_and_the_server_recovers_by_itself() {
+    let db = TestDatabase::create().await;
+    let path = Partition::to("127.0.0.1:5432", false).await;
+    let url = path.database_url(&db.url);
+    let app = spawn_app_with(|c| {
+        c.database.url = url.clone();
+        c.database.acquire_timeout_secs = 1;
+    })
+    .await;
+    let readyz = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    let body: Value = readyz.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("database"),
+        "{body}"
+    );
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let refused = app
+        .post_stream("alice", json!({"bot_id": BOT, "message": "hi"}))
+        .await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "service_unavailable");
+
+    path.restore();
+    wait_until_ready(&app).await;
+    app.fake.push(Script::tokens(&["one", " two"]).gated());
+    let (mut reader, _) = app.open_stream("alice", "go").await;
+    app.fake.release(1);
+    reader.next_event().await.unwrap();
+    path.cut();
+    app.fake.release(1);
+    let mut rest = Vec::new();
+    while let Some(event) = reader.next_event().await {
+        rest.push(event);
+    }
+    let terminal: Vec<_> = rest
+        .iter()
+        .filter(|e| e.event == "done" || e.event == "error")
+        .collect();
+    assert_eq!(terminal.len(), 1, "{rest:?}");
+    assert_eq!(terminal[0].event, "error", "the answer could not be stored");
+
+    path.restore();
+    wait_until_ready(&app).await;
+    app.fake.push(Script::tokens(&["back"]));
+    let events = app
+        .chat("alice", json!({"bot_id": BOT, "message": "again"}))
+        .await;
+    assert_eq!(answer_text(&events), "back");
+}
+
+async fn wait_until_ready(app: &TestApp) {
     let ready = async {
         loop {
             let readyz = app.client.get(app.url("/readyz")).send().await.unwrap();
@@ -343,14 +421,5 @@ async fn redis_lost_mid_stream_ends_the_stream_once_and_the_server_recovers_by_i
     };
     tokio::time::timeout(HANG_GUARD, ready)
         .await
-        .expect("never ready again after Redis came back");
-    app.fake.push(Script::tokens(&["back"]));
-    let again = app
-        .chat(
-            "alice",
-            json!({"bot_id": BOT, "message": "again", "chat_id": chat_id}),
-        )
-        .await;
-    assert_eq!(answer_text(&again), "back");
-    assert!(again[0].id_num() > end.id_num());
+        .expect("never ready again");
 }

@@ -501,3 +501,26 @@ async fn two_instances_racing_for_one_chat_start_exactly_one_answer(backend: Bac
             .unwrap();
     }
 }
+
+/// Instances starting at the same moment on a fresh PostgreSQL database: every one migrates or
+/// waits for the one that does (the migrator's advisory lock), and all of them then work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_together_on_a_fresh_postgres_database_all_come_up() {
+    let database = TestDatabase::create().await;
+    let config = DatabaseConfig {
+        url: database.url.clone(),
+        ..DatabaseConfig::default()
+    };
+    let stores = join_all((0..6).map(|_| mangoo::store::connect(&config))).await;
+    let stores: Vec<_> = stores.into_iter().map(Result::unwrap).collect();
+    for (n, store) in stores.iter().enumerate() {
+        let chat = format!("chat-{n}");
+        store
+            .begin_turn(&turn(&chat, "alice", true, n))
+            .await
+            .unwrap();
+        store.finish_turn(finished(&chat, n, 2)).await.unwrap();
+    }
+    let listed = stores[0].list_chats("alice", 100, None).await.unwrap();
+    assert_eq!(listed.len(), 6);
+}
