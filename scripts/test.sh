@@ -20,6 +20,15 @@ if ! python3 -m pip --version >/dev/null 2>&1 && ! command -v pip >/dev/null 2>&
   fi
 fi
 cargo run --release --locked --quiet --bin mangoo -- model fetch
+echo "== the load balancer the cluster tests run (Debian haproxy)"
+if ! command -v haproxy >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+  else
+    echo "haproxy is missing: install Debian's haproxy package" >&2
+    exit 1
+  fi
+fi
 echo "== browser test tools (Debian chromium, playwright-core from npm)"
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
