@@ -5,6 +5,8 @@
 #   bash scripts/bench.sh steady N TOKENS RATE SECS   N streams kept in flight for SECS (a, b)
 #   bash scripts/bench.sh search RATE TOKENS          the most tokens/s with added p99 < 5 ms (d)
 #   bash scripts/bench.sh hold   N                    N streams held open, memory per stream (e)
+#   bash scripts/bench.sh shared N TOKENS RATE        in-process vs shared state (PostgreSQL +
+#                                                     Redis), same load, same run (issue #13)
 #
 # Every run verifies every stream; a run with errors exits non-zero and is not a result.
 # MANGOO_CPUS / CLIENT_CPUS (taskset lists, e.g. 0 and 1) pin Mangoo and the client + stand-in;
@@ -54,22 +56,28 @@ model = "bench"
 TOML
 
 # f. start-up time (until /healthz answers) and idle memory, without the local model.
-start_ns=$(date +%s%N)
 # MANGOO_WORKERS: Mangoo's runtime threads (tokio reads TOKIO_WORKER_THREADS; default: one per core).
 [ -n "${MANGOO_WORKERS:-}" ] && export_workers=(env TOKIO_WORKER_THREADS="$MANGOO_WORKERS") || export_workers=()
-MANGOO_LOG=warn pin "${MANGOO_CPUS:-}" "${export_workers[@]}" "$bin/mangoo" serve --config "$work/mangoo.toml" \
-  >"$work/mangoo.out" 2>"$work/mangoo.log" &
-mangoo_pid=$!
-until curl -sf http://127.0.0.1:9201/healthz >/dev/null; do
-  kill -0 "$mangoo_pid" 2>/dev/null || { cat "$work/mangoo.log" >&2; exit 1; }
-  sleep 0.002
-done
-startup_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+start_mangoo() { # start_mangoo CONFIG: starts Mangoo, waits for /healthz; sets mangoo_pid
+  start_ns=$(date +%s%N)
+  MANGOO_LOG=warn pin "${MANGOO_CPUS:-}" "${export_workers[@]}" "$bin/mangoo" serve --config "$1" \
+    >"$work/mangoo.out" 2>>"$work/mangoo.log" &
+  mangoo_pid=$!
+  until curl -sf http://127.0.0.1:9201/healthz >/dev/null; do
+    kill -0 "$mangoo_pid" 2>/dev/null || { cat "$work/mangoo.log" >&2; exit 1; }
+    sleep 0.002
+  done
+  startup_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+}
+stop_mangoo() { kill "$mangoo_pid"; wait "$mangoo_pid" 2>/dev/null || true; }
+start_mangoo "$work/mangoo.toml"
 sleep 1
 idle_rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$mangoo_pid/status)
 echo "{\"startup_ms\": $startup_ms, \"idle_rss_kb\": $idle_rss_kb}"
 
-token=$(MANGOO_JWT_SECRET="$secret" "$bin/mangoo" token --sub bench --ttl 24h)
+# BENCH_USERS: spread the streams over this many users (one token each), as real traffic is.
+token=$(for u in $(seq 1 "${BENCH_USERS:-1}"); do
+  MANGOO_JWT_SECRET="$secret" "$bin/mangoo" token --sub "bench$u" --ttl 24h; done | paste -sd, -)
 load() { (pin "${CLIENT_CPUS:-}" "$bin/mangoo-bench" load "$@"); }
 direct() { load --target direct --url http://127.0.0.1:9200 "$@"; }
 mangoo() { load --target mangoo --url http://127.0.0.1:9201 --token "$token" --server-pid "$mangoo_pid" "$@"; }
@@ -101,6 +109,36 @@ print(json.dumps({"streams": m["streams_in_flight"], "direct_tok_s": round(d["to
 sys.exit(0 if added < 5 else 3)
 PY
     done ;;
+  shared)
+    # The same load twice in one run: in-process (SQLite, memory log), then shared (PostgreSQL +
+    # Redis: stream log, leases, limits), with Redis's memory sampled while the answers are live.
+    args=(--streams "${2:-1000}" --tokens "${3:-50}" --rate "${4:-20}")
+    echo "== in-process"; mangoo "${args[@]}"
+    stop_mangoo
+    pg_admin="${BENCH_POSTGRES_ADMIN:-postgres://postgres@127.0.0.1:5432/postgres}"
+    redis_url="${BENCH_REDIS_URL:-redis://127.0.0.1:6379/0}"
+    db="mangoo_bench_$$"; prefix="mangoo-bench-$$"
+    psql "$pg_admin" -qc "CREATE DATABASE $db"
+    trap 'kill $(jobs -p) 2>/dev/null || true; psql "$pg_admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true; redis-cli -u "$redis_url" --scan --pattern "$prefix:*" | xargs -r redis-cli -u "$redis_url" del >/dev/null; rm -rf "$work"' EXIT
+    sed -e "s|^url = \"sqlite://.*|url = \"${pg_admin%/*}/$db\"\nmax_connections = 32|" "$work/mangoo.toml" >"$work/shared.toml"
+    printf '[redis]\nurl = "%s"\nkey_prefix = "%s"\n' "$redis_url" "$prefix" >>"$work/shared.toml"
+    start_mangoo "$work/shared.toml"
+    base=$(redis-cli -u "$redis_url" info memory | awk -F: '/^used_memory:/ {print $2+0}')
+    ( peak=$base; while kill -0 "$mangoo_pid" 2>/dev/null; do
+        m=$(redis-cli -u "$redis_url" info memory | awk -F: '/^used_memory:/ {print $2+0}')
+        [ "$m" -gt "$peak" ] && peak=$m && echo "$peak" >"$work/redis_peak"
+        sleep 0.1
+      done ) &
+    # The shared services' own CPU counts too: every redis-server and postgres process's time.
+    ticks() { for p in $(pgrep -x "$1"); do
+        awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null; done | awk '{s += $1} END {print s + 0}'; }
+    redis_before=$(ticks redis-server); postgres_before=$(ticks postgres)
+    echo "== shared (PostgreSQL + Redis)"; mangoo "${args[@]}"
+    redis_cpu=$(( $(ticks redis-server) - redis_before )); postgres_cpu=$(( $(ticks postgres) - postgres_before ))
+    peak=$(cat "$work/redis_peak" 2>/dev/null || echo "$base")
+    hz=$(getconf CLK_TCK)
+    echo "{\"redis_used_memory_base\": $base, \"redis_used_memory_peak\": $peak, \"redis_bytes_per_live_answer\": $(( (peak - base) / ${2:-1000} )), \"redis_cpu_s\": $(python3 -c "print($redis_cpu / $hz)"), \"postgres_cpu_s\": $(python3 -c "print($postgres_cpu / $hz)")}"
+    ;;
   hold)
     # Two tokens: the first at once, the second after 30 s. In between the streams are idle.
     mangoo --streams "${2:-1000}" --tokens 2 --rate 0.0333 ;;

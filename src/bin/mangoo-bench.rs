@@ -54,7 +54,8 @@ struct LoadArgs {
     /// Mangoo's or the stand-in's base URL.
     #[arg(long)]
     url: String,
-    /// A Mangoo token (target mangoo).
+    /// A Mangoo token (target mangoo); several, comma-separated, spread the streams over that
+    /// many users (stream i uses token i mod n).
     #[arg(long, default_value = "")]
     token: String,
     #[arg(long, default_value = "bench")]
@@ -197,7 +198,16 @@ async fn load(args: &LoadArgs) -> Value {
         rss_before_kib: args.server_pid.map(rss_kib),
         ..Progress::default()
     });
-    let workers = (0..args.streams).map(|_| worker(&client, args, until, progress.clone()));
+    let tokens: Vec<&str> = args.token.split(',').collect();
+    let workers = (0..args.streams).map(|i| {
+        worker(
+            &client,
+            args,
+            tokens[i % tokens.len()],
+            until,
+            progress.clone(),
+        )
+    });
     let results: Vec<StreamResult> = futures_util::future::join_all(workers)
         .await
         .into_iter()
@@ -237,12 +247,13 @@ impl Progress {
 async fn worker(
     client: &reqwest::Client,
     args: &LoadArgs,
+    token: &str,
     until: Option<Instant>,
     progress: Arc<Progress>,
 ) -> Vec<StreamResult> {
-    let mut results = vec![one_stream(client, args, &progress).await];
+    let mut results = vec![one_stream(client, args, token, &progress).await];
     while until.is_some_and(|until| Instant::now() < until) {
-        results.push(one_stream(client, args, &progress).await);
+        results.push(one_stream(client, args, token, &progress).await);
     }
     results
 }
@@ -250,13 +261,14 @@ async fn worker(
 async fn one_stream(
     client: &reqwest::Client,
     args: &LoadArgs,
+    token: &str,
     progress: &Progress,
 ) -> StreamResult {
     let message = format!("tokens={} rate={}", args.tokens, args.rate);
     let request = match args.target {
         Target::Mangoo => client
             .post(format!("{}/api/v1/chat/stream", args.url))
-            .bearer_auth(&args.token)
+            .bearer_auth(token)
             .json(&json!({"bot_id": args.bot, "message": message})),
         Target::Direct => client
             .post(format!("{}/v1/chat/completions", args.url))

@@ -37,6 +37,9 @@ use crate::shared::{ChatKeys, Redis};
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 /// Renewal is also when a stop asked for elsewhere is noticed by an answer stalled upstream.
 const RENEW_EVERY: Duration = Duration::from_millis(500);
+/// Every this many renewals the sweep's index of live answers is told the lease goes on (it marks
+/// the lease's end `LEASE_TTL` ahead, so 5 × 0.5 s leaves it well inside).
+const MARK_EVERY_RENEWALS: u64 = 5;
 /// A stored answer's log stays this long, for listeners still reading its end.
 const KEEP_AFTER_CLOSE: Duration = Duration::from_secs(60);
 /// A live answer's log and hash expire this long after their last write, whatever happens.
@@ -69,13 +72,14 @@ redis.call('HSET', KEYS[1], 'state', 'live', 'message_id', ARGV[2], 'first_id', 
 return 0
 ";
 
-/// `0` written, `1` written and a stop is asked for, `-1` fenced.
+/// `0` written, `1` written and a stop is asked for, `-1` fenced. The log's expiry is set by the
+/// batch that creates it (`ARGV[2]` > 0), not by every one: this script runs per burst of tokens.
 const APPEND: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 for i = 3, #ARGV, 3 do
   redis.call('XADD', KEYS[3], ARGV[i] .. '-0', ARGV[i + 1], ARGV[i + 2])
 end
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
+if ARGV[2] ~= '0' then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
 if redis.call('HGET', KEYS[1], 'stop') == '1' then return 1 end
 return 0
 ";
@@ -336,6 +340,7 @@ impl EventLog for RedisLog {
             signals: signals.clone(),
             state: WriterState::Healthy,
             delivered: None,
+            renewals: 0,
         };
         self.tasks.spawn(task.run(commands));
         Ok(signals)
@@ -570,6 +575,7 @@ struct WriterTask {
     signals: AnswerSignals,
     state: WriterState,
     delivered: Option<i64>,
+    renewals: u64,
 }
 
 impl WriterTask {
@@ -622,7 +628,10 @@ impl WriterTask {
             .key(&self.keys.lease)
             .key(&self.keys.log)
             .arg(self.claim.fence)
-            .arg(millis(LIVE_TTL));
+            .arg(match self.delivered {
+                None => millis(LIVE_TTL),
+                Some(_) => 0,
+            });
         entry_args(events, &mut invocation);
         let written: Result<i64, _> = invocation.invoke_async(&mut self.redis.conn()).await;
         match written {
@@ -662,7 +671,13 @@ impl WriterTask {
         match renewed {
             Ok(-1) => self.fenced(),
             Ok(1) => self.signals.stop.cancel(),
-            Ok(_) => RedisLog::mark_live(&self.redis, &self.live_set, &self.chat_id).await,
+            Ok(_) => {
+                // The sweep's index only needs to know roughly when the lease ends.
+                self.renewals += 1;
+                if self.renewals % MARK_EVERY_RENEWALS == 0 {
+                    RedisLog::mark_live(&self.redis, &self.live_set, &self.chat_id).await;
+                }
+            }
             // Transient: the lease lasts many renewals; if it lapses, the next write is fenced.
             Err(e) => {
                 tracing::warn!(chat_id = %self.chat_id, "could not renew the answer's lease: {e}")

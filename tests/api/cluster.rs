@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use super::binary::serve_with_config;
 use super::fake_upstream::{FakeUpstream, Script};
 use super::helpers::{BOT, HANG_GUARD, MODEL, SECRET, SseEvent, SseReader, client_builder};
-use super::services::{TestDatabase, TestKeys};
+use super::services::{OwnRedis, TestDatabase, TestKeys};
 
 pub struct Cluster {
     /// The load balancer's base URL.
@@ -27,7 +27,29 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-fn instance_config(fake: &FakeUpstream, db: &TestDatabase, keys: &TestKeys) -> String {
+/// What a test changes in the instances' configuration.
+pub struct Options {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub max_concurrent_streams: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 1000.0,
+            burst: 1000,
+            max_concurrent_streams: 200,
+        }
+    }
+}
+
+fn instance_config(
+    fake: &FakeUpstream,
+    db: &TestDatabase,
+    keys: &TestKeys,
+    options: &Options,
+) -> String {
     format!(
         r#"
 [server]
@@ -50,9 +72,9 @@ key_prefix = "{prefix}"
 on_disconnect = "continue"
 
 [rate_limit]
-requests_per_second = 1000.0
-burst = 1000
-max_concurrent_streams = 200
+requests_per_second = {rps:?}
+burst = {burst}
+max_concurrent_streams = {streams}
 
 [providers.bedrock]
 region = "us-east-1"
@@ -68,6 +90,9 @@ model = "{MODEL}"
         redis = keys.url,
         prefix = keys.prefix,
         fake = fake.url(),
+        rps = options.requests_per_second,
+        burst = options.burst,
+        streams = options.max_concurrent_streams,
     )
 }
 
@@ -82,12 +107,16 @@ fn free_port() -> u16 {
 /// Starts the instances at the same moment (on a fresh database: their migrations race) and
 /// HAProxy in front of them; returns once the load balancer serves.
 pub async fn cluster() -> Cluster {
+    cluster_with(TestKeys::new(), Options::default()).await
+}
+
+/// A cluster on the Redis (and key prefix) of `keys`, configured with `options`.
+pub async fn cluster_with(keys: TestKeys, options: Options) -> Cluster {
     let fake = FakeUpstream::start().await;
     let db = TestDatabase::create().await;
-    let keys = TestKeys::new();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("mangoo.toml");
-    std::fs::write(&config, instance_config(&fake, &db, &keys)).unwrap();
+    std::fs::write(&config, instance_config(&fake, &db, &keys, &options)).unwrap();
     let instances = join_all((0..3).map(|_| serve_with_config(&config))).await;
     let lb_port = free_port();
     let address = |base: &str| base.trim_start_matches("http://").to_owned();
@@ -369,4 +398,104 @@ async fn killing_the_generating_instance_loses_nothing_a_client_was_sent() {
         "the chat takes a new turn"
     );
     assert!(next[0].id_num() > resumed[1].id_num());
+}
+
+/// The rate limit and the stream cap count a user's requests on every instance together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_across_the_cluster() {
+    let options = Options {
+        requests_per_second: 0.01,
+        burst: 6,
+        max_concurrent_streams: 1,
+    };
+    let cluster = cluster_with(TestKeys::new(), options).await;
+    let lb = cluster.lb.clone();
+    cluster.fake.push(Script::tokens(&["held"]).gated());
+    let mut held = SseReader::new(
+        cluster
+            .post_stream(&lb, "alice", json!({"bot_id": BOT, "message": "hold"}))
+            .await,
+    );
+    held.next_event().await.unwrap();
+    // The next requests land on the other instances, round-robin.
+    for _ in 0..2 {
+        let refused = cluster
+            .post_stream(&lb, "alice", json!({"bot_id": BOT, "message": "more"}))
+            .await;
+        assert_eq!(refused.status(), 429);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["code"], "too_many_streams");
+    }
+    let list = || {
+        cluster
+            .client
+            .get(format!("{lb}/api/v1/chats"))
+            .bearer_auth(cluster.token("alice"))
+            .send()
+    };
+    let statuses: Vec<u16> = join_all((0..6).map(|_| list()))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    // Three of the burst of six went to the streams above; three more pass, wherever they land.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        3,
+        "{statuses:?}"
+    );
+}
+
+/// Redis killed while a stream runs through the balancer, then started again: the stream ends
+/// with exactly one terminal event, each instance reports Redis unreachable, and the cluster
+/// serves again by itself once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_mid_stream_ends_it_once_and_the_cluster_recovers() {
+    let mut redis = OwnRedis::start();
+    let cluster = cluster_with(TestKeys::on(redis.url()), Options::default()).await;
+    let lb = cluster.lb.clone();
+    cluster.fake.push(Script::tokens(&["one", " two"]).gated());
+    let mut reader = SseReader::new(
+        cluster
+            .post_stream(&lb, "alice", json!({"bot_id": BOT, "message": "go"}))
+            .await,
+    );
+    reader.next_event().await.unwrap();
+    cluster.fake.release(1);
+    reader.next_event().await.unwrap();
+    redis.kill();
+    cluster.fake.release(1);
+    let rest = reader.collect().await;
+    let terminal: Vec<_> = rest
+        .iter()
+        .filter(|e| e.event == "done" || e.event == "error")
+        .collect();
+    assert_eq!(terminal.len(), 1, "{rest:?}");
+    for (_, base) in &cluster.instances {
+        let readyz = cluster
+            .client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(readyz.status(), 503);
+        let body: Value = readyz.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains("redis"), "{body}");
+    }
+    redis.resume();
+    cluster.wait_until_ready().await;
+    cluster.fake.push(Script::tokens(&["back"]));
+    let events = SseReader::new(
+        cluster
+            .post_stream(&lb, "alice", json!({"bot_id": BOT, "message": "again"}))
+            .await,
+    )
+    .collect()
+    .await;
+    assert_eq!(events.last().unwrap().event, "done");
 }
