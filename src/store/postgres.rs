@@ -12,10 +12,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::rows::{
-    CHAT_COLUMNS, CHAT_HISTORY, MESSAGE_COLUMNS, as_bigint, chat_from, chat_history_from,
-    message_from,
-};
+use super::rows::{as_bigint, postgres_reads as reads};
 use super::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
     PartialAnswer, QuotaKind, RESERVED_EVENT_IDS, StoreError, migrations, now_ms, title_from,
@@ -119,12 +116,7 @@ fn refusal(e: sqlx::Error) -> StoreError {
 #[async_trait::async_trait]
 impl ChatStore for PostgresStore {
     async fn get_chat(&self, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {CHAT_COLUMNS} FROM chats WHERE id = $1"))
-            .bind(chat_id)
-            .fetch_optional(self.pool().await?)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(|r| chat_from(r, "")).transpose()
+        reads::get_chat(self.pool().await?, unavailable, chat_id).await
     }
 
     async fn list_chats(
@@ -133,23 +125,7 @@ impl ChatStore for PostgresStore {
         limit: u32,
         cursor: Option<&ChatCursor>,
     ) -> Result<Vec<ChatRecord>, StoreError> {
-        let (after_time, after_id) = match cursor {
-            Some(c) => (c.updated_at_ms, c.id.as_str()),
-            None => (i64::MAX, ""),
-        };
-        let rows = sqlx::query(&format!(
-            "SELECT {CHAT_COLUMNS} FROM chats WHERE user_id = $1 \
-             AND (updated_at < $2 OR (updated_at = $2 AND id < $3)) \
-             ORDER BY updated_at DESC, id DESC LIMIT $4"
-        ))
-        .bind(user_id)
-        .bind(after_time)
-        .bind(after_id)
-        .bind(i64::from(limit))
-        .fetch_all(self.pool().await?)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(|r| chat_from(r, "")).collect()
+        reads::list_chats(self.pool().await?, unavailable, user_id, limit, cursor).await
     }
 
     async fn list_messages(
@@ -158,17 +134,7 @@ impl ChatStore for PostgresStore {
         after_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND seq > $2 \
-             ORDER BY seq LIMIT $3"
-        ))
-        .bind(chat_id)
-        .bind(after_seq.unwrap_or(i64::MIN))
-        .bind(i64::from(limit))
-        .fetch_all(self.pool().await?)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(message_from).collect()
+        reads::list_messages(self.pool().await?, unavailable, chat_id, after_seq, limit).await
     }
 
     async fn chat_history(
@@ -177,14 +143,7 @@ impl ChatStore for PostgresStore {
         user_id: &str,
         limit: u32,
     ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
-        let rows = sqlx::query(CHAT_HISTORY)
-            .bind(chat_id)
-            .bind(user_id)
-            .bind(i64::from(limit))
-            .fetch_all(self.pool().await?)
-            .await
-            .map_err(unavailable)?;
-        chat_history_from(&rows)
+        reads::chat_history(self.pool().await?, unavailable, chat_id, user_id, limit).await
     }
 
     async fn recent_messages(
@@ -192,20 +151,7 @@ impl ChatStore for PostgresStore {
         chat_id: &str,
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 ORDER BY seq DESC LIMIT $2"
-        ))
-        .bind(chat_id)
-        .bind(i64::from(limit))
-        .fetch_all(self.pool().await?)
-        .await
-        .map_err(unavailable)?;
-        let mut messages = rows
-            .iter()
-            .map(message_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        messages.reverse();
-        Ok(messages)
+        reads::recent_messages(self.pool().await?, unavailable, chat_id, limit).await
     }
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {

@@ -139,6 +139,129 @@ fn replay_from(row: &impl Columns) -> Result<Option<Replay>, StoreError> {
     }))
 }
 
+/// The reads both databases run with the same SQL (`$N` placeholders, which SQLite takes too),
+/// generated once per pool type: `reads_for!(SqlitePool)` in a module gives its `get_chat`,
+/// `list_chats`, `list_messages`, `chat_history` and `recent_messages`, each taking the pool and
+/// how that backend names a failed query.
+macro_rules! reads_for {
+    ($pool:ty) => {
+        use $crate::store::rows::{
+            CHAT_COLUMNS, CHAT_HISTORY, MESSAGE_COLUMNS, chat_from, chat_history_from, message_from,
+        };
+        use $crate::store::{ChatCursor, ChatRecord, MessageRecord, StoreError};
+
+        type Failed = fn(sqlx::Error) -> StoreError;
+
+        pub async fn get_chat(
+            pool: &$pool,
+            failed: Failed,
+            chat_id: &str,
+        ) -> Result<Option<ChatRecord>, StoreError> {
+            let row = sqlx::query(&format!("SELECT {CHAT_COLUMNS} FROM chats WHERE id = $1"))
+                .bind(chat_id)
+                .fetch_optional(pool)
+                .await
+                .map_err(failed)?;
+            row.as_ref().map(|r| chat_from(r, "")).transpose()
+        }
+
+        pub async fn list_chats(
+            pool: &$pool,
+            failed: Failed,
+            user_id: &str,
+            limit: u32,
+            cursor: Option<&ChatCursor>,
+        ) -> Result<Vec<ChatRecord>, StoreError> {
+            // With no cursor, start past any real row: i64::MAX sorts after every timestamp.
+            let (after_time, after_id) = match cursor {
+                Some(c) => (c.updated_at_ms, c.id.as_str()),
+                None => (i64::MAX, ""),
+            };
+            let rows = sqlx::query(&format!(
+                "SELECT {CHAT_COLUMNS} FROM chats WHERE user_id = $1 \
+                 AND (updated_at < $2 OR (updated_at = $2 AND id < $3)) \
+                 ORDER BY updated_at DESC, id DESC LIMIT $4"
+            ))
+            .bind(user_id)
+            .bind(after_time)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+            .map_err(failed)?;
+            rows.iter().map(|r| chat_from(r, "")).collect()
+        }
+
+        pub async fn list_messages(
+            pool: &$pool,
+            failed: Failed,
+            chat_id: &str,
+            after_seq: Option<i64>,
+            limit: u32,
+        ) -> Result<Vec<MessageRecord>, StoreError> {
+            let rows = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND seq > $2 \
+                 ORDER BY seq LIMIT $3"
+            ))
+            .bind(chat_id)
+            .bind(after_seq.unwrap_or(i64::MIN))
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+            .map_err(failed)?;
+            rows.iter().map(message_from).collect()
+        }
+
+        pub async fn chat_history(
+            pool: &$pool,
+            failed: Failed,
+            chat_id: &str,
+            user_id: &str,
+            limit: u32,
+        ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
+            let rows = sqlx::query(CHAT_HISTORY)
+                .bind(chat_id)
+                .bind(user_id)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+                .map_err(failed)?;
+            chat_history_from(&rows)
+        }
+
+        pub async fn recent_messages(
+            pool: &$pool,
+            failed: Failed,
+            chat_id: &str,
+            limit: u32,
+        ) -> Result<Vec<MessageRecord>, StoreError> {
+            let rows = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 \
+                 ORDER BY seq DESC LIMIT $2"
+            ))
+            .bind(chat_id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+            .map_err(failed)?;
+            let mut messages = rows
+                .iter()
+                .map(message_from)
+                .collect::<Result<Vec<_>, _>>()?;
+            messages.reverse();
+            Ok(messages)
+        }
+    };
+}
+
+pub(super) mod sqlite_reads {
+    reads_for!(sqlx::SqlitePool);
+}
+
+pub(super) mod postgres_reads {
+    reads_for!(sqlx::PgPool);
+}
+
 /// Quotas are `u64` (with `u64::MAX` for none); databases compare `BIGINT`s.
 pub(super) fn as_bigint(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)

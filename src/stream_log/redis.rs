@@ -674,7 +674,7 @@ impl WriterTask {
             Ok(_) => {
                 // The sweep's index only needs to know roughly when the lease ends.
                 self.renewals += 1;
-                if self.renewals % MARK_EVERY_RENEWALS == 0 {
+                if self.renewals.is_multiple_of(MARK_EVERY_RENEWALS) {
                     RedisLog::mark_live(&self.redis, &self.live_set, &self.chat_id).await;
                 }
             }

@@ -212,6 +212,23 @@ impl Cluster {
     }
 }
 
+/// The statuses of requests sent at once.
+async fn statuses_of(
+    requests: impl Iterator<
+        Item = impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    >,
+) -> Vec<u16> {
+    join_all(requests)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect()
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
 fn ids(events: &[SseEvent]) -> Vec<i64> {
     events.iter().map(SseEvent::id_num).collect()
 }
@@ -324,19 +341,10 @@ async fn three_instances_behind_haproxy_behave_as_one_server() {
         "{lb}/api/v1/chat/stream?bot_id={BOT}&message=hi&ticket={}",
         ticket["ticket"].as_str().unwrap()
     );
-    let statuses: Vec<u16> = join_all((0..3).map(|_| cluster.client.get(&url).send()))
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().status().as_u16())
-        .collect();
+    let statuses = statuses_of((0..3).map(|_| cluster.client.get(&url).send())).await;
     assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 401).count(),
-        2,
+        (count(&statuses, 200), count(&statuses, 401)),
+        (1, 2),
         "{statuses:?}"
     );
 }
@@ -433,20 +441,11 @@ async fn limits_hold_across_the_cluster() {
             .bearer_auth(cluster.token("alice"))
             .send()
     };
-    let statuses: Vec<u16> = join_all((0..6).map(|_| list()))
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().status().as_u16())
-        .collect();
+    let statuses = statuses_of((0..6).map(|_| list())).await;
     // Three of the burst of six went to the streams above; three more pass, wherever they land.
     assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        3,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 429).count(),
-        3,
+        (count(&statuses, 200), count(&statuses, 429)),
+        (3, 3),
         "{statuses:?}"
     );
 }

@@ -40,18 +40,53 @@ model = "{MODEL}"
     )
 }
 
-#[tokio::test]
-async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero() {
+/// A real `mangoo serve` on a SQLite file, its fake upstream, a client and Alice's token.
+struct Server {
+    fake: FakeUpstream,
+    dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    config_path: std::path::PathBuf,
+    child: tokio::process::Child,
+    base: String,
+    client: reqwest::Client,
+    token: String,
+}
+
+async fn server() -> Server {
     let fake = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("m.db");
     let config_path = dir.path().join("mangoo.toml");
     std::fs::write(&config_path, config(&fake, &db)).unwrap();
-    let (mut child, base) = serve_with_config(&config_path).await;
+    let (child, base) = serve_with_config(&config_path).await;
     let client = crate::helpers::client_builder().no_proxy().build().unwrap();
     let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
         .issue("alice", Duration::from_secs(600))
         .unwrap();
+    Server {
+        fake,
+        dir,
+        db,
+        config_path,
+        child,
+        base,
+        client,
+        token,
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero() {
+    let Server {
+        fake,
+        dir: _dir,
+        db,
+        config_path: _config_path,
+        mut child,
+        base,
+        client,
+        token,
+    } = server().await;
     let ask = || {
         client
             .post(format!("{base}/api/v1/chat/stream"))
@@ -136,16 +171,16 @@ async fn sigterm_drains_then_ends_streams_retryably_stores_them_and_exits_zero()
 /// after it — no id is ever reused.
 #[tokio::test]
 async fn kill_9_mid_answer_loses_at_most_the_last_moments_and_no_id_is_reused() {
-    let fake = FakeUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("m.db");
-    let config_path = dir.path().join("mangoo.toml");
-    std::fs::write(&config_path, config(&fake, &db)).unwrap();
-    let (mut child, base) = serve_with_config(&config_path).await;
-    let client = crate::helpers::client_builder().no_proxy().build().unwrap();
-    let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
-        .issue("alice", Duration::from_secs(600))
-        .unwrap();
+    let Server {
+        fake,
+        dir: _dir,
+        db,
+        config_path,
+        mut child,
+        base,
+        client,
+        token,
+    } = server().await;
     fake.push(Script::tokens(&["partial", " answer", " never", " finished"]).gated());
     let response = client
         .post(format!("{base}/api/v1/chat/stream"))

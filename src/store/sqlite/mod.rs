@@ -13,7 +13,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::rows::{CHAT_COLUMNS, MESSAGE_COLUMNS, chat_from, message_from};
+use super::rows::sqlite_reads as reads;
 use super::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
     PartialAnswer, StoreError, migrations,
@@ -62,11 +62,7 @@ fn is_in_memory(url: &str) -> bool {
 #[async_trait::async_trait]
 impl ChatStore for SqliteStore {
     async fn get_chat(&self, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {CHAT_COLUMNS} FROM chats WHERE id = ?1"))
-            .bind(chat_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(|r| chat_from(r, "")).transpose()
+        reads::get_chat(&self.pool, StoreError::from, chat_id).await
     }
 
     async fn list_chats(
@@ -75,23 +71,7 @@ impl ChatStore for SqliteStore {
         limit: u32,
         cursor: Option<&ChatCursor>,
     ) -> Result<Vec<ChatRecord>, StoreError> {
-        // With no cursor, start past any real row: i64::MAX sorts after every timestamp.
-        let (after_time, after_id) = match cursor {
-            Some(c) => (c.updated_at_ms, c.id.as_str()),
-            None => (i64::MAX, ""),
-        };
-        let rows = sqlx::query(&format!(
-            "SELECT {CHAT_COLUMNS} FROM chats WHERE user_id = ?1 \
-             AND (updated_at < ?2 OR (updated_at = ?2 AND id < ?3)) \
-             ORDER BY updated_at DESC, id DESC LIMIT ?4"
-        ))
-        .bind(user_id)
-        .bind(after_time)
-        .bind(after_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(|r| chat_from(r, "")).collect()
+        reads::list_chats(&self.pool, StoreError::from, user_id, limit, cursor).await
     }
 
     async fn list_messages(
@@ -100,16 +80,7 @@ impl ChatStore for SqliteStore {
         after_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ?1 AND seq > ?2 \
-             ORDER BY seq LIMIT ?3"
-        ))
-        .bind(chat_id)
-        .bind(after_seq.unwrap_or(i64::MIN))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(message_from).collect()
+        reads::list_messages(&self.pool, StoreError::from, chat_id, after_seq, limit).await
     }
 
     async fn chat_history(
@@ -118,13 +89,7 @@ impl ChatStore for SqliteStore {
         user_id: &str,
         limit: u32,
     ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
-        let rows = sqlx::query(super::rows::CHAT_HISTORY)
-            .bind(chat_id)
-            .bind(user_id)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        super::rows::chat_history_from(&rows)
+        reads::chat_history(&self.pool, StoreError::from, chat_id, user_id, limit).await
     }
 
     async fn recent_messages(
@@ -132,19 +97,7 @@ impl ChatStore for SqliteStore {
         chat_id: &str,
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ?1 ORDER BY seq DESC LIMIT ?2"
-        ))
-        .bind(chat_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut messages = rows
-            .iter()
-            .map(message_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        messages.reverse();
-        Ok(messages)
+        reads::recent_messages(&self.pool, StoreError::from, chat_id, limit).await
     }
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
