@@ -27,8 +27,12 @@
 //! - [`providers`]: one module per vendor behind a trait and a closed enum; `providers::local`
 //!   is the embedded model with its own GGUF reader, Q8_0 kernel and BPE tokenizer.
 //! - [`crypto`]: ring, the one crypto library (TLS, upstream clients, the AWS SDK, JWTs).
-//! - [`store`]: chats and messages behind a trait (SQLite now, PostgreSQL next); SQLite writes go
-//!   through one writer thread that commits the writes arriving together in one transaction.
+//! - [`store`]: chats and messages behind a trait, SQLite (writes through one writer thread that
+//!   commits the writes arriving together in one transaction) or PostgreSQL (many instances).
+//! - [`stream_log`]: the events of live answers and who owns each: in memory, or in Redis so that
+//!   any instance can follow, stop or conclude an answer another one generates.
+//! - [`shared`]: the Redis connections and the state every instance shares (limits, stream-cap
+//!   leases, tickets).
 //!
 //! Dependency rules: `http` → `chat` → (`providers`, `store`) → `domain`. Providers and storage
 //! know nothing of HTTP; handlers never call providers. `unsafe` is denied everywhere except
