@@ -285,6 +285,16 @@ impl ChatService {
                 return Err(ChatError::Log(e));
             }
         };
+        // Shared: if this producer is taken over (its lease lapsed), its listeners here follow
+        // the answer on to the conclusion in the shared log.
+        let events = match self.log.is_shared() {
+            true => {
+                self.recovery
+                    .clone()
+                    .watch(new_turn.chat_id.clone(), begun.last_event_id, events)
+            }
+            false => events,
+        };
         let listener = answer.audience.listen(events);
         let progress = turn::Progress::new(begun.last_event_id);
         let aftermath = turn::Aftermath {

@@ -139,30 +139,38 @@ impl Recovery {
             let mut cursor = after_id;
             let mut events = events;
             let mut refollows = 0;
+            // One timer for the whole stream, pushed back by every event: this runs per token.
+            let quiet = tokio::time::sleep(WATCH);
+            tokio::pin!(quiet);
             loop {
-                match tokio::time::timeout(WATCH, events.next()).await {
-                    Ok(Some(event)) => {
-                        cursor = event.id;
-                        let terminal = event.kind.is_terminal();
-                        yield event;
-                        if terminal {
+                tokio::select! {
+                    biased;
+                    next = events.next() => match next {
+                        Some(event) => {
+                            quiet.as_mut().reset(tokio::time::Instant::now() + WATCH);
+                            cursor = event.id;
+                            let terminal = event.kind.is_terminal();
+                            yield event;
+                            if terminal {
+                                return;
+                            }
+                        }
+                        None => {
+                            refollows += 1;
+                            if refollows <= REFOLLOWS
+                                && let Ok(Some(again)) = self.log.follow(&chat_id, cursor).await
+                            {
+                                events = again;
+                                continue;
+                            }
+                            for event in self.stored_after(&chat_id, cursor).await {
+                                yield event;
+                            }
                             return;
                         }
-                    }
-                    Ok(None) => {
-                        refollows += 1;
-                        if refollows <= REFOLLOWS
-                            && let Ok(Some(again)) = self.log.follow(&chat_id, cursor).await
-                        {
-                            events = again;
-                            continue;
-                        }
-                        for event in self.stored_after(&chat_id, cursor).await {
-                            yield event;
-                        }
-                        return;
-                    }
-                    Err(_) => {
+                    },
+                    () = &mut quiet => {
+                        quiet.as_mut().reset(tokio::time::Instant::now() + WATCH);
                         if let Err(e) = self.conclude_if_orphaned(&chat_id).await {
                             tracing::warn!(chat_id = %chat_id, "could not check a quiet answer's producer: {e}");
                         }

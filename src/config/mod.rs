@@ -556,6 +556,48 @@ mod tests {
     }
 
     #[test]
+    fn database_and_redis_urls_are_checked_by_their_clients_and_errors_name_the_key() {
+        let secret = "[auth]\njwt_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        let check = |toml: &str| {
+            Config::from_toml(&format!("{secret}{toml}"))
+                .unwrap()
+                .validate()
+        };
+        for (toml, key) in [
+            (
+                "[database]\nurl = \"postgres://u@host:notaport/db\"\n",
+                "database.url:",
+            ),
+            ("[database]\nurl = \"mysql://host/db\"\n", "database.url:"),
+            ("[redis]\nurl = \"http://host:6379\"\n", "redis.url:"),
+            ("[redis]\nurl = \"redis://host:notaport/0\"\n", "redis.url:"),
+        ] {
+            let err = check(toml).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{toml}: {err}");
+        }
+        let ok = "[database]\nurl = \"postgresql://u:p@db:5432/mangoo\"\n\
+                  [redis]\nurl = \"rediss://cache:6380/1\"\n";
+        check(ok).unwrap();
+        let no_secret = Config::from_toml("[redis]\nurl = \"redis://cache:6379/0\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            no_secret.to_string().starts_with("auth.jwt_secret:"),
+            "{no_secret}"
+        );
+        let env = Config::default()
+            .with_env([
+                ("MANGOO_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("MANGOO_REDIS_URL", "redis://cache:6379/0"),
+                ("MANGOO_DATABASE_URL", "postgres://u@db/mangoo"),
+            ])
+            .unwrap();
+        assert_eq!(env.redis.url.as_deref(), Some("redis://cache:6379/0"));
+        assert!(env.database.is_postgres());
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let err = Config::from_toml("[server]\nbind = \"nope\"\n")
             .unwrap()

@@ -423,3 +423,47 @@ async fn wait_until_ready(app: &TestApp) {
         .await
         .expect("never ready again");
 }
+
+/// A producer whose lease is gone (as after a pause longer than the lease, on a machine that did
+/// not die) writes nothing more: not to the log, not to storage. The answer is concluded once
+/// with exactly what was logged, and both its listeners — the asker on the producing instance and
+/// a follower on the other — get the same one terminal event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_lost_its_lease_is_fenced_and_the_answer_concluded_once() {
+    let pair = pair(|_| {}).await;
+    pair.a
+        .fake
+        .push(Script::tokens(&["one", " two", " three"]).gated());
+    let (mut asker, chat_id) = pair.a.open_stream("alice", "go").await;
+    pair.a.fake.release(1);
+    let one = asker.next_event().await.unwrap();
+    assert_eq!(one.json()["content"], "one");
+    let mut follower = SseReader::new(resume(&pair.b, "alice", &chat_id, Some(one.id_num())).await);
+
+    let lease = format!("{}:chat:{{{chat_id}}}:lease", pair.keys.prefix);
+    let mut redis = redis::Client::open(pair.keys.url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let deleted: i64 = redis::cmd("DEL").arg(&lease).query(&mut redis).unwrap();
+    assert_eq!(deleted, 1, "the answer's lease is there to lose");
+    // Its next write (or renewal) is refused; the last piece stays unsent upstream.
+    pair.a.fake.release(1);
+
+    let asker_end = asker.collect().await;
+    let follower_end = follower.collect().await;
+    for events in [&asker_end, &follower_end] {
+        assert_eq!(
+            events.len(),
+            1,
+            "nothing after the lease was lost: {events:?}"
+        );
+        assert_eq!(events[0].event, "error");
+        assert_eq!(events[0].json()["code"], "answer_interrupted");
+    }
+    assert_eq!(asker_end[0].id_num(), follower_end[0].id_num());
+    let messages = pair.b.settled_messages("alice", &chat_id).await;
+    assert_eq!(messages[1]["content"], "one");
+    assert_eq!(messages[1]["status"], "interrupted");
+    assert_eq!(pair.a.fake.outcome(0).await, Outcome::Cancelled);
+}
