@@ -438,7 +438,7 @@ async fn a_producer_that_lost_its_lease_is_fenced_and_the_answer_concluded_once(
     pair.a.fake.release(1);
     let one = asker.next_event().await.unwrap();
     assert_eq!(one.json()["content"], "one");
-    let mut follower = SseReader::new(resume(&pair.b, "alice", &chat_id, Some(one.id_num())).await);
+    let follower = SseReader::new(resume(&pair.b, "alice", &chat_id, Some(one.id_num())).await);
 
     let lease = format!("{}:chat:{{{chat_id}}}:lease", pair.keys.prefix);
     let mut redis = redis::Client::open(pair.keys.url.as_str())
