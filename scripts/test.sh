@@ -20,12 +20,13 @@ if ! python3 -m pip --version >/dev/null 2>&1 && ! command -v pip >/dev/null 2>&
   fi
 fi
 cargo run --release --locked --quiet --bin mangoo -- model fetch
-echo "== the load balancer the cluster tests run (Debian haproxy)"
-if ! command -v haproxy >/dev/null; then
+echo "== the proxies the tests run (Debian haproxy and nginx-light)"
+if ! command -v haproxy >/dev/null || [ ! -x /usr/sbin/nginx ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light >/dev/null
   else
-    echo "haproxy is missing: install Debian's haproxy package" >&2
+    echo "haproxy or nginx is missing: install Debian's haproxy and nginx-light packages" >&2
     exit 1
   fi
 fi

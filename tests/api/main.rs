@@ -19,6 +19,7 @@ mod idle_proxy;
 mod input_errors;
 mod jwks;
 mod local_model;
+mod nginx;
 mod openapi;
 mod operations;
 mod providers;
