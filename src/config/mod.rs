@@ -285,6 +285,9 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// PostgreSQL: how long a request waits for a free connection before it fails.
     pub acquire_timeout_secs: u64,
+    /// PostgreSQL: the password, when it is kept out of the URL (e.g. injected from a secrets
+    /// manager as `MANGOO_DATABASE__PASSWORD`); it replaces any password the URL has.
+    pub password: Option<Secret>,
 }
 
 impl Default for DatabaseConfig {
@@ -293,6 +296,7 @@ impl Default for DatabaseConfig {
             url: "sqlite://mangoo.db".into(),
             max_connections: 16,
             acquire_timeout_secs: 5,
+            password: None,
         }
     }
 }
@@ -578,6 +582,9 @@ mod tests {
         let ok = "[database]\nurl = \"postgresql://u:p@db:5432/mangoo\"\n\
                   [redis]\nurl = \"rediss://cache:6380/1\"\n";
         check(ok).unwrap();
+        let err = check("[database]\nurl = \"sqlite://m.db\"\npassword = \"p\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("database.password:"), "{err}");
+        check("[database]\nurl = \"postgres://u@db/m\"\npassword = \"p\"\n").unwrap();
         let no_secret = Config::from_toml("[redis]\nurl = \"redis://cache:6379/0\"\n")
             .unwrap()
             .validate()

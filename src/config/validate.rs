@@ -51,6 +51,9 @@ impl Config {
                 "must be sqlite://file.db or postgres://user:pass@host:5432/db",
             ));
         }
+        if self.database.password.is_some() && !self.database.is_postgres() {
+            return Err(invalid("database.password", "is for PostgreSQL URLs only"));
+        }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }

@@ -33,7 +33,10 @@ impl PostgresStore {
     /// that cannot be reached is no error here: the store connects and migrates when it can, and
     /// meanwhile answers `Unavailable` (readiness says so).
     pub async fn connect(config: &DatabaseConfig) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(&config.url)?.application_name("mangoo");
+        let mut options = PgConnectOptions::from_str(&config.url)?.application_name("mangoo");
+        if let Some(password) = &config.password {
+            options = options.password(password.expose());
+        }
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(config.acquire_timeout_secs))
