@@ -173,6 +173,9 @@ pub struct MetricsConfig {
     pub bearer_token: Option<Secret>,
     /// When set, `/metrics` is served on this address instead of the main listener.
     pub listen: Option<String>,
+    /// Every this many seconds, one log line (target `mangoo::gauges`) with the open streams and
+    /// connections, for log-based metrics (CloudWatch metric filters); 0 = off.
+    pub log_gauges_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -443,11 +446,16 @@ impl Config {
             })?;
             figment = figment.merge(Toml::string(&text));
         }
-        let figment = figment.merge(
+        let mut figment = figment.merge(
             Env::prefixed(ENV_PREFIX)
                 .filter(|key| key.as_str().contains("__"))
                 .split("__"),
         );
+        // The bots are a top-level list, so they have no `SECTION__KEY` form: `MANGOO_BOTS` holds
+        // them as a TOML array of inline tables (how a container platform passes them).
+        if let Ok(bots) = std::env::var("MANGOO_BOTS") {
+            figment = figment.merge(Toml::string(&format!("bots = {bots}")));
+        }
         let file = path.map(|p| p.display().to_string());
         let config: Config = figment
             .extract()
@@ -530,7 +538,16 @@ mod tests {
                 "generic-form-secret-generic-form-secret",
             );
             jail.set_env("MANGOO_BIND", "127.0.0.1:9");
+            jail.set_env(
+                "MANGOO_BOTS",
+                r#"[{ id = "default", provider = "bedrock", model = "us.anthropic.claude-x" }]"#,
+            );
             let config = Config::load(Some(Path::new("m.toml"))).unwrap();
+            assert_eq!(config.bots.len(), 1);
+            assert_eq!(
+                config.bots[0].model.as_deref(),
+                Some("us.anthropic.claude-x")
+            );
             assert_eq!(config.server.heartbeat_secs, 7, "the environment wins");
             assert_eq!(config.server.drain_secs, 9, "the file still counts");
             assert_eq!(config.streams.on_disconnect, DisconnectPolicy::Continue);

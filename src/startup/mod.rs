@@ -154,10 +154,16 @@ impl Application {
             &config,
             chat.clone(),
             authenticator.clone(),
-            metrics,
+            metrics.clone(),
             shared.as_ref(),
             &background,
         );
+        if config.metrics.log_gauges_secs > 0 {
+            let every = Duration::from_secs(config.metrics.log_gauges_secs);
+            background
+                .tasks
+                .spawn(log_gauges(metrics.clone(), every, background.stop.clone()));
+        }
         let sweeper = chat.clone();
         let stop = background.stop.clone();
         background
@@ -295,6 +301,26 @@ impl Application {
                 tracing::warn!("connections still open after the drain; closing them");
                 Ok(())
             }
+        }
+    }
+}
+
+/// The gauges as a log line now and then, where only logs are collected (CloudWatch turns
+/// `open_streams` into a metric with a filter; see deploy/aws).
+async fn log_gauges(metrics: Arc<Metrics>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        // The tick first: the first one is immediate, so a server stopped at once still logs
+        // its gauges once.
+        tokio::select! {
+            biased;
+            _ = tick.tick() => tracing::info!(
+                target: "mangoo::gauges",
+                open_streams = metrics.streams_open.get(),
+                open_connections = metrics.connections_open.get(),
+                "gauges"
+            ),
+            () = stop.cancelled() => return,
         }
     }
 }

@@ -592,3 +592,30 @@ async fn a_missing_tls_file_stops_the_start_and_names_the_key() {
         .expect("refused");
     assert!(err.to_string().contains("server.tls.cert_file"), "{err}");
 }
+
+/// `[metrics] log_gauges_secs`: the open streams and connections as a JSON log line (for
+/// log-based metrics such as CloudWatch metric filters); the first at start.
+#[tokio::test]
+async fn gauges_can_be_logged_for_log_based_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mangoo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\
+             [metrics]\nlog_gauges_secs = 60\n[auth]\njwt_secret = \"{SECRET}\"\n\
+             [database]\nurl = \"sqlite://{}/m.db\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let (child, _) = serve_with_config(&config).await;
+    let (_, stderr) = terminate(child).await;
+    let gauges: Value = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["target"] == "mangoo::gauges")
+        .expect("a gauges line");
+    assert_eq!(gauges["open_streams"], 0);
+    assert!(gauges["open_connections"].is_number(), "{gauges}");
+}

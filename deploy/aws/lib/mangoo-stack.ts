@@ -88,6 +88,8 @@ export class MangooStack extends Stack {
         // Clients reconnect through the balancer to any task: the answer goes on meanwhile.
         MANGOO_STREAMS__ON_DISCONNECT: 'continue',
         MANGOO_LOG__FORMAT: 'json',
+        // A gauges line a minute: CloudWatch turns open_streams into a metric (see alarms).
+        MANGOO_METRICS__LOG_GAUGES_SECS: '60',
         MANGOO_PROVIDERS__BEDROCK__REGION: this.region,
         MANGOO_BOTS: `[{ id = "default", provider = "bedrock", model = "${bot}" }]`,
       },
@@ -150,7 +152,7 @@ export class MangooStack extends Stack {
     } else {
       this.restApi(vpc, timings);
     }
-    this.alarms(targets);
+    this.alarms(targets, logGroup);
   }
 
   /** Aurora PostgreSQL Serverless v2; the URL without its password, which comes as a secret. */
@@ -309,8 +311,25 @@ export class MangooStack extends Stack {
     ];
   }
 
-  private alarms(targets: elbv2.ApplicationTargetGroup) {
+  private alarms(targets: elbv2.ApplicationTargetGroup, logGroup: logs.LogGroup) {
     const period = Duration.minutes(1);
+    // Mangoo's own numbers, from its JSON logs: every failed stream logs "SSE stream error",
+    // and the gauges line carries the open streams.
+    const streamErrors = new logs.MetricFilter(this, 'StreamErrors', {
+      logGroup,
+      filterPattern: logs.FilterPattern.literal('{ $.level = "ERROR" && $.message = "SSE stream error*" }'),
+      metricNamespace: 'Mangoo',
+      metricName: 'StreamErrors',
+      metricValue: '1',
+      defaultValue: 0,
+    }).metric({ statistic: 'Sum', period });
+    const openStreams = new logs.MetricFilter(this, 'OpenStreams', {
+      logGroup,
+      filterPattern: logs.FilterPattern.literal('{ $.target = "mangoo::gauges" }'),
+      metricNamespace: 'Mangoo',
+      metricName: 'OpenStreams',
+      metricValue: '$.open_streams',
+    }).metric({ statistic: 'Sum', period });
     const alarm = (id: string, metric: cloudwatch.IMetric, threshold: number, description: string) =>
       new cloudwatch.Alarm(this, id, {
         metric,
@@ -332,5 +351,7 @@ export class MangooStack extends Stack {
       statistic: 'Sum',
       period,
     }), 5, 'Bedrock throttles the answers');
+    alarm('StreamErrorsAlarm', streamErrors, 20, 'Streams end in errors (see the logs: "SSE stream error")');
+    alarm('OpenStreamsAlarm', openStreams, 4000, 'Many open streams across the tasks: check capacity');
   }
 }

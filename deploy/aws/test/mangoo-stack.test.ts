@@ -110,6 +110,7 @@ test('ECS: the image, >= 2 tasks, stop timeout above drain, circuit breaker, CPU
   const drain = Number(env.MANGOO_SERVER__DRAIN_SECS);
   assert.ok(container.StopTimeout > drain, `stop timeout ${container.StopTimeout} > drain ${drain}`);
   assert.equal(Number(env.MANGOO_SERVER__HEARTBEAT_SECS), t.heartbeatSecs);
+  assert.equal(env.MANGOO_METRICS__LOG_GAUGES_SECS, '60', 'the open-streams metric has its source');
   assert.ok(env.MANGOO_DATABASE_URL, 'database URL');
   assert.ok(env.MANGOO_REDIS_URL, 'redis URL');
   const secrets = container.Secrets.map((s: any) => s.Name).sort();
@@ -146,9 +147,16 @@ test('IAM: Bedrock limited to InvokeModelWithResponseStream on the configured mo
   assert.ok(!resources.includes('"*"'), 'no wildcard resource');
 });
 
-test('alarms: ALB 5xx, target 5xx, unhealthy hosts, Bedrock throttles', () => {
+test("alarms: ALB 5xx, target 5xx, unhealthy hosts, Bedrock throttles, Mangoo's stream errors and open streams", () => {
   const metrics = Object.values(cdn.findResources('AWS::CloudWatch::Alarm')).map((a: any) => a.Properties.MetricName);
-  for (const metric of ['HTTPCode_ELB_5XX_Count', 'HTTPCode_Target_5XX_Count', 'UnHealthyHostCount', 'InvocationThrottles']) {
+  for (const metric of [
+    'HTTPCode_ELB_5XX_Count',
+    'HTTPCode_Target_5XX_Count',
+    'UnHealthyHostCount',
+    'InvocationThrottles',
+    'StreamErrors',
+    'OpenStreams',
+  ]) {
     assert.ok(metrics.includes(metric), `${metric} in ${metrics}`);
   }
 });
