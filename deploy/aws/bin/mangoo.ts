@@ -16,8 +16,15 @@ const frontDoor = context('frontDoor') ?? 'cloudfront';
 if (frontDoor !== 'cloudfront' && frontDoor !== 'restapi') {
   throw new Error(`frontDoor must be cloudfront or restapi, not ${frontDoor}`);
 }
+const region = context('region') ?? 'us-east-1';
+if (frontDoor === 'cloudfront' && region !== 'us-east-1') {
+  // A web ACL for CloudFront exists only in us-east-1; this app keeps everything in one stack.
+  throw new Error(
+    `the CloudFront front door (and its WAF) deploys to us-east-1; use -c region=us-east-1, or -c frontDoor=restapi in ${region}`,
+  );
+}
 new MangooStack(app, 'Mangoo', {
-  env: { region: context('region') ?? 'us-east-1' },
+  env: { region },
   bedrockModels: (context('bedrockModels') ?? 'us.anthropic.claude-3-5-sonnet-20240620-v1:0')
     .split(',')
     .map((m) => m.trim())

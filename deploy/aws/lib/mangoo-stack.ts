@@ -139,6 +139,9 @@ export class MangooStack extends Stack {
     });
     targets.setAttribute('stickiness.enabled', 'false');
     tasks.connections.allowFrom(this.alb, ec2.Port.tcp(8000), 'ALB to Mangoo');
+    // The front door reaches the internal ALB through network interfaces in this VPC (CloudFront's
+    // VPC origin, or API Gateway's VPC link): nothing from outside the VPC.
+    this.alb.connections.allowFrom(ec2.Peer.ipv4(vpc.vpcCidrBlock), ec2.Port.tcp(80), 'front door');
 
     const scaling = this.service.autoScaleTaskCount({
       minCapacity: props.minTasks ?? 2,
@@ -249,7 +252,6 @@ export class MangooStack extends Stack {
       name: 'mangoo',
       subnetIds: vpc.privateSubnets.map((s) => s.subnetId),
     });
-    this.alb.connections.allowFromAnyIpv4(ec2.Port.tcp(80), 'VPC link to the ALB');
     const api = new apigateway.CfnRestApi(this, 'Api', {
       name: 'mangoo',
       endpointConfiguration: { types: ['REGIONAL'] },
