@@ -64,15 +64,6 @@ impl Config {
             ));
         }
         if let Some(url) = &self.redis.url {
-            // Instances must accept one another's tokens: a secret generated per process would
-            // make every request that lands on another instance a 401.
-            if self.auth.jwt_secret.is_none() && self.auth.jwks_url.is_none() {
-                return Err(invalid(
-                    "auth.jwt_secret",
-                    "must be set (or auth.jwks_url) when redis.url is: every instance must \
-                     accept the same tokens",
-                ));
-            }
             let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
             if !scheme_ok {
                 return Err(invalid(

@@ -130,6 +130,13 @@ impl Application {
             recover_abandoned_turns(&store, &background).await?;
         }
         let (authenticator, generated_secret) = authenticator(&config);
+        if generated_secret && shared.is_some() {
+            tracing::warn!(
+                "redis.url is set but auth.jwt_secret is not: this instance signs with a secret of \
+                 its own, so the other instances refuse its tokens (and it theirs); set \
+                 auth.jwt_secret (or auth.jwks_url) for a cluster"
+            );
+        }
         let authenticator = Arc::new(authenticator);
         let proxies = TrustedProxies::new(&config.server.trusted_proxies);
         if proxies.trusts_any_peer() {
@@ -340,7 +347,10 @@ async fn recover_abandoned_turns(
             );
         }
     };
-    match store.recover_abandoned_turns().await {
+    let first_try = tokio::time::timeout(Duration::from_secs(2), store.recover_abandoned_turns())
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Unavailable("no answer within 2 s".into())));
+    match first_try {
         Ok(recovered) => report(recovered),
         Err(StoreError::Unavailable(_)) => {
             let (store, stop) = (store.clone(), background.stop.clone());

@@ -49,7 +49,12 @@ impl PostgresStore {
             migrated: AtomicBool::new(false),
             migrating: tokio::sync::Mutex::new(()),
         };
-        match store.ensure_migrated().await {
+        // A database that does not answer at once is not waited for here (the start must not
+        // hang on it): the first request after it comes back migrates.
+        let first_try = tokio::time::timeout(Duration::from_secs(2), store.ensure_migrated())
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("no answer within 2 s".into())));
+        match first_try {
             Err(StoreError::Unavailable(e)) => {
                 tracing::warn!(
                     "PostgreSQL is unreachable, serving without it until it is back: {e}"
