@@ -26,6 +26,24 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// times (it may have been taken over) before turning to storage.
 const REFOLLOWS: usize = 3;
 
+/// An answer whose producer is gone, as stored: `interrupted` with `chunks`, and the failure its
+/// listeners are told.
+fn interrupted(
+    chat_id: &str,
+    message_id: &str,
+    chunks: Vec<Arc<str>>,
+    terminal_id: i64,
+) -> (FinishedTurn, StreamFailure) {
+    let failure = StreamFailure::new(
+        "the answer was interrupted: the server generating it stopped",
+        "answer_interrupted",
+        true,
+    );
+    let mut record = FinishedTurn::failed(chat_id, message_id, chunks, &failure, terminal_id);
+    record.status = MessageStatus::Interrupted;
+    (record, failure)
+}
+
 #[derive(Clone)]
 pub(super) struct Recovery {
     pub store: Arc<dyn ChatStore>,
@@ -39,18 +57,19 @@ impl Recovery {
             return Ok(false);
         };
         tracing::warn!(chat_id, message_id = %orphan.message_id, "concluding an answer whose producer is gone");
-        let terminal = self.terminal_for(chat_id, &orphan).await?;
+        // Its producer logged its end, then died: the answer is stored, and its end stands.
+        let terminal = match orphan.events.iter().any(|e| e.kind.is_terminal()) {
+            true => None,
+            false => Some(self.terminal_for(chat_id, &orphan).await?),
+        };
         self.log.conclude(chat_id, orphan.claim, terminal).await?;
         Ok(true)
     }
 
-    /// The terminal event an orphan gets: its own, if its producer logged one before dying (the
-    /// answer is stored then); else `answer_interrupted`, after storing what was logged — unless
-    /// the producer stored its outcome just before it was taken over, which then stands.
+    /// The terminal event an orphan without one gets: `answer_interrupted`, after storing what
+    /// was logged — unless the producer stored its outcome just before it was taken over, which
+    /// then stands.
     async fn terminal_for(&self, chat_id: &str, orphan: &Orphan) -> Result<StreamEvent, ChatError> {
-        if let Some(own) = orphan.events.iter().find(|e| e.kind.is_terminal()) {
-            return Ok(own.clone());
-        }
         let chunks: Vec<Arc<str>> = orphan
             .events
             .iter()
@@ -61,14 +80,7 @@ impl Recovery {
             .collect();
         let last_id = orphan.events.last().map_or(orphan.first_id, |e| e.id);
         let terminal_id = last_id.max(orphan.first_id) + 1;
-        let failure = StreamFailure::new(
-            "the answer was interrupted: the server generating it stopped",
-            "answer_interrupted",
-            true,
-        );
-        let mut record =
-            FinishedTurn::failed(chat_id, &orphan.message_id, chunks, &failure, terminal_id);
-        record.status = MessageStatus::Interrupted;
+        let (record, failure) = interrupted(chat_id, &orphan.message_id, chunks, terminal_id);
         if self.store.finish_turn(record).await? {
             return Ok(StreamEvent {
                 id: terminal_id,
@@ -109,24 +121,12 @@ impl Recovery {
             return Ok(false);
         };
         let replay = answer.replay.clone().unwrap_or_default();
-        let failure = StreamFailure::new(
-            "the answer was interrupted: the server generating it stopped",
-            "answer_interrupted",
-            true,
-        );
         let chunks = replay
             .chunks
             .iter()
             .map(|c| Arc::from(c.as_str()))
             .collect();
-        let mut record = FinishedTurn::failed(
-            chat_id,
-            &answer.id,
-            chunks,
-            &failure,
-            replay.terminal_event_id(),
-        );
-        record.status = MessageStatus::Interrupted;
+        let (record, _) = interrupted(chat_id, &answer.id, chunks, replay.terminal_event_id());
         Ok(self.store.finish_turn(record).await?)
     }
 

@@ -114,6 +114,8 @@ pub struct StreamLeases {
     redis: Redis,
     max: usize,
     changes: mpsc::Sender<LeaseChange>,
+    /// [`TAKE`], hashed once rather than at every stream's start.
+    take: std::sync::Arc<Script>,
 }
 
 /// Changes queued for the keeper at most; a release that finds the queue full is left to expire.
@@ -133,6 +135,7 @@ impl StreamLeases {
                 redis,
                 max,
                 changes,
+                take: std::sync::Arc::new(Script::new(TAKE)),
             },
             keeper,
         )
@@ -142,7 +145,8 @@ impl StreamLeases {
     pub async fn take(&self, user: &str) -> Result<Option<StreamLease>, LimitError> {
         let key = self.redis.key(&format!("streams:{user}"));
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let taken: i64 = Script::new(TAKE)
+        let taken: i64 = self
+            .take
             .key(&key)
             .arg(&id)
             .arg(LEASE_TTL.as_millis() as u64)
@@ -192,6 +196,7 @@ impl Drop for StreamLease {
 /// released ones as they come.
 async fn keep(redis: Redis, mut changes: mpsc::Receiver<LeaseChange>, stop: CancellationToken) {
     let mut held: HashMap<String, String> = HashMap::new();
+    let renewal = Script::new(RENEW);
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -205,7 +210,7 @@ async fn keep(redis: Redis, mut changes: mpsc::Receiver<LeaseChange>, stop: Canc
                 }
                 None => break,
             },
-            _ = tick.tick() => renew(&redis, &held).await,
+            _ = tick.tick() => renew(&redis, &renewal, &held).await,
         }
     }
     // Give back what was released meanwhile; the rest expires by itself.
@@ -227,11 +232,10 @@ async fn release(redis: &Redis, key: &str, id: &str) {
     }
 }
 
-async fn renew(redis: &Redis, held: &HashMap<String, String>) {
+async fn renew(redis: &Redis, script: &Script, held: &HashMap<String, String>) {
     if held.is_empty() {
         return;
     }
-    let script = Script::new(RENEW);
     let ttl = LEASE_TTL.as_millis() as u64;
     let invocations: Vec<_> = held
         .iter()

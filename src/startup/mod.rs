@@ -89,6 +89,8 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         config.validate()?;
+        // Before the database connects (TLS to PostgreSQL); build_in installs it again for
+        // callers of build_with, which is a no-op here.
         crate::crypto::install_default_providers();
         let shared = match &config.redis.url {
             Some(url) => Some(Redis::new(url, &config.redis)?),

@@ -140,13 +140,14 @@ pub trait EventLog: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// Ends a taken-over answer: appends its terminal event (unless the log has it already) and
-    /// closes it.
+    /// Ends a taken-over answer: appends `terminal` — `None` when the log already ends with its
+    /// producer's own (the taker read the whole log, and nothing else can write to it since) —
+    /// and closes it.
     async fn conclude(
         &self,
         _chat_id: &str,
         _claim: Claim,
-        _terminal: StreamEvent,
+        _terminal: Option<StreamEvent>,
     ) -> Result<(), LogError> {
         Ok(())
     }

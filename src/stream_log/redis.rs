@@ -177,6 +177,19 @@ struct Writer {
     signals: AnswerSignals,
 }
 
+impl Writer {
+    /// Waits until everything queued before is written (or refused); the last id delivered.
+    async fn flush(&self) -> Result<Option<i64>, LogError> {
+        let stopped = || LogError("the answer's writer has stopped".into());
+        let (reply, delivered) = oneshot::channel();
+        self.queue
+            .send(Command::Flush(reply))
+            .await
+            .map_err(|_| stopped())?;
+        delivered.await.map_err(|_| stopped())
+    }
+}
+
 pub struct RedisLog {
     redis: Redis,
     /// This process's listeners of the answers produced here: delivered events only.
@@ -361,15 +374,7 @@ impl EventLog for RedisLog {
         let writer = self
             .writer(chat_id)
             .ok_or_else(|| LogError("no answer of this chat is produced here".into()))?;
-        let (reply, delivered) = oneshot::channel();
-        writer
-            .queue
-            .send(Command::Flush(reply))
-            .await
-            .map_err(|_| LogError("the answer's writer has stopped".into()))?;
-        delivered
-            .await
-            .map_err(|_| LogError("the answer's writer has stopped".into()))
+        writer.flush().await
     }
 
     async fn close(&self, chat_id: &str) -> Result<(), LogError> {
@@ -377,7 +382,7 @@ impl EventLog for RedisLog {
             return Ok(());
         };
         // Everything appended (the terminal event last) is written before the answer closes.
-        let flushed = self.flush(chat_id).await;
+        let flushed = writer.flush().await;
         self.writers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -478,7 +483,7 @@ impl EventLog for RedisLog {
         &self,
         chat_id: &str,
         claim: Claim,
-        terminal: StreamEvent,
+        terminal: Option<StreamEvent>,
     ) -> Result<(), LogError> {
         let keys = self.redis.chat_keys(chat_id);
         let mut invocation = self.scripts.close.prepare_invoke();
@@ -489,29 +494,8 @@ impl EventLog for RedisLog {
             .arg(claim.fence)
             .arg(millis(KEEP_AFTER_CLOSE))
             .arg(millis(Duration::from_secs(86_400)));
-        // A terminal the log holds already (its producer logged it, then died) is not repeated.
-        let logged: i64 = redis::cmd("XLEN")
-            .arg(&keys.log)
-            .query_async(&mut self.redis.conn())
-            .await
-            .map_err(unavailable)?;
-        let last: StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(&keys.log)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut self.redis.conn())
-            .await
-            .map_err(unavailable)?;
-        let has_terminal = logged > 0
-            && last
-                .ids
-                .first()
-                .and_then(decode_entry)
-                .is_some_and(|e| e.kind.is_terminal());
-        if !has_terminal {
-            entry_args(std::slice::from_ref(&terminal), &mut invocation);
+        if let Some(terminal) = &terminal {
+            entry_args(std::slice::from_ref(terminal), &mut invocation);
         }
         let closed: i64 = invocation
             .invoke_async(&mut self.redis.conn())

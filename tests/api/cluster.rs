@@ -12,8 +12,10 @@ use tokio::process::{Child, Command};
 
 use super::binary::serve_with_config;
 use super::fake_upstream::{FakeUpstream, Script};
-use super::helpers::{BOT, HANG_GUARD, MODEL, SECRET, SseEvent, SseReader, client_builder};
-use super::services::{OwnRedis, TestDatabase, TestKeys};
+use super::helpers::{
+    BOT, HANG_GUARD, SECRET, SseEvent, SseReader, bedrock_bot_toml, client_builder, token_for,
+};
+use super::services::{OwnRedis, TestDatabase, TestKeys, free_port};
 
 pub struct Cluster {
     /// The load balancer's base URL.
@@ -76,32 +78,16 @@ requests_per_second = {rps:?}
 burst = {burst}
 max_concurrent_streams = {streams}
 
-[providers.bedrock]
-region = "us-east-1"
-endpoint_url = "{fake}"
-max_attempts = 1
-
-[[bots]]
-id = "{BOT}"
-provider = "bedrock"
-model = "{MODEL}"
+{bot}
 "#,
         db = db.url,
         redis = keys.url,
         prefix = keys.prefix,
-        fake = fake.url(),
+        bot = bedrock_bot_toml(fake),
         rps = options.requests_per_second,
         burst = options.burst,
         streams = options.max_concurrent_streams,
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts the instances at the same moment (on a fresh database: their migrations race) and
@@ -172,9 +158,7 @@ impl Cluster {
     }
 
     pub fn token(&self, user: &str) -> String {
-        mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
-            .issue(user, Duration::from_secs(3600))
-            .unwrap()
+        token_for(user)
     }
 
     pub async fn post_stream(&self, base: &str, user: &str, body: Value) -> reqwest::Response {

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::binary::serve_with_config;
 use super::fake_upstream::{FakeUpstream, Outcome, Script};
-use super::helpers::{BOT, HANG_GUARD, MODEL, SECRET, SseReader};
+use super::helpers::{BOT, HANG_GUARD, SECRET, SseReader, bedrock_bot_toml, token_for};
 
 const DRAIN_SECS: u64 = 2;
 
@@ -25,18 +25,10 @@ jwt_secret = "{SECRET}"
 [database]
 url = "sqlite://{db}"
 
-[providers.bedrock]
-region = "us-east-1"
-endpoint_url = "{url}"
-max_attempts = 1
-
-[[bots]]
-id = "{BOT}"
-provider = "bedrock"
-model = "{MODEL}"
+{bot}
 "#,
         db = db.display(),
-        url = fake.url(),
+        bot = bedrock_bot_toml(fake),
     )
 }
 
@@ -60,9 +52,7 @@ async fn server() -> Server {
     std::fs::write(&config_path, config(&fake, &db)).unwrap();
     let (child, base) = serve_with_config(&config_path).await;
     let client = crate::helpers::client_builder().no_proxy().build().unwrap();
-    let token = mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
-        .issue("alice", Duration::from_secs(600))
-        .unwrap();
+    let token = token_for("alice");
     Server {
         fake,
         dir,

@@ -42,6 +42,22 @@ pub struct TestApp {
     _dir: tempfile::TempDir,
 }
 
+/// A token for `user`, signed with the test secret, valid for an hour.
+pub fn token_for(user: &str) -> String {
+    Authenticator::hs256(SECRET.as_bytes())
+        .issue(user, Duration::from_secs(3600))
+        .unwrap()
+}
+
+/// The TOML of the test bot `BOT` on Bedrock, answered by `fake`: for tests that run the binary.
+pub fn bedrock_bot_toml(fake: &FakeUpstream) -> String {
+    format!(
+        "[providers.bedrock]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nmax_attempts = 1\n\n\
+         [[bots]]\nid = \"{BOT}\"\nprovider = \"bedrock\"\nmodel = \"{MODEL}\"\n",
+        fake.url()
+    )
+}
+
 /// A configuration pointing at `fake`, storing into `db_path`.
 pub fn test_config(fake: &FakeUpstream, db_path: &std::path::Path) -> Config {
     let mut config = Config::default();
@@ -209,9 +225,7 @@ impl TestApp {
     }
 
     pub fn token(&self, user: &str) -> String {
-        Authenticator::hs256(SECRET.as_bytes())
-            .issue(user, Duration::from_secs(3600))
-            .unwrap()
+        token_for(user)
     }
 
     /// POSTs a chat message as `user` and returns the raw response.

@@ -11,7 +11,10 @@ use tokio::process::{Child, Command};
 
 use super::binary::{serve_with_config, terminate};
 use super::fake_upstream::{FakeUpstream, Script};
-use super::helpers::{BOT, HANG_GUARD, MODEL, SECRET, SseReader, client_builder};
+use super::helpers::{
+    BOT, HANG_GUARD, SECRET, SseReader, bedrock_bot_toml, client_builder, token_for,
+};
+use super::services::free_port;
 
 /// nginx's idle timeout in this test; Mangoo's heartbeat is well inside it.
 const PROXY_TIMEOUT_SECS: u64 = 2;
@@ -23,14 +26,6 @@ struct Proxied {
     base: String,
     fake: FakeUpstream,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn proxied() -> Proxied {
@@ -53,17 +48,10 @@ on_disconnect = "continue"
 jwt_secret = "{SECRET}"
 [database]
 url = "sqlite://{db}"
-[providers.bedrock]
-region = "us-east-1"
-endpoint_url = "{fake}"
-max_attempts = 1
-[[bots]]
-id = "{BOT}"
-provider = "bedrock"
-model = "{MODEL}"
+{bot}
 "#,
             db = dir.path().join("m.db").display(),
-            fake = fake.url(),
+            bot = bedrock_bot_toml(&fake),
         ),
     )
     .unwrap();
@@ -129,12 +117,6 @@ fn nginx_binary() -> &'static str {
         .unwrap_or("nginx")
 }
 
-fn token(user: &str) -> String {
-    mangoo::auth::Authenticator::hs256(SECRET.as_bytes())
-        .issue(user, Duration::from_secs(600))
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_nginx_streams_are_unbuffered_survive_pauses_resume_and_keep_the_client_address() {
     let proxied = proxied().await;
@@ -149,7 +131,7 @@ async fn through_nginx_streams_are_unbuffered_survive_pauses_resume_and_keep_the
         .push(Script::tokens(&["one", " two", " three", " four"]).gated());
     let response = client
         .post(format!("{}/api/v1/chat/stream", proxied.base))
-        .bearer_auth(token("alice"))
+        .bearer_auth(token_for("alice"))
         .json(&json!({"bot_id": BOT, "message": "slowly"}))
         .send()
         .await
@@ -177,7 +159,7 @@ async fn through_nginx_streams_are_unbuffered_survive_pauses_resume_and_keep_the
     proxied.fake.release(1);
     let resumed = client
         .get(format!("{}/api/v1/chats/{chat_id}/stream", proxied.base))
-        .bearer_auth(token("alice"))
+        .bearer_auth(token_for("alice"))
         .header("last-event-id", three.id_num().to_string())
         .send()
         .await

@@ -125,6 +125,15 @@ impl Drop for TestKeys {
     }
 }
 
+/// A port nothing listens on right now, for a server started as another process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A `redis-server` of the test's own on a free port, for tests that stop and restart it.
 pub struct OwnRedis {
     pub port: u16,
@@ -133,11 +142,7 @@ pub struct OwnRedis {
 
 impl OwnRedis {
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut redis = Self { port, child: None };
         redis.resume();
         redis
