@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -11,7 +12,8 @@ use crate::stream_log::Audience;
 /// Why an answer was ended by something other than its provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopCause {
-    /// Every listener left (under the "cancel" disconnect policy).
+    /// Every listener left and none came back within the grace period (under the "cancel"
+    /// disconnect policy).
     ClientGone,
     /// The stop endpoint.
     Stopped,
@@ -66,14 +68,14 @@ impl ActiveAnswers {
     }
 
     /// Claims the chat for a new answer; `None` when it already has one.
-    pub fn claim(&self, chat_id: &str, cancel_when_unheard: bool) -> Option<ActiveAnswer> {
+    pub fn claim(&self, chat_id: &str, unheard_grace: Option<Duration>) -> Option<ActiveAnswer> {
         let mut answers = self.lock();
         if answers.contains_key(chat_id) {
             return None;
         }
         let answer = ActiveAnswer {
             control: Arc::default(),
-            audience: Audience::new(cancel_when_unheard),
+            audience: Audience::new(unheard_grace),
         };
         answers.insert(chat_id.to_owned(), answer.clone());
         Some(answer)

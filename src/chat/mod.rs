@@ -7,6 +7,7 @@
 mod checkpoint;
 mod control;
 mod history;
+mod manage;
 mod recovery;
 mod replay;
 mod turn;
@@ -22,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::UserId;
-use crate::config::{BotConfig, DisconnectPolicy};
+use crate::config::BotConfig;
 use crate::domain::Role;
 use crate::events::{StreamEvent, StreamFailure};
 use crate::metrics::Metrics;
@@ -31,8 +32,8 @@ use crate::providers::{
 };
 use crate::rate_limit::StreamPlace;
 use crate::store::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn, QuotaKind,
-    StorageQuota, StoreError,
+    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, NewTurn, QuotaKind, StorageQuota,
+    StoreError,
 };
 use crate::stream_log::{AnswerSignals, Claim, ClaimError, EventLog, LogError, StopOutcome};
 pub use control::StopCause;
@@ -59,6 +60,10 @@ pub enum ChatError {
     ChatNotFound,
     #[error("this chat already has an answer in progress")]
     ChatBusy,
+    #[error("message not found")]
+    MessageNotFound,
+    #[error("a title must have 1 to {max} characters")]
+    InvalidTitle { max: usize },
     #[error("message must not be empty")]
     EmptyMessage,
     #[error("message is longer than {max} characters")]
@@ -83,7 +88,9 @@ pub enum ChatError {
 pub struct ChatLimits {
     pub max_message_chars: usize,
     pub timeouts: StreamTimeouts,
-    pub on_disconnect: DisconnectPolicy,
+    /// How long an answer nobody listens to goes on before it is cancelled; `None`: to the end
+    /// (the "continue" disconnect policy).
+    pub unheard_grace: Option<Duration>,
     pub quota: StorageQuota,
     /// Characters of earlier turns sent to a provider with a new message; older turns beyond
     /// it are left out (they stay stored).
@@ -327,7 +334,7 @@ impl ChatService {
             log: self.log.clone(),
             control: answer.control,
             signals,
-            all_gone: answer.audience.all_gone(),
+            audience: answer.audience,
             deadline: tokio::time::Instant::now(),
             metrics: self.metrics.clone(),
             progress,
@@ -386,10 +393,9 @@ impl ChatService {
         turn: &NewTurn,
         claim: Claim,
     ) -> Result<(ActiveAnswer, BegunTurn), ChatError> {
-        let cancel_when_unheard = self.limits.on_disconnect == DisconnectPolicy::Cancel;
         let answer = self
             .active
-            .claim(&turn.chat_id, cancel_when_unheard)
+            .claim(&turn.chat_id, self.limits.unheard_grace)
             .ok_or(ChatError::ChatBusy)?;
         let mut begun = self.store.begin_turn(turn).await;
         if matches!(begun, Err(StoreError::ChatBusy))
@@ -583,70 +589,6 @@ impl ChatService {
     pub async fn sweep_abandoned(&self, stop: CancellationToken) {
         if self.log.is_shared() {
             self.recovery.clone().sweep(stop).await;
-        }
-    }
-
-    pub async fn list_chats(
-        &self,
-        user: &UserId,
-        limit: u32,
-        cursor: Option<&ChatCursor>,
-    ) -> Result<ChatPage, ChatError> {
-        // One extra row tells whether another page exists without a count query.
-        let mut chats = self
-            .store
-            .list_chats(user.as_str(), limit + 1, cursor)
-            .await?;
-        let next = if chats.len() > limit as usize {
-            chats.truncate(limit as usize);
-            chats.last().map(|c| ChatCursor {
-                updated_at_ms: c.updated_at_ms,
-                id: c.id.clone(),
-            })
-        } else {
-            None
-        };
-        Ok(ChatPage { chats, next })
-    }
-
-    /// A page of the chat's messages in order: at most `limit`, after `after_seq`, and no more
-    /// than [`MESSAGE_PAGE_BYTES`] of text (at least one message) so that one response stays
-    /// small however long the messages are. The second value is where the next page starts.
-    pub async fn messages(
-        &self,
-        user: &UserId,
-        chat_id: &str,
-        after_seq: Option<i64>,
-        limit: u32,
-    ) -> Result<(ChatRecord, Vec<MessageRecord>, Option<i64>), ChatError> {
-        let chat = self.owned_chat(user, chat_id).await?;
-        let mut messages = self
-            .store
-            .list_messages(chat_id, after_seq, limit + 1)
-            .await?;
-        let mut more = messages.len() > limit as usize;
-        messages.truncate(limit as usize);
-        let mut bytes = 0;
-        if let Some(cut) = messages.iter().position(|m| {
-            bytes += m.content.len();
-            bytes > MESSAGE_PAGE_BYTES
-        }) {
-            let keep = cut.max(1);
-            more |= keep < messages.len();
-            messages.truncate(keep);
-        }
-        let next = more.then(|| messages.last().map(|m| m.seq)).flatten();
-        Ok((chat, messages, next))
-    }
-
-    /// Deletes a chat of the caller, stopping its answer first if one is being generated.
-    pub async fn delete_chat(&self, user: &UserId, chat_id: &str) -> Result<(), ChatError> {
-        self.owned_chat(user, chat_id).await?;
-        self.stop_anywhere(chat_id, StopCause::Deleted).await?;
-        if self.store.delete_chat(chat_id, user.as_str()).await? {
-            Ok(())
-        } else {
-            Err(ChatError::ChatNotFound)
         }
     }
 

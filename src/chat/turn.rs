@@ -27,7 +27,7 @@ use crate::providers::{
     Target,
 };
 use crate::store::{ChatStore, FinishedTurn, MessageStatus};
-use crate::stream_log::{AnswerSignals, EventLog};
+use crate::stream_log::{AnswerSignals, Audience, EventLog};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -51,8 +51,8 @@ pub(super) struct Turn {
     /// What the stream log says from outside: a stop asked for on another instance, the claim
     /// lost to a take-over, the log failing.
     pub signals: AnswerSignals,
-    /// Cancelled when the last listener leaves and the policy is to cancel then.
-    pub all_gone: CancellationToken,
+    /// Who listens: an answer nobody hears for the grace period is cancelled.
+    pub audience: Arc<Audience>,
     /// When the whole answer must be over; set when the producer starts.
     pub deadline: Instant,
     pub metrics: Arc<Metrics>,
@@ -428,7 +428,7 @@ impl Turn {
             _ = self.signals.lost.cancelled() => Ending::Lost,
             _ = self.signals.failed.cancelled() => Ending::Undeliverable,
             _ = self.signals.stop.cancelled() => Ending::Stopped(StopCause::Stopped),
-            _ = self.all_gone.cancelled() => Ending::Stopped(StopCause::ClientGone),
+            () = self.audience.abandoned() => Ending::Stopped(StopCause::ClientGone),
             _ = tokio::time::sleep_until(self.deadline) => {
                 let total = self.timeouts.total.as_secs();
                 Ending::Failed(ProviderError::new(

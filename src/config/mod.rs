@@ -206,6 +206,10 @@ pub struct StreamsConfig {
     pub max_stream_secs: u64,
     /// What a client's disconnect does to its answer.
     pub on_disconnect: DisconnectPolicy,
+    /// Under "cancel": how long an answer goes on after its last listener left, for a reloaded
+    /// page or a phone back from a tunnel to pick it up; cancelled only if nobody came back in
+    /// that time. 0 cancels at once.
+    pub disconnect_grace_secs: u64,
     /// Sent as the SSE `retry:` hint on the first event: how soon EventSource reconnects.
     pub retry_ms: u64,
     /// A client that takes no data for this long (its connection stuck with a full window, or
@@ -221,6 +225,7 @@ impl Default for StreamsConfig {
             idle_timeout_secs: 60,
             max_stream_secs: 600,
             on_disconnect: DisconnectPolicy::Cancel,
+            disconnect_grace_secs: 30,
             retry_ms: 2000,
             stalled_client_secs: 60,
         }
@@ -230,7 +235,8 @@ impl Default for StreamsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DisconnectPolicy {
-    /// Stop the provider at once and store the partial answer.
+    /// Stop the provider once nobody listens (after `disconnect_grace_secs`) and store the
+    /// partial answer.
     Cancel,
     /// Generate to the end in the background, for a client that comes back.
     Continue,

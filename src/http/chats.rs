@@ -1,4 +1,5 @@
-//! The caller's chats: list (newest activity first, keyset-paginated), read, delete.
+//! The caller's chats: list (newest activity first, keyset-paginated), read, rename, rewind,
+//! delete.
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
@@ -10,7 +11,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::AppState;
-use super::extract::{AuthUser, ChatIdParam};
+use super::extract::{AuthUser, ChatIdParam, JsonBody, MessageParams};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::store::{ChatCursor, ChatRecord, MessageRecord};
 
@@ -197,6 +198,61 @@ pub async fn delete_chat(
     ChatIdParam(chat_id): ChatIdParam,
 ) -> Result<StatusCode, ApiError> {
     state.chat.delete_chat(&user, &chat_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The body of `PATCH /api/v1/chats/{chat_id}`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatUpdate {
+    /// 1 to 200 characters; white space is collapsed to single spaces.
+    title: String,
+}
+
+#[utoipa::path(patch, path = "/api/v1/chats/{chat_id}", tag = "chats",
+    params(("chat_id" = String, Path)),
+    request_body = ChatUpdate,
+    responses(
+        (status = 200, description = "Renamed; the chat as it is now", body = ChatView),
+        (status = 400, description = "Empty or too long a title (`invalid_title`), or a bad body", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such chat of the caller's", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn update_chat(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    ChatIdParam(chat_id): ChatIdParam,
+    JsonBody(update): JsonBody<ChatUpdate>,
+) -> Result<Json<ChatView>, ApiError> {
+    let chat = state
+        .chat
+        .rename_chat(&user, &chat_id, &update.title)
+        .await?;
+    Ok(Json(ChatView::from(chat)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/chats/{chat_id}/messages/{message_id}", tag = "chats",
+    params(("chat_id" = String, Path), ("message_id" = String, Path)),
+    responses(
+        (status = 204, description = "The message and every later one removed: the turn can be asked again (edit, regenerate)"),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such chat of the caller's (`chat_not_found`) or no such message in it (`message_not_found`)", body = ErrorBody),
+        (status = 409, description = "An answer in the chat is still streaming (`chat_busy`)", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn rewind_chat(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    params: MessageParams,
+) -> Result<StatusCode, ApiError> {
+    state
+        .chat
+        .rewind_chat(&user, &params.chat_id, &params.message_id)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -196,6 +196,11 @@ impl From<ChatError> for ApiError {
                 code: "chat_not_found",
                 message,
             },
+            ChatError::MessageNotFound => ApiError::NotFound {
+                code: "message_not_found",
+                message,
+            },
+            ChatError::InvalidTitle { .. } => ApiError::bad_request("invalid_title", message),
             ChatError::ChatBusy => ApiError::Conflict(message),
             ChatError::EmptyMessage => ApiError::bad_request("empty_message", message),
             ChatError::MessageTooLong { .. } => ApiError::bad_request("message_too_long", message),

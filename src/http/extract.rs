@@ -122,6 +122,32 @@ impl<S: Send + Sync> FromRequestParts<S> for ChatIdParam {
     }
 }
 
+/// The `{chat_id}` and `{message_id}` of a route, rejected like [`ChatIdParam`].
+pub struct MessageParams {
+    pub chat_id: String,
+    pub message_id: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for MessageParams {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path((chat_id, message_id)) =
+            axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
+                .await
+                .map_err(|rejection| {
+                    ApiError::bad_request(
+                        "invalid_request",
+                        format!("invalid id in the path: {}", rejection.body_text()),
+                    )
+                })?;
+        Ok(MessageParams {
+            chat_id,
+            message_id,
+        })
+    }
+}
+
 /// A JSON body: 415 without a JSON content type, 413 over the size limit, 400 when malformed or
 /// when a field is missing or of the wrong type.
 pub struct JsonBody<T>(pub T);

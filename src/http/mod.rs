@@ -72,7 +72,11 @@ pub fn router(
         )
         .route(
             "/api/v1/chats/{chat_id}",
-            axum::routing::delete(chats::delete_chat),
+            axum::routing::delete(chats::delete_chat).patch(chats::update_chat),
+        )
+        .route(
+            "/api/v1/chats/{chat_id}/messages/{message_id}",
+            axum::routing::delete(chats::rewind_chat),
         )
         .route(
             "/api/v1/chats/{chat_id}/stream",
@@ -90,10 +94,7 @@ pub fn router(
         api = api.route("/metrics", get(metrics));
     }
     let metrics_for_log = state.metrics.clone();
-    let api = api
-        .route("/", get(ui::index))
-        .route("/app.js", get(ui::app_js))
-        .route("/style.css", get(ui::style_css))
+    let api = ui::routes(api)
         .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

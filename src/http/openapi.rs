@@ -23,6 +23,8 @@ use crate::http::error::ErrorBody;
         chats::list_chats,
         chats::list_messages,
         chats::delete_chat,
+        chats::update_chat,
+        chats::rewind_chat,
         chats::list_bots,
         super::healthz,
         super::readyz,

@@ -428,7 +428,12 @@ fn chat_limits(config: &Config) -> ChatLimits {
     let quotas = &config.quotas;
     ChatLimits {
         max_message_chars: config.server.max_message_chars,
-        on_disconnect: streams.on_disconnect,
+        unheard_grace: match streams.on_disconnect {
+            crate::config::DisconnectPolicy::Cancel => {
+                Some(Duration::from_secs(streams.disconnect_grace_secs))
+            }
+            crate::config::DisconnectPolicy::Continue => None,
+        },
         quota: StorageQuota {
             max_chats: quotas.max_chats_per_user,
             max_bytes: quotas.max_bytes_per_user,

@@ -241,6 +241,8 @@ pub enum StoreError {
     ChatNotFound,
     #[error("chat already has an answer in progress")]
     ChatBusy,
+    #[error("message not found")]
+    MessageNotFound,
     #[error("the {0:?} quota is used up")]
     QuotaExceeded(QuotaKind),
     #[error("stored data is corrupt: {0}")]
@@ -313,6 +315,24 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Deletes a chat of `user_id` with its messages; false when there was none.
     async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError>;
 
+    /// Gives a chat of `user_id` a new title; false when there was none.
+    async fn rename_chat(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        title: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Removes a message of a chat of `user_id` and every later one, so that a turn can be asked
+    /// again (edited, or its answer regenerated). `ChatNotFound`, `MessageNotFound`, or
+    /// `ChatBusy` while an answer in the chat is streaming (nothing is removed then).
+    async fn rewind_chat(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        message_id: &str,
+    ) -> Result<(), StoreError>;
+
     /// Marks answers left `streaming` by a process that died as `interrupted`, with the text
     /// they had saved. Only safe where one process owns the database: without shared state
     /// (Redis), which a cluster's answers are concluded through instead.
@@ -340,13 +360,59 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
-/// A chat's title: its first message, cut at a character boundary.
+/// A chat's first title, from its first message: the first sentence, without Markdown's line
+/// markers, on one line, cut at a word if longer than a sidebar shows. Users rename it at will.
 pub fn title_from(message: &str) -> String {
-    const MAX_CHARS: usize = 80;
-    let line = message.trim().lines().next().unwrap_or_default();
-    let mut title: String = line.chars().take(MAX_CHARS).collect();
-    if line.chars().count() > MAX_CHARS {
-        title.push('…');
+    const MAX_CHARS: usize = 60;
+    let line = message
+        .lines()
+        .map(|line| {
+            line.trim()
+                .trim_start_matches(['#', '>', '-', '*', '`', ' '])
+        })
+        .find(|line| !line.is_empty())
+        .unwrap_or_default();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let sentence_end = words
+        .iter()
+        .position(|w| {
+            let bare = w.trim_end_matches(['.', '?', '!']);
+            // Not "e.g." or "U.S.", not a lone initial.
+            bare.len() < w.len() && bare.chars().count() > 1 && !bare.contains('.')
+        })
+        .map_or(words.len(), |at| at + 1);
+    let sentence = words[..sentence_end].join(" ");
+    if sentence.chars().count() <= MAX_CHARS {
+        return sentence;
     }
-    title
+    let cut: String = sentence.chars().take(MAX_CHARS).collect();
+    let at_word = match cut.rfind(' ') {
+        Some(space) if space > MAX_CHARS / 2 => &cut[..space],
+        _ => cut.as_str(),
+    };
+    format!("{}…", at_word.trim_end_matches([',', ';', ':', ' ']))
+}
+
+#[cfg(test)]
+mod title_tests {
+    use super::title_from;
+
+    #[test]
+    fn a_title_is_the_first_sentence_on_one_line_cut_at_a_word() {
+        assert_eq!(title_from("Try twice"), "Try twice");
+        assert_eq!(
+            title_from("What is Rust? Tell me everything, with examples."),
+            "What is Rust?"
+        );
+        assert_eq!(title_from("## Plan\nfor the trip"), "Plan");
+        assert_eq!(title_from("  \n\n  spaced   out\ttext "), "spaced out text");
+        assert_eq!(title_from("e.g. this stays whole"), "e.g. this stays whole");
+        let long =
+            "Summarise the following article about the history of the printing press in Europe";
+        assert_eq!(
+            title_from(long),
+            "Summarise the following article about the history of the…"
+        );
+        assert_eq!(title_from(&"x".repeat(100)), format!("{}…", "x".repeat(60)));
+    }
 }

@@ -241,6 +241,68 @@ impl ChatStore for PostgresStore {
         Ok(deleted.rows_affected() > 0)
     }
 
+    async fn rename_chat(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        title: &str,
+    ) -> Result<bool, StoreError> {
+        let renamed = sqlx::query("UPDATE chats SET title = $3 WHERE id = $1 AND user_id = $2")
+            .bind(chat_id)
+            .bind(user_id)
+            .bind(title)
+            .execute(self.pool().await?)
+            .await
+            .map_err(unavailable)?;
+        Ok(renamed.rows_affected() > 0)
+    }
+
+    /// The chat's row lock first, in a statement of its own: `mangoo_begin_turn` takes it too, so
+    /// the checks that follow (each with a fresh snapshot) see any turn begun before it.
+    async fn rewind_chat(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        message_id: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().await?.begin().await.map_err(unavailable)?;
+        let owned = sqlx::query("SELECT 1 FROM chats WHERE id = $1 AND user_id = $2 FOR UPDATE")
+            .bind(chat_id)
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if owned.is_none() {
+            return Err(StoreError::ChatNotFound);
+        }
+        let (seq, busy): (Option<i64>, bool) = sqlx::query_as(
+            "SELECT (SELECT seq FROM messages WHERE id = $2 AND chat_id = $1), \
+                    EXISTS (SELECT 1 FROM messages WHERE chat_id = $1 AND status = 'streaming')",
+        )
+        .bind(chat_id)
+        .bind(message_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let seq = seq.ok_or(StoreError::MessageNotFound)?;
+        if busy {
+            return Err(StoreError::ChatBusy);
+        }
+        sqlx::query("DELETE FROM messages WHERE chat_id = $1 AND seq >= $2")
+            .bind(chat_id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("UPDATE chats SET updated_at = $2 WHERE id = $1")
+            .bind(chat_id)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
         let recovered = sqlx::query(
             "WITH recovered AS (UPDATE messages SET status = 'interrupted', \

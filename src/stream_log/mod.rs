@@ -17,8 +17,11 @@ pub mod redis;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use futures_util::Stream;
 use futures_util::stream::BoxStream;
@@ -167,32 +170,69 @@ pub trait EventLog: Send + Sync + 'static {
     }
 }
 
-/// Who is listening to a live answer. Under the "cancel" disconnect policy, the last listener to
-/// leave cancels the answer; under "continue", leaving changes nothing.
+/// Who is listening to a live answer. Under the "cancel" disconnect policy an answer nobody has
+/// listened to for the grace period is cancelled; a listener that comes back within it (a
+/// reloaded page, a phone out of a tunnel) keeps it going. Under "continue", leaving changes
+/// nothing.
 #[derive(Debug)]
 pub struct Audience {
-    listeners: AtomicUsize,
-    /// Cancelled when the last listener leaves (and the policy says so).
-    all_gone: CancellationToken,
-    cancel_when_empty: bool,
+    heard: watch::Sender<Heard>,
+    /// `None`: never cancelled for want of listeners.
+    grace: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Heard {
+    listeners: usize,
+    /// When the last listener left; `None` while someone listens (or nobody ever did: the
+    /// asker's listener is attached before the producer starts).
+    emptied_at: Option<Instant>,
 }
 
 impl Audience {
-    pub fn new(cancel_when_empty: bool) -> Arc<Self> {
+    pub fn new(grace: Option<Duration>) -> Arc<Self> {
         Arc::new(Self {
-            listeners: AtomicUsize::new(0),
-            all_gone: CancellationToken::new(),
-            cancel_when_empty,
+            heard: watch::Sender::new(Heard::default()),
+            grace,
         })
     }
 
-    pub fn all_gone(&self) -> CancellationToken {
-        self.all_gone.clone()
+    /// Resolves once nobody has listened for the grace period. State, not a timer: dropping
+    /// this future and calling it again (each phase of the producer does) loses no time.
+    pub async fn abandoned(&self) {
+        let Some(grace) = self.grace else {
+            return std::future::pending().await;
+        };
+        let mut heard = self.heard.subscribe();
+        loop {
+            let emptied = heard
+                .wait_for(|h| h.emptied_at.is_some())
+                .await
+                .map(|h| h.emptied_at);
+            let Ok(Some(emptied_at)) = emptied else {
+                return std::future::pending().await;
+            };
+            if grace.is_zero() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(emptied_at + grace) => {
+                    let still_empty = heard.borrow().emptied_at == Some(emptied_at);
+                    if still_empty {
+                        return;
+                    }
+                }
+                _ = heard.changed() => {}
+            }
+        }
     }
 
     /// Wraps a listener's stream so that its end (or drop) is counted.
     pub fn listen(self: &Arc<Self>, events: BoxStream<'static, StreamEvent>) -> Listener {
-        self.listeners.fetch_add(1, Ordering::SeqCst);
+        self.heard.send_modify(|h| {
+            h.listeners += 1;
+            h.emptied_at = None;
+        });
         Listener {
             events,
             audience: self.clone(),
@@ -216,9 +256,55 @@ impl Stream for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let before = self.audience.listeners.fetch_sub(1, Ordering::SeqCst);
-        if before == 1 && self.audience.cancel_when_empty {
-            self.audience.all_gone.cancel();
-        }
+        self.audience.heard.send_modify(|h| {
+            h.listeners -= 1;
+            if h.listeners == 0 {
+                h.emptied_at = Some(Instant::now());
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{FutureExt, StreamExt, stream};
+
+    fn listener(audience: &Arc<Audience>) -> Listener {
+        audience.listen(stream::empty().boxed())
+    }
+
+    /// Whether `abandoned` resolves within `by` (the paused clock jumps to each timer).
+    async fn abandoned_after(audience: &Arc<Audience>, by: Duration) -> bool {
+        tokio::time::timeout(by, audience.abandoned()).await.is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_abandoned_only_after_a_whole_grace_period_without_listeners() {
+        let audience = Audience::new(Some(Duration::from_secs(30)));
+        let first = listener(&audience);
+        assert!(
+            !abandoned_after(&audience, Duration::from_secs(60)).await,
+            "heard"
+        );
+
+        drop(first);
+        assert!(!abandoned_after(&audience, Duration::from_secs(20)).await);
+        // Back within the grace period (a reload), then gone again: the period starts over.
+        let back = listener(&audience);
+        drop(back);
+        assert!(!abandoned_after(&audience, Duration::from_secs(29)).await);
+        assert!(abandoned_after(&audience, Duration::from_secs(2)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_grace_abandons_at_once_and_no_grace_never() {
+        let at_once = Audience::new(Some(Duration::ZERO));
+        drop(listener(&at_once));
+        assert!(at_once.abandoned().now_or_never().is_some());
+
+        let never = Audience::new(None);
+        drop(listener(&never));
+        assert!(!abandoned_after(&never, Duration::from_secs(86_400)).await);
     }
 }

@@ -123,3 +123,121 @@ async fn deleting_a_chat_stops_its_running_answer() {
         .await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn a_chat_is_renamed_by_its_owner_only_and_a_bad_title_is_refused() {
+    let app = spawn_app().await;
+    let events = app
+        .chat(
+            "alice",
+            json!({"bot_id": BOT, "message": "Plan a trip. Somewhere warm."}),
+        )
+        .await;
+    let chat_id = events[0].json()["chat_id"].as_str().unwrap().to_owned();
+    let (_, list) = app.get_json("alice", "/api/v1/chats").await;
+    assert_eq!(
+        list["chats"][0]["title"], "Plan a trip.",
+        "the first sentence"
+    );
+    let rename = |user: &str, body: serde_json::Value| {
+        app.client
+            .patch(app.url(&format!("/api/v1/chats/{chat_id}")))
+            .bearer_auth(app.token(user))
+            .json(&body)
+            .send()
+    };
+
+    let renamed = rename("alice", json!({"title": "  Lisbon\n in May "}))
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), 200);
+    let chat: serde_json::Value = renamed.json().await.unwrap();
+    assert_eq!(chat["title"], "Lisbon in May");
+    assert_eq!(chat["chat_id"], chat_id.as_str());
+
+    let theirs = rename("mallory", json!({"title": "mine"})).await.unwrap();
+    assert_eq!(theirs.status(), 404);
+    for bad in [json!({"title": "   "}), json!({"title": "x".repeat(201)})] {
+        let refused = rename("alice", bad).await.unwrap();
+        assert_eq!(refused.status(), 400);
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["code"], "invalid_title");
+    }
+    let (_, list) = app.get_json("alice", "/api/v1/chats").await;
+    assert_eq!(list["chats"][0]["title"], "Lisbon in May");
+}
+
+#[tokio::test]
+async fn rewinding_to_the_last_question_lets_it_be_asked_again() {
+    let app = spawn_app().await;
+    let first = app
+        .chat("alice", json!({"bot_id": BOT, "message": "first"}))
+        .await;
+    let chat_id = first[0].json()["chat_id"].as_str().unwrap().to_owned();
+    app.chat(
+        "alice",
+        json!({"bot_id": BOT, "message": "second", "chat_id": chat_id}),
+    )
+    .await;
+    let messages = app.settled_messages("alice", &chat_id).await;
+    let second_question = messages[2]["id"].as_str().unwrap().to_owned();
+    let rewind = |user: &str, message_id: &str| {
+        app.client
+            .delete(app.url(&format!("/api/v1/chats/{chat_id}/messages/{message_id}")))
+            .bearer_auth(app.token(user))
+            .send()
+    };
+
+    assert_eq!(
+        rewind("mallory", &second_question).await.unwrap().status(),
+        404
+    );
+    let unknown = rewind("alice", "msg-unknown").await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let body: serde_json::Value = unknown.json().await.unwrap();
+    assert_eq!(body["code"], "message_not_found");
+    assert_eq!(
+        rewind("alice", &second_question).await.unwrap().status(),
+        204
+    );
+    assert_eq!(app.settled_messages("alice", &chat_id).await.len(), 2);
+
+    // Regenerated: the model sees the first exchange and the question once.
+    app.chat(
+        "alice",
+        json!({"bot_id": BOT, "message": "second, edited", "chat_id": chat_id}),
+    )
+    .await;
+    let messages = app.settled_messages("alice", &chat_id).await;
+    let texts: Vec<&str> = messages
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["first", "Hello, world!", "second, edited", "Hello, world!"]
+    );
+    let asked = app.fake.requests().last().unwrap().body.clone();
+    assert_eq!(asked["messages"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_chat_cannot_be_rewound_while_its_answer_streams() {
+    let app = spawn_app().await;
+    app.fake.push(Script::tokens(&["slow"]).gated());
+    let (reader, chat_id) = app.open_stream("alice", "wait").await;
+    let messages = app.all_messages("alice", &chat_id).await;
+    let question = messages[0]["id"].as_str().unwrap();
+
+    let busy = app
+        .client
+        .delete(app.url(&format!("/api/v1/chats/{chat_id}/messages/{question}")))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(busy.status(), 409);
+    app.fake.release(1);
+    reader.collect().await;
+    assert_eq!(app.settled_messages("alice", &chat_id).await.len(), 2);
+}

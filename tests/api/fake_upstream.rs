@@ -163,6 +163,10 @@ impl FakeUpstream {
             .route("/control/script", post(control_script))
             .route("/control/release", post(control_release))
             .route("/control/cut", post(control_cut))
+            .route(
+                "/control/outcome/{index}",
+                axum::routing::get(control_outcome),
+            )
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -226,6 +230,19 @@ async fn control_release(State(inner): State<Arc<Inner>>, body: axum::Json<Value
 async fn control_cut(State(inner): State<Arc<Inner>>) -> StatusCode {
     inner.cuts.send_modify(|n| *n += 1);
     StatusCode::NO_CONTENT
+}
+
+/// Waits until the `index`-th answer stream (0-based) has ended: `{"outcome": "cancelled"}`.
+async fn control_outcome(
+    State(inner): State<Arc<Inner>>,
+    axum::extract::Path(index): axum::extract::Path<usize>,
+) -> axum::Json<Value> {
+    let upstream = FakeUpstream {
+        inner,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let outcome = upstream.outcome(index).await;
+    axum::Json(serde_json::json!({ "outcome": format!("{outcome:?}").to_lowercase() }))
 }
 
 /// Records how a stream ended when it is dropped: dropped before `finish` means cancelled.

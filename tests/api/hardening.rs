@@ -280,6 +280,22 @@ impl ChatStore for PanickingStore {
     async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError> {
         self.inner.delete_chat(chat_id, user_id).await
     }
+    async fn rename_chat(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        title: &str,
+    ) -> Result<bool, StoreError> {
+        self.inner.rename_chat(chat_id, user_id, title).await
+    }
+    async fn rewind_chat(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.rewind_chat(chat_id, user_id, message).await
+    }
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
         self.inner.recover_abandoned_turns().await
     }

@@ -64,6 +64,8 @@ pub fn test_config(fake: &FakeUpstream, db_path: &std::path::Path) -> Config {
     config.server.bind = "127.0.0.1:0".into();
     // Streams still open when a test stops the server end after this long.
     config.server.drain_secs = 1;
+    // Most tests check what a disconnect does at once; tests/api/resume.rs covers the grace.
+    config.streams.disconnect_grace_secs = 0;
     // Tests poll; only the rate-limit tests want the limits near.
     config.rate_limit.requests_per_second = 10_000.0;
     config.rate_limit.burst = 10_000;

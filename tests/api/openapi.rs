@@ -35,6 +35,7 @@ async fn the_document_lists_every_api_route() {
             "/api/v1/chats",
             "/api/v1/chats/{chat_id}",
             "/api/v1/chats/{chat_id}/messages",
+            "/api/v1/chats/{chat_id}/messages/{message_id}",
             "/api/v1/chats/{chat_id}/stop",
             "/api/v1/chats/{chat_id}/stream",
             "/api/v1/stream-tickets",

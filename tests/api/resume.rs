@@ -111,6 +111,49 @@ async fn under_cancel_a_reconnecting_client_gets_the_stored_partial_answer_and_i
 }
 
 #[tokio::test]
+async fn within_the_grace_period_a_returning_client_gets_the_whole_answer_live() {
+    let app = spawn_app_with(|c| c.streams.disconnect_grace_secs = 3600).await;
+    let (chat_id, seen) = read_two_then_drop(&app).await;
+
+    // The page reloaded: it knows no event id and reads the answer from its start.
+    let response = reconnect(&app, "alice", &chat_id, None).await;
+    assert_eq!(response.status(), 200);
+    let mut reader = SseReader::new(response);
+    app.fake.release(3);
+    let mut events = Vec::new();
+    while let Some(event) = reader.next_event().await {
+        events.push(event);
+    }
+
+    assert_eq!(events.first().unwrap().event, "start");
+    assert_eq!(events.last().unwrap().event, "done");
+    assert_eq!(
+        events[1].id_num(),
+        seen[0].id_num(),
+        "the same ids as before the reload"
+    );
+    assert_eq!(answer_text(&events), ANSWER.concat());
+    assert_eq!(app.fake.outcome(0).await, Outcome::Completed);
+    let stored = app.settled_messages("alice", &chat_id).await;
+    assert_eq!(stored[1]["status"], "complete");
+    assert_eq!(stored[1]["content"], ANSWER.concat());
+}
+
+#[tokio::test]
+async fn when_nobody_returns_within_the_grace_period_the_upstream_call_is_aborted() {
+    let app = spawn_app_with(|c| c.streams.disconnect_grace_secs = 1).await;
+    let (chat_id, seen) = read_two_then_drop(&app).await;
+
+    assert_eq!(app.fake.outcome(0).await, Outcome::Cancelled);
+    let stored = app.settled_messages("alice", &chat_id).await;
+    assert_eq!(stored[1]["status"], "interrupted");
+    assert_eq!(stored[1]["content"], answer_text(&seen));
+    let response = reconnect(&app, "alice", &chat_id, Some(seen[1].id_num())).await;
+    let rest = SseReader::new(response).collect().await;
+    assert_eq!(rest.last().unwrap().json()["code"], "answer_interrupted");
+}
+
+#[tokio::test]
 async fn a_finished_answer_replays_with_the_same_ids_and_data_and_then_says_no_more() {
     let app = spawn_app().await;
     let original = app

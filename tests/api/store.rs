@@ -118,7 +118,63 @@ conformance!(
     a_crashed_answer_keeps_its_saved_text_and_its_ids_are_never_reused,
     chat_history_is_the_owners_only_and_holds_the_last_messages,
     two_instances_racing_for_one_chat_start_exactly_one_answer,
+    a_rewound_chat_loses_the_turn_and_what_follows_and_takes_a_new_one,
 );
+
+async fn a_rewound_chat_loses_the_turn_and_what_follows_and_takes_a_new_one(backend: Backend) {
+    let store = backend.store;
+    store
+        .begin_turn(&turn("r", "alice", true, 1))
+        .await
+        .unwrap();
+    store.finish_turn(finished("r", 1, 2)).await.unwrap();
+    store
+        .begin_turn(&turn("r", "alice", false, 2))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store.rewind_chat("r", "alice", "user-r-2").await,
+            Err(StoreError::ChatBusy)
+        ),
+        "not while an answer streams"
+    );
+    store.finish_turn(finished("r", 2, 4)).await.unwrap();
+    assert!(matches!(
+        store.rewind_chat("r", "bob", "user-r-2").await,
+        Err(StoreError::ChatNotFound)
+    ));
+    assert!(matches!(
+        store.rewind_chat("r", "alice", "user-elsewhere").await,
+        Err(StoreError::MessageNotFound)
+    ));
+
+    store.rewind_chat("r", "alice", "user-r-2").await.unwrap();
+    let left = store.list_messages("r", None, 10).await.unwrap();
+    let ids: Vec<&str> = left.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["user-r-1", "answer-r-1"]);
+    // Asked again: ids go on growing, the new messages follow the old ones.
+    let begun = store
+        .begin_turn(&turn("r", "alice", false, 3))
+        .await
+        .unwrap();
+    assert_eq!(begun.last_event_id, 4);
+    let messages = store.list_messages("r", None, 10).await.unwrap();
+    assert_eq!(messages.len(), 4);
+    assert_eq!(messages[2].content, "question 3");
+
+    assert!(!store.rename_chat("r", "bob", "mine").await.unwrap());
+    assert!(
+        store
+            .rename_chat("r", "alice", "Sea voyages")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get_chat("r").await.unwrap().unwrap().title,
+        "Sea voyages"
+    );
+}
 
 async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_trace(
     backend: Backend,

@@ -126,6 +126,31 @@ impl ChatStore for SqliteStore {
             .await
     }
 
+    async fn rename_chat(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        title: &str,
+    ) -> Result<bool, StoreError> {
+        let (chat_id, user_id, title) = (chat_id.to_owned(), user_id.to_owned(), title.to_owned());
+        self.writer
+            .write(move |conn| writer::rename_chat(conn, &chat_id, &user_id, &title))
+            .await
+    }
+
+    async fn rewind_chat(
+        &self,
+        chat_id: &str,
+        user_id: &str,
+        message_id: &str,
+    ) -> Result<(), StoreError> {
+        let (chat_id, user_id) = (chat_id.to_owned(), user_id.to_owned());
+        let message_id = message_id.to_owned();
+        self.writer
+            .write(move |conn| writer::rewind_chat(conn, &chat_id, &user_id, &message_id))
+            .await
+    }
+
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
         self.writer.write(writer::recover_abandoned_turns).await
     }

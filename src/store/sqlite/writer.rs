@@ -330,6 +330,49 @@ pub(super) fn delete_chat(
     Ok(deleted > 0)
 }
 
+pub(super) fn rename_chat(
+    conn: &Connection,
+    chat_id: &str,
+    user_id: &str,
+    title: &str,
+) -> Result<bool, StoreError> {
+    let renamed = conn
+        .prepare_cached("UPDATE chats SET title = ?3 WHERE id = ?1 AND user_id = ?2")?
+        .execute(params![chat_id, user_id, title])?;
+    Ok(renamed > 0)
+}
+
+/// The one writer runs this alone: no turn can begin between the checks and the delete.
+pub(super) fn rewind_chat(
+    conn: &Connection,
+    chat_id: &str,
+    user_id: &str,
+    message_id: &str,
+) -> Result<(), StoreError> {
+    let owned = conn
+        .prepare_cached("SELECT 1 FROM chats WHERE id = ?1 AND user_id = ?2")?
+        .exists(params![chat_id, user_id])?;
+    if !owned {
+        return Err(StoreError::ChatNotFound);
+    }
+    let seq: i64 = conn
+        .prepare_cached("SELECT seq FROM messages WHERE id = ?1 AND chat_id = ?2")?
+        .query_row(params![message_id, chat_id], |row| row.get(0))
+        .optional()?
+        .ok_or(StoreError::MessageNotFound)?;
+    let busy = conn
+        .prepare_cached("SELECT 1 FROM messages WHERE chat_id = ?1 AND status = 'streaming'")?
+        .exists(params![chat_id])?;
+    if busy {
+        return Err(StoreError::ChatBusy);
+    }
+    conn.prepare_cached("DELETE FROM messages WHERE chat_id = ?1 AND seq >= ?2")?
+        .execute(params![chat_id, seq])?;
+    conn.prepare_cached("UPDATE chats SET updated_at = ?2 WHERE id = ?1")?
+        .execute(params![chat_id, now_ms()])?;
+    Ok(())
+}
+
 /// Each abandoned answer keeps the text it saved; its terminal event's id comes after every id it
 /// may have sent (its reservation) and the chat's next turn continues after that.
 pub(super) fn recover_abandoned_turns(conn: &Connection) -> Result<u64, StoreError> {
