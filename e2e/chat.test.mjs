@@ -501,11 +501,13 @@ test("auto-scroll follows the answer, pauses when the reader scrolls up, and jum
   await control("release", { n: 30 });
   await waitForAnswer("Sentence number 0");
   await page.waitForFunction(() => document.querySelector("#messages li.assistant:last-child .body").textContent.includes("number 29"));
-  const atBottom = () => page.evaluate(() => {
+  const bottom = () => {
     const s = document.getElementById("scroller");
     return s.scrollHeight - s.scrollTop - s.clientHeight < 48;
-  });
-  assert.equal(await atBottom(), true, "following the answer");
+  };
+  // Waits for the view to reach the bottom (a frame may pass first); fails if it never does.
+  const reachesBottom = () => page.waitForFunction(bottom);
+  await reachesBottom(); // following the answer
   await page.evaluate(() => (document.getElementById("scroller").scrollTop = 0));
   await page.waitForFunction(() => document.getElementById("scroller").scrollTop === 0);
   await control("release", { n: 15 });
@@ -513,10 +515,11 @@ test("auto-scroll follows the answer, pauses when the reader scrolls up, and jum
   assert.equal(await page.evaluate(() => document.getElementById("scroller").scrollTop), 0, "the reader stays put");
   await page.waitForSelector("#jump:not([hidden])");
   await page.click("#jump");
-  assert.equal(await atBottom(), true);
+  await reachesBottom();
+  assert.equal(await page.locator("#jump").isHidden(), true);
   await control("release", { n: 15 });
   await waitIdle();
-  assert.equal(await atBottom(), true, "following again");
+  await reachesBottom(); // following again, to the end
 });
 
 test("phone 375×700: a drawer for chats, a full-width composer", async () => {

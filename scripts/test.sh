@@ -11,6 +11,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 # Everything builds in the release profile, like scripts/serve.sh: one build of the dependencies
 # serves both, and the CI cache holds one set of artifacts instead of two.
+echo "== the chat page's vendored libraries are the pinned ones (scripts/vendor-ui.sh)"
+(cd ui/vendor && sha256sum --quiet -c SHA256SUMS)
 echo "== cargo clippy"
 cargo clippy --release --all-targets --locked -- -D warnings
 echo "== the embedded model's weights (mangoo model fetch; a no-op when present)"

@@ -753,6 +753,7 @@ function finish(s, remark) {
   settle(s, remark);
   if (remark) note(s.el, endingNote(remark));
   setStreaming(false);
+  followIfStuck(); // the actions row just added
   showStatus("");
   announce(remark ? `Answer ${endingNote(remark).toLowerCase()}` : "Answer complete");
   loadChats().catch(() => {});
@@ -763,6 +764,7 @@ function fail(s, message, retryable, code) {
   settle(s, status);
   note(s.el, endingNote(status), status === "error");
   setStreaming(false);
+  followIfStuck();
   showStatus(message, true, retryable !== false);
 }
 
