@@ -143,7 +143,7 @@ async fn answer(
 
 /// One of the caller's concurrent-stream places, taken before anything starts (a refused
 /// request leaves no trace).
-async fn stream_slot(state: &AppState, user: &UserId) -> Result<StreamPlace, ApiError> {
+pub(super) async fn stream_slot(state: &AppState, user: &UserId) -> Result<StreamPlace, ApiError> {
     state.streams.take(user.as_str()).await?.ok_or_else(|| {
         let reason = crate::metrics::ReasonLabels {
             reason: "streams".into(),
@@ -160,7 +160,10 @@ async fn stream_slot(state: &AppState, user: &UserId) -> Result<StreamPlace, Api
 }
 
 /// The `Last-Event-ID` header, else the `last_event_id` query parameter.
-fn last_event_id(headers: &HeaderMap, query: Option<&str>) -> Result<Option<i64>, ApiError> {
+pub(super) fn last_event_id(
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Option<i64>, ApiError> {
     headers
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("?").to_owned())

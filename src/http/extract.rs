@@ -53,6 +53,9 @@ pub fn is_stream_route(method: &Method, path: &str) -> bool {
     if path == "/api/v1/chat/stream" {
         return *method == Method::GET || *method == Method::POST;
     }
+    if path == "/api/v1/diagnostics/stream" {
+        return *method == Method::GET;
+    }
     *method == Method::GET
         && path
             .strip_prefix("/api/v1/chats/")

@@ -14,6 +14,7 @@ pub mod body_end;
 mod chat_stream;
 mod chats;
 pub mod client_address;
+mod diagnostics;
 pub mod error;
 pub mod extract;
 pub mod limits;
@@ -85,6 +86,10 @@ pub fn router(
         .route("/api/v1/chats/{chat_id}/stop", post(chat_stream::stop))
         .route("/api/v1/bots", get(chats::list_bots))
         .route("/api/v1/stream-tickets", post(chat_stream::issue_ticket))
+        .route(
+            "/api/v1/diagnostics/stream",
+            get(diagnostics::diagnostics_stream).head(head_starts_nothing),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::rate_limit,

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{chat_stream, chats, sse};
+use super::{chat_stream, chats, diagnostics, sse};
 use crate::http::error::ErrorBody;
 
 #[derive(OpenApi)]
@@ -26,6 +26,7 @@ use crate::http::error::ErrorBody;
         chats::update_chat,
         chats::rewind_chat,
         chats::list_bots,
+        diagnostics::diagnostics_stream,
         super::healthz,
         super::readyz,
     ),
@@ -42,6 +43,7 @@ use crate::http::error::ErrorBody;
         (name = "chat", description = "Asking, streaming, resuming and stopping answers"),
         (name = "chats", description = "The caller's chats and bots"),
         (name = "health", description = "Load-balancer checks"),
+        (name = "diagnostics", description = "What `mangoo probe` measures the path with"),
     )
 )]
 pub struct ApiDoc;
