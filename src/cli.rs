@@ -1,4 +1,5 @@
-//! Command line: `mangoo serve [--config FILE]` and `mangoo token --sub USER [--ttl 1h]`.
+//! Command line: `mangoo serve [--config FILE]`, `mangoo token --sub USER [--ttl 1h]`,
+//! `mangoo model fetch|path` and `mangoo probe URL`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,30 @@ enum Command {
     Model {
         #[command(subcommand)]
         command: ModelCommand,
+    },
+    /// Check the streaming path from here to a Mangoo: reachability, auth, headers, buffering,
+    /// idle cuts, resume, CORS. Exits 0 when healthy, 1 when it found a problem.
+    Probe {
+        /// How clients reach Mangoo, e.g. https://chat.example.com (a path prefix is fine).
+        url: String,
+        /// A JWT for the checks that need one (`mangoo token --sub probe`).
+        #[arg(long, env = "MANGOO_TOKEN")]
+        token: Option<String>,
+        /// Also check the stream-ticket flow (EventSource with a one-time ticket).
+        #[arg(long)]
+        ticket: bool,
+        /// Check the CORS preflight of a page on this origin, e.g. https://app.example.com.
+        #[arg(long)]
+        origin: Option<String>,
+        /// Seconds of silence (heartbeats only) a stream must survive.
+        #[arg(long, default_value_t = 75)]
+        idle: u64,
+        /// Also hold a stream silent with heartbeats off, to measure the path's own idle timeout.
+        #[arg(long)]
+        without_heartbeats: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a JWT signed with the configured secret, for development and scripts.
     Token {
@@ -69,6 +94,25 @@ const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Probe {
+            url,
+            token,
+            ticket,
+            origin,
+            idle,
+            without_heartbeats,
+            json,
+        } => {
+            let options = crate::probe::ProbeOptions {
+                url,
+                token,
+                ticket,
+                origin,
+                idle: Duration::from_secs(idle),
+                without_heartbeats,
+            };
+            return probe(&options, json);
+        }
         Command::Serve { config } => serve(config),
         Command::Token { sub, ttl, config } => token(config, &sub, ttl),
         Command::Model { command } => model(command),
@@ -79,6 +123,35 @@ pub fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Exit 0 when the path is healthy, 1 when a check found a problem, 2 when the probe itself could
+/// not run.
+fn probe(options: &crate::probe::ProbeOptions, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = runtime.block_on(crate::probe::run(options));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("the report serialises")
+        );
+    } else {
+        print!("{}", report.text());
+    }
+    if report.healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

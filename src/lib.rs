@@ -47,6 +47,7 @@ pub mod domain;
 pub mod events;
 pub mod http;
 pub mod metrics;
+pub mod probe;
 pub mod providers;
 pub mod rate_limit;
 pub mod shared;

@@ -23,6 +23,7 @@ mod local_model;
 mod nginx;
 mod openapi;
 mod operations;
+mod probe;
 mod providers;
 mod resilience;
 mod resume;

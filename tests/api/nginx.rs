@@ -110,7 +110,7 @@ url = "sqlite://{db}"
     }
 }
 
-fn nginx_binary() -> &'static str {
+pub(super) fn nginx_binary() -> &'static str {
     ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
