@@ -1,5 +1,5 @@
 //! Command line: `mangoo serve [--config FILE]`, `mangoo token --sub USER [--ttl 1h]`,
-//! `mangoo model fetch|path` and `mangoo probe URL`.
+//! `mangoo model fetch|path`, `mangoo probe URL` and `mangoo chat URL`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +59,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Talk to a Mangoo from a terminal: answers stream as they come, Ctrl-C stops one, a
+    /// dropped connection resumes. Exits 0, 1 (an answer failed or was refused), 2 (cannot run)
+    /// or 130 (stopped by Ctrl-C).
+    Chat {
+        /// The Mangoo's URL, e.g. https://chat.example.com.
+        url: String,
+        #[arg(long, env = "MANGOO_TOKEN")]
+        token: Option<String>,
+        /// The bot to talk to; the first the server lists by default.
+        #[arg(long)]
+        bot: Option<String>,
+        /// Continue this chat instead of starting a new one.
+        #[arg(long)]
+        chat: Option<String>,
+        /// Ask this one question, print the answer and exit (no prompt).
+        #[arg(long)]
+        message: Option<String>,
+    },
     /// Print a JWT signed with the configured secret, for development and scripts.
     Token {
         /// The user id (the token's `sub`).
@@ -112,6 +130,28 @@ pub fn main() -> ExitCode {
                 without_heartbeats,
             };
             return probe(&options, json);
+        }
+        Command::Chat {
+            url,
+            token,
+            bot,
+            chat,
+            message,
+        } => {
+            let Some(token) = token else {
+                eprintln!(
+                    "error: a token is needed: --token or MANGOO_TOKEN (`mangoo token --sub you`)"
+                );
+                return ExitCode::from(2);
+            };
+            let options = crate::chat_client::ChatOptions {
+                url,
+                token,
+                bot,
+                chat,
+                message,
+            };
+            return ExitCode::from(crate::chat_client::main(options) as u8);
         }
         Command::Serve { config } => serve(config),
         Command::Token { sub, ttl, config } => token(config, &sub, ttl),

@@ -40,6 +40,7 @@
 
 pub mod auth;
 pub mod chat;
+pub mod chat_client;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -51,6 +52,7 @@ pub mod probe;
 pub mod providers;
 pub mod rate_limit;
 pub mod shared;
+pub mod sse_client;
 pub mod startup;
 pub mod store;
 pub mod stream_log;

@@ -8,8 +8,8 @@ use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode};
 use tokio::time::Instant;
 
-use super::sse::{self, Reading};
 use super::{Check, ProbeOptions, Status};
+use crate::sse_client::{self as sse, Reading};
 
 /// Paced events for the buffering check, and how far apart the server sends them.
 const PACED_EVENTS: u32 = 10;

@@ -7,7 +7,6 @@
 //! stamps itself: the probe needs no model and spends no tokens.
 
 mod checks;
-mod sse;
 
 use std::time::Duration;
 

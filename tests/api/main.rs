@@ -32,4 +32,5 @@ mod shared_state;
 mod stalled;
 mod store;
 mod streaming;
+mod terminal_chat;
 mod upstream_failures;

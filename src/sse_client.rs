@@ -1,5 +1,6 @@
-//! Reading a stream the way `mangoo probe` needs it: every event and heartbeat with the moment
-//! its last byte arrived, so what the path held back shows as events arriving together.
+//! The client side of Mangoo's streams, for `mangoo probe` and `mangoo chat`: every event and
+//! heartbeat with the moment its last byte arrived, so what a path held back shows as events
+//! arriving together.
 
 use std::time::Duration;
 
@@ -43,6 +44,51 @@ impl Reading {
     }
 }
 
+/// One thing a stream brought.
+#[derive(Debug)]
+pub enum Received {
+    Event(Arrived),
+    Heartbeat(Instant),
+}
+
+/// Reads a response's SSE frames as they arrive, each stamped with its arrival.
+pub struct EventReader {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+    ready: std::collections::VecDeque<Received>,
+}
+
+impl EventReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: response.bytes_stream().boxed(),
+            buffer: String::new(),
+            ready: Default::default(),
+        }
+    }
+
+    /// The next event or heartbeat; `None` at the end of the body, `Err` when the connection
+    /// failed.
+    pub async fn next(&mut self) -> Option<Result<Received, String>> {
+        loop {
+            if let Some(received) = self.ready.pop_front() {
+                return Some(Ok(received));
+            }
+            let chunk = match self.body.next().await? {
+                Ok(chunk) => chunk,
+                Err(e) => return Some(Err(format!("the connection failed: {e}"))),
+            };
+            let at = Instant::now();
+            self.buffer
+                .push_str(&String::from_utf8_lossy(&chunk).replace("\r\n", "\n"));
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                parse_block(&block, at, &mut self.ready);
+            }
+        }
+    }
+}
+
 /// Reads `response` until its terminal event, `stop_after` message events, the end of the body
 /// or `deadline`, whichever comes first.
 pub async fn read(
@@ -51,11 +97,10 @@ pub async fn read(
     deadline: Duration,
 ) -> Reading {
     let mut reading = Reading::default();
-    let mut body = response.bytes_stream();
-    let mut buffer = String::new();
+    let mut reader = EventReader::new(response);
     let give_up = Instant::now() + deadline;
     loop {
-        let chunk = match tokio::time::timeout_at(give_up, body.next()).await {
+        match tokio::time::timeout_at(give_up, reader.next()).await {
             Err(_) => {
                 reading.cut = Some(format!("no end within {} s", deadline.as_secs()));
                 return reading;
@@ -67,16 +112,11 @@ pub async fn read(
                 return reading;
             }
             Ok(Some(Err(e))) => {
-                reading.cut = Some(format!("the connection failed: {e}"));
+                reading.cut = Some(e);
                 return reading;
             }
-            Ok(Some(Ok(chunk))) => chunk,
-        };
-        let at = Instant::now();
-        buffer.push_str(&String::from_utf8_lossy(&chunk).replace("\r\n", "\n"));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            parse_block(&block, at, &mut reading);
+            Ok(Some(Ok(Received::Heartbeat(at)))) => reading.heartbeats.push(at),
+            Ok(Some(Ok(Received::Event(event)))) => reading.events.push(event),
         }
         let enough = stop_after.is_some_and(|n| reading.messages().count() >= n);
         if reading.finished() || enough {
@@ -85,7 +125,7 @@ pub async fn read(
     }
 }
 
-fn parse_block(block: &str, at: Instant, reading: &mut Reading) {
+fn parse_block(block: &str, at: Instant, ready: &mut std::collections::VecDeque<Received>) {
     let mut event = Arrived {
         id: None,
         event: "message".into(),
@@ -98,7 +138,7 @@ fn parse_block(block: &str, at: Instant, reading: &mut Reading) {
             continue;
         }
         if line.starts_with(':') {
-            reading.heartbeats.push(at);
+            ready.push_back(Received::Heartbeat(at));
             continue;
         }
         let (field, value) = line.split_once(':').unwrap_or((line, ""));
@@ -117,6 +157,6 @@ fn parse_block(block: &str, at: Instant, reading: &mut Reading) {
         }
     }
     if fields > 0 && !event.data.is_empty() {
-        reading.events.push(event);
+        ready.push_back(Received::Event(event));
     }
 }
