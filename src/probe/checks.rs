@@ -94,9 +94,10 @@ pub async fn all(options: &ProbeOptions) -> Vec<Check> {
     } else {
         checks.push(eventsource(&target, options.ticket).await);
         checks.extend(paced_stream(&target).await);
-        checks.push(idle(&target, options.idle, true).await);
+        let (with_heartbeats, heartbeat) = idle(&target, options.idle, true, None).await;
+        checks.push(with_heartbeats);
         if options.without_heartbeats {
-            checks.push(idle(&target, options.idle, false).await);
+            checks.push(idle(&target, options.idle, false, heartbeat).await.0);
         }
         checks.push(resume(&target).await);
     }
@@ -385,30 +386,50 @@ fn buffering_check(reading: &Reading) -> Check {
     }
 }
 
-/// A stream silent for `silence` must live; with heartbeats off, how long the path lets it.
-async fn idle(target: &Target, silence: Duration, heartbeats: bool) -> Check {
+/// A stream silent for `silence` must live; with heartbeats off, how long the path lets it
+/// (reported next to `heartbeat`, the interval measured with them on). Also returns the
+/// heartbeat interval this stream showed.
+async fn idle(
+    target: &Target,
+    silence: Duration,
+    heartbeats: bool,
+    heartbeat: Option<Duration>,
+) -> (Check, Option<Duration>) {
     let name = if heartbeats { "idle" } else { "idle-raw" };
     let secs = silence.as_secs();
     let query = format!("events=1&interval_ms=0&silence_secs={secs}&heartbeats={heartbeats}");
     let started = Instant::now();
     let response = match target.diagnostics(&query).send().await {
         Ok(r) if r.status() == StatusCode::OK => r,
-        Ok(r) => return Check::problem(name, format!("answered {}", r.status()), "see the log"),
-        Err(e) => return Check::problem(name, error_chain(&e), "see the proxy's log"),
+        Ok(r) => {
+            let problem = Check::problem(name, format!("answered {}", r.status()), "see the log");
+            return (problem, None);
+        }
+        Err(e) => {
+            return (
+                Check::problem(name, error_chain(&e), "see the proxy's log"),
+                None,
+            );
+        }
     };
     let reading = sse::read(response, None, silence + QUICK).await;
-    let heartbeat = heartbeat_interval(&reading);
-    match &reading.cut {
-        None if reading.finished() => Check::ok(
-            name,
-            match (heartbeats, heartbeat) {
-                (true, Some(every)) => format!(
-                    "a stream silent for {secs} s lived (heartbeats every {} s)",
-                    every.as_secs()
-                ),
-                _ => format!("a stream silent for {secs} s lived"),
-            },
-        ),
+    let measured = heartbeat_interval(&reading);
+    let heartbeat = measured.or(heartbeat);
+    let beats = match heartbeat {
+        Some(every) => format!("Mangoo's heartbeat: every {} s", every.as_secs()),
+        None => "Mangoo's heartbeat: none seen".to_owned(),
+    };
+    let check = match &reading.cut {
+        None if reading.finished() => match heartbeats {
+            true => Check::ok(
+                name,
+                format!("a stream silent for {secs} s lived ({beats})"),
+            ),
+            false => Check::ok(
+                name,
+                format!("a stream silent for {secs} s lived even without heartbeats"),
+            ),
+        },
         cut => {
             let after = reading.last_arrival().unwrap_or(started) - started;
             let lived = started.elapsed();
@@ -423,7 +444,7 @@ async fn idle(target: &Target, silence: Duration, heartbeats: bool) -> Check {
             Check::problem(
                 name,
                 format!(
-                    "the stream was cut after {:.1} s ({:.1} s after the last data): {}",
+                    "the stream was cut after {:.1} s ({:.1} s after the last data; {beats}): {}",
                     lived.as_secs_f64(),
                     (lived - after).as_secs_f64(),
                     cut.as_deref().unwrap_or("it ended without done")
@@ -431,7 +452,8 @@ async fn idle(target: &Target, silence: Duration, heartbeats: bool) -> Check {
                 fix,
             )
         }
-    }
+    };
+    (check, measured)
 }
 
 fn heartbeat_interval(reading: &Reading) -> Option<Duration> {
