@@ -43,7 +43,7 @@ enum Command {
         /// A JWT for the checks that need one (`mangoo token --sub probe`).
         #[arg(long, env = "MANGOO_TOKEN")]
         token: Option<String>,
-        /// Also check the stream-ticket flow (EventSource with a one-time ticket).
+        /// Open the EventSource-style stream with a one-time ticket instead of `?token=`.
         #[arg(long)]
         ticket: bool,
         /// Check the CORS preflight of a page on this origin, e.g. https://app.example.com.

@@ -18,7 +18,7 @@ pub struct ProbeOptions {
     /// How clients reach Mangoo: `https://chat.example.com`, or with a path prefix.
     pub url: String,
     pub token: Option<String>,
-    /// Also check the stream-ticket flow (EventSource with a one-time ticket).
+    /// Open the EventSource-style stream with a one-time ticket instead of `?token=`.
     pub ticket: bool,
     /// An origin whose CORS preflight to check (the web page's).
     pub origin: Option<String>,
