@@ -798,6 +798,7 @@ function closeDrawer() {
 
 $("signin-form").addEventListener("submit", (e) => {
   e.preventDefault();
+  $("signin-error").hidden = true; // this attempt's verdict replaces the last one
   sessionStorage.setItem("mangoo.token", $("token-input").value.trim());
   $("token-input").value = "";
   start();
