@@ -602,3 +602,63 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse_client::Arrived;
+
+    /// A reading of paced events sent `PACED_INTERVAL_MS` apart, arriving at `arrivals` (ms).
+    fn reading(arrivals: &[u64]) -> Reading {
+        let start = Instant::now();
+        let events = arrivals
+            .iter()
+            .enumerate()
+            .map(|(n, &at)| {
+                let sent = 1_000_000 + n as u64 * PACED_INTERVAL_MS;
+                let content = format!(r#"{{"seq":{},"sent_at_ms":{sent}}}"#, n + 1);
+                Arrived {
+                    id: Some(n as i64 + 2),
+                    event: "message".into(),
+                    data: serde_json::json!({ "content": content, "type": "content" }).to_string(),
+                    at: start + Duration::from_millis(at),
+                }
+            })
+            .collect();
+        Reading {
+            events,
+            ..Reading::default()
+        }
+    }
+
+    #[test]
+    fn events_arriving_as_sent_pass_and_events_held_together_are_measured() {
+        let as_sent: Vec<u64> = (0..10).map(|n| n * PACED_INTERVAL_MS + 3).collect();
+        let check = buffering_check(&reading(&as_sent));
+        assert_eq!(check.status, Status::Ok, "{}", check.detail);
+
+        let all_at_the_end = [1800; 10];
+        let check = buffering_check(&reading(&all_at_the_end));
+        assert_eq!(check.status, Status::Problem);
+        assert!(
+            check.detail.contains("held back up to 1800 ms"),
+            "{}",
+            check.detail
+        );
+        assert!(
+            check.detail.contains("9 of 9 gaps collapsed"),
+            "{}",
+            check.detail
+        );
+
+        // Flushed in two batches: the first five held until the sixth was sent.
+        let two_batches = [1000, 1000, 1000, 1000, 1000, 1000, 1200, 1400, 1600, 1800];
+        let check = buffering_check(&reading(&two_batches));
+        assert_eq!(check.status, Status::Problem);
+        assert!(
+            check.detail.contains("held back up to 1000 ms"),
+            "{}",
+            check.detail
+        );
+    }
+}
