@@ -12,7 +12,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::sse_client::{EventReader, Received};
+use crate::sse_client::{EventReader, Received, api_base, api_client};
 
 /// Resumes tried after a dropped connection before giving up, with doubling waits.
 const MAX_RESUMES: u32 = 6;
@@ -145,21 +145,8 @@ fn history_file() -> Option<std::path::PathBuf> {
 impl Session {
     /// Checks the URL and the token, and picks the bot (the first listed unless `--bot`).
     async fn open(options: &ChatOptions) -> Result<Self, (Outcome, String)> {
-        crate::crypto::install_default_providers();
-        let mut base = reqwest::Url::parse(&options.url)
-            .ok()
-            .filter(|u| u.scheme() == "http" || u.scheme() == "https")
-            .ok_or((
-                Outcome::Unusable,
-                format!("{} is not an http(s) URL", options.url),
-            ))?;
-        if !base.path().ends_with('/') {
-            base.set_path(&format!("{}/", base.path()));
-        }
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .expect("a reqwest client with static settings builds");
+        let base = api_base(&options.url).map_err(|problem| (Outcome::Unusable, problem))?;
+        let client = api_client();
         let mut session = Self {
             base,
             client,

@@ -7,6 +7,28 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
+/// The base URL API paths are joined to: `url` as the user gave it (a path prefix is kept), with
+/// a trailing slash so `join("api/v1/...")` stays under the prefix.
+pub fn api_base(url: &str) -> Result<reqwest::Url, String> {
+    let mut base = reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| u.scheme() == "http" || u.scheme() == "https")
+        .ok_or_else(|| format!("{url} is not an http(s) URL"))?;
+    if !base.path().ends_with('/') {
+        base.set_path(&format!("{}/", base.path()));
+    }
+    Ok(base)
+}
+
+/// The HTTP client of the command-line tools (TLS on the process's ring provider).
+pub fn api_client() -> reqwest::Client {
+    crate::crypto::install_default_providers();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .expect("a reqwest client with static settings builds")
+}
+
 /// One event as it arrived.
 #[derive(Debug, Clone)]
 pub struct Arrived {

@@ -539,7 +539,7 @@ function startEdit(el) {
   input.value = el.dataset.text;
   autosize();
   input.focus();
-  $("composer-hint").textContent = "Editing your last message · Enter resends it · Esc cancels";
+  showComposerHint();
 }
 
 function cancelEdit() {
@@ -548,7 +548,7 @@ function cancelEdit() {
   state.editing = null;
   $("message-input").value = "";
   autosize();
-  $("composer-hint").textContent = "Enter sends · Shift+Enter for a new line";
+  showComposerHint();
 }
 
 /** Asks a question again from `userEl` on: what follows it is removed, here and on the server. */
@@ -575,6 +575,13 @@ function continueAnswer() {
   send("Continue from where you stopped.");
 }
 
+/** What Enter does now, under the composer. */
+function showComposerHint() {
+  $("composer-hint").textContent = state.editing
+    ? "Editing your last message · Enter resends it · Esc cancels"
+    : "Enter sends · Shift+Enter for a new line";
+}
+
 function autosize() {
   const input = $("message-input");
   input.style.height = "auto";
@@ -593,9 +600,7 @@ function showStatus(text, isError = false, canRetry = false) {
 function setStreaming(on) {
   $("send").hidden = on;
   $("stop").hidden = !on;
-  if (!on) $("composer-hint").textContent = state.editing
-    ? "Editing your last message · Enter resends it · Esc cancels"
-    : "Enter sends · Shift+Enter for a new line";
+  if (!on) showComposerHint();
   refreshActions();
 }
 

@@ -115,14 +115,17 @@ impl<S: Send + Sync> FromRequestParts<S> for ChatIdParam {
         let axum::extract::Path(chat_id) =
             axum::extract::Path::<String>::from_request_parts(parts, state)
                 .await
-                .map_err(|rejection| {
-                    ApiError::bad_request(
-                        "invalid_request",
-                        format!("invalid chat id in the path: {}", rejection.body_text()),
-                    )
-                })?;
+                .map_err(|rejection| invalid_path("chat id", &rejection))?;
         Ok(ChatIdParam(chat_id))
     }
+}
+
+/// axum's path rejection, as the contract's JSON error.
+fn invalid_path(what: &str, rejection: &axum::extract::rejection::PathRejection) -> ApiError {
+    ApiError::bad_request(
+        "invalid_request",
+        format!("invalid {what} in the path: {}", rejection.body_text()),
+    )
 }
 
 /// The `{chat_id}` and `{message_id}` of a route, rejected like [`ChatIdParam`].
@@ -138,12 +141,7 @@ impl<S: Send + Sync> FromRequestParts<S> for MessageParams {
         let axum::extract::Path((chat_id, message_id)) =
             axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
                 .await
-                .map_err(|rejection| {
-                    ApiError::bad_request(
-                        "invalid_request",
-                        format!("invalid id in the path: {}", rejection.body_text()),
-                    )
-                })?;
+                .map_err(|rejection| invalid_path("id", &rejection))?;
         Ok(MessageParams {
             chat_id,
             message_id,

@@ -54,24 +54,17 @@ impl Target {
 }
 
 pub async fn all(options: &ProbeOptions) -> Vec<Check> {
-    crate::crypto::install_default_providers();
-    let mut base = match reqwest::Url::parse(&options.url) {
-        Ok(url) if url.scheme() == "http" || url.scheme() == "https" => url,
-        _ => {
+    let base = match sse::api_base(&options.url) {
+        Ok(base) => base,
+        Err(problem) => {
             return vec![Check::problem(
                 "url",
-                format!("{} is not an http(s) URL", options.url),
+                problem,
                 "give the URL clients use, e.g. https://chat.example.com",
             )];
         }
     };
-    if !base.path().ends_with('/') {
-        base.set_path(&format!("{}/", base.path()));
-    }
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .expect("a reqwest client with static settings builds");
+    let client = sse::api_client();
     let target = Target {
         base,
         client,
@@ -280,12 +273,7 @@ async fn paced_stream(target: &Target) -> Vec<Check> {
 }
 
 fn headers_check(headers: &HeaderMap) -> Check {
-    let get = |name: header::HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+    let get = |name| header_text(headers, name);
     let mut found = Vec::new();
     let mut fixes = Vec::new();
     let content_type = get(header::CONTENT_TYPE).unwrap_or_default();
@@ -543,10 +531,8 @@ async fn cors(target: &Target, origin: Option<&str>) -> Check {
         Err(e) => return Check::problem("cors", error_chain(&e), "see the proxy's log"),
     };
     let headers = response.headers();
-    let get = |name: header::HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
+    let get = |name| {
+        header_text(headers, name)
             .unwrap_or_default()
             .to_ascii_lowercase()
     };
@@ -582,6 +568,14 @@ async fn cors(target: &Target, origin: Option<&str>) -> Check {
             ),
         )
     }
+}
+
+/// A header's value as text, if it has one that is.
+fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 async fn error_message(response: reqwest::Response) -> String {
