@@ -3,6 +3,7 @@
 //! sets a short idle timeout): events arrive one by one, a pause three times the proxy's timeout
 //! survives on heartbeats, Mangoo logs the client address nginx forwarded, and a resume works.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -56,51 +57,19 @@ url = "sqlite://{db}"
     )
     .unwrap();
     let (mangoo, mangoo_base) = serve_with_config(&config).await;
-    let port = free_port();
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx/mangoo.conf");
-    let nginx_conf = dir.path().join("nginx.conf");
-    std::fs::write(
-        &nginx_conf,
-        format!(
-            "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
-               upstream mangoo {{ server {upstream}; keepalive 8; }}\n\
-               server {{\n    listen 127.0.0.1:{port};\n\
-                 proxy_read_timeout {PROXY_TIMEOUT_SECS}s;\n    proxy_send_timeout {PROXY_TIMEOUT_SECS}s;\n\
-                 include {shipped};\n  }}\n}}\n",
-            dir = dir.path().display(),
+    let (nginx, base) = start_nginx(
+        dir.path(),
+        &format!(
+            "upstream mangoo {{ server {upstream}; keepalive 8; }}",
             upstream = mangoo_base.trim_start_matches("http://"),
         ),
+        &format!(
+            "proxy_read_timeout {PROXY_TIMEOUT_SECS}s;\n    proxy_send_timeout {PROXY_TIMEOUT_SECS}s;\n\
+             include {shipped};"
+        ),
     )
-    .unwrap();
-    let nginx = Command::new(nginx_binary())
-        .arg("-c")
-        .arg(&nginx_conf)
-        .arg("-p")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("nginx is installed (scripts/test.sh installs Debian's nginx-light)");
-    let base = format!("http://127.0.0.1:{port}");
-    let up = async {
-        while client_builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(HANG_GUARD, up)
-        .await
-        .expect("nginx did not start");
+    .await;
     Proxied {
         nginx,
         mangoo,
@@ -110,7 +79,47 @@ url = "sqlite://{db}"
     }
 }
 
-pub(super) fn nginx_binary() -> &'static str {
+/// Debian's nginx, run from `dir` with `http` (more of its `http {}` block) and `server` (the body
+/// of its one `server {}`, which listens on a free port); returned with its base URL (no trailing
+/// slash) once it answers `/healthz`.
+pub(super) async fn start_nginx(dir: &Path, http: &str, server: &str) -> (Child, String) {
+    let port = free_port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
+               {http}\n  server {{\n    listen 127.0.0.1:{port};\n    {server}\n  }}\n}}\n",
+            dir = dir.display(),
+        ),
+    )
+    .unwrap();
+    let nginx = Command::new(nginx_binary())
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nginx is installed (scripts/test.sh installs Debian's nginx-light)");
+    let base = format!("http://127.0.0.1:{port}");
+    let client = client_builder().no_proxy().build().unwrap();
+    let up = async {
+        while client.get(format!("{base}/healthz")).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(HANG_GUARD, up)
+        .await
+        .expect("nginx did not start");
+    (nginx, base)
+}
+
+fn nginx_binary() -> &'static str {
     ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())

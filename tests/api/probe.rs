@@ -2,16 +2,14 @@
 //! check ok, exit 0) and through paths that break streams the classic ways: Debian's nginx
 //! buffering or compressing, a proxy that cuts idle connections, a wrong origin, a refused token.
 
-use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-use super::helpers::{HANG_GUARD, SECRET, TestApp, client_builder, spawn_app_with};
+use super::helpers::{SECRET, TestApp, spawn_app_with};
 use super::idle_proxy::IdleProxy;
-use super::nginx::nginx_binary;
-use super::services::free_port;
+use super::nginx::start_nginx;
 
 const ORIGIN: &str = "https://app.example.com";
 
@@ -132,42 +130,12 @@ async fn directly_every_check_passes_and_the_exit_code_is_zero() {
 /// Debian's nginx in front of `app`: `proxy_pass` and `directives` in its one location.
 async fn nginx(app: &TestApp, directives: &str) -> (Child, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let conf = dir.path().join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
-               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
-                 proxy_pass http://{upstream};\n      {directives}\n    }}\n  }}\n}}\n",
-            dir = dir.path().display(),
-            upstream = app.addr,
-        ),
-    )
-    .unwrap();
-    let child = Command::new(nginx_binary())
-        .arg("-c")
-        .arg(&conf)
-        .arg("-p")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("nginx is installed (scripts/test.sh installs Debian's nginx-light)");
-    let base = format!("http://127.0.0.1:{port}/");
-    let client = client_builder().no_proxy().build().unwrap();
-    let up = async {
-        while client.get(format!("{base}healthz")).send().await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(HANG_GUARD, up)
-        .await
-        .expect("nginx did not start");
-    (child, base, dir)
+    let location = format!(
+        "location / {{\n      proxy_pass http://{upstream};\n      {directives}\n    }}",
+        upstream = app.addr
+    );
+    let (nginx, base) = start_nginx(dir.path(), "", &location).await;
+    (nginx, format!("{base}/"), dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
