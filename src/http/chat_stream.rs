@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::extract::{AuthUser, ChatIdParam, JsonBody, query_param};
+use super::extract::{AuthUser, ChatIdParam, JsonBody, parse_query, query_param};
 use super::sse::{SseEvent, stream_response};
 use crate::auth::UserId;
 use crate::chat::TurnRequest;
@@ -109,8 +109,7 @@ pub async fn get_stream(
     AuthUser(user): AuthUser,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let request: StreamRequest = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
+    let request: StreamRequest = parse_query(query.as_deref())?;
     answer(&state, version, &headers, &user, request.into_turn()?).await
 }
 

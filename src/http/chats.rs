@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::AppState;
-use super::extract::{AuthUser, ChatIdParam, JsonBody, MessageParams};
+use super::extract::{AuthUser, ChatIdParam, JsonBody, MessageParams, parse_query};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::store::{ChatCursor, ChatRecord, MessageRecord};
 
@@ -121,8 +121,7 @@ pub async fn list_chats(
     AuthUser(user): AuthUser,
     RawQuery(query): RawQuery,
 ) -> Result<Json<ChatList>, ApiError> {
-    let query: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
+    let query: ListQuery = parse_query(query.as_deref())?;
     let limit = page_size(query.limit, DEFAULT_PAGE, MAX_PAGE)?;
     let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let page = state.chat.list_chats(&user, limit, cursor.as_ref()).await?;
@@ -152,8 +151,7 @@ pub async fn list_messages(
     ChatIdParam(chat_id): ChatIdParam,
     RawQuery(query): RawQuery,
 ) -> Result<Json<MessageList>, ApiError> {
-    let query: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
+    let query: ListQuery = parse_query(query.as_deref())?;
     let limit = page_size(query.limit, DEFAULT_MESSAGE_PAGE, MAX_MESSAGE_PAGE)?;
     let after = query.cursor.as_deref().map(decode_seq).transpose()?;
     let (chat, messages, next) = state.chat.messages(&user, &chat_id, after, limit).await?;

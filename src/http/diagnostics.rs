@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::chat_stream::{last_event_id, stream_slot};
-use super::extract::AuthUser;
+use super::extract::{AuthUser, parse_query};
 use super::sse::{SseEvent, stream_response};
 use crate::domain::TokenUsage;
 use crate::events::{DoneEvent, EventKind, StreamEvent};
@@ -97,8 +97,7 @@ pub async fn diagnostics_stream(
     AuthUser(user): AuthUser,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let parsed: DiagnosticsQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))?;
+    let parsed: DiagnosticsQuery = parse_query(query.as_deref())?;
     let pacing = parsed.pacing()?;
     let after = last_event_id(&headers, query.as_deref())?.unwrap_or(0);
     if after > i64::from(pacing.events) + 1 {

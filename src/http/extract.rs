@@ -98,6 +98,12 @@ fn bearer_token(header: &[u8]) -> Result<String, ApiError> {
     }
 }
 
+/// The whole query string as `T`; a bad one is the contract's 400 `invalid_request`.
+pub fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("invalid query: {e}")))
+}
+
 /// One decoded query parameter; the first occurrence wins.
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query?).ok()?;
