@@ -124,5 +124,5 @@ const Markdown = (() => {
     el.replaceChildren(fragment);
   }
 
-  return { render, settlePartial };
+  return { render };
 })();
