@@ -74,6 +74,8 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     pub heartbeats: Counter,
     pub resumes: Counter,
+    /// Answers' outcomes offered to storage again after it refused them (the database away).
+    pub answer_store_retries: Counter,
     pub rate_limited: Family<ReasonLabels, Counter>,
     pub connections_open: Gauge,
     pub connections_refused: Family<ReasonLabels, Counter>,
@@ -102,6 +104,7 @@ impl Metrics {
             tokens: Family::default(),
             heartbeats: Counter::default(),
             resumes: Counter::default(),
+            answer_store_retries: Counter::default(),
             rate_limited: Family::default(),
             connections_open: Gauge::default(),
             connections_refused: Family::default(),
@@ -163,6 +166,11 @@ impl Metrics {
             "mangoo_resumes",
             "Streams resumed by Last-Event-ID",
             m.resumes.clone(),
+        );
+        registry.register(
+            "mangoo_answer_store_retries",
+            "Times an answer's outcome was offered to storage again after the database refused it",
+            m.answer_store_retries.clone(),
         );
         registry.register(
             "mangoo_rate_limited",

@@ -338,6 +338,7 @@ impl ChatService {
             deadline: tokio::time::Instant::now(),
             metrics: self.metrics.clone(),
             progress,
+            draining: self.draining.clone(),
             _slot: slot,
         };
         self.spawn_producer(producer, aftermath);

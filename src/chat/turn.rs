@@ -12,6 +12,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::time::Instant;
@@ -58,8 +59,45 @@ pub(super) struct Turn {
     pub metrics: Arc<Metrics>,
     /// Shared with the [`Aftermath`], which finishes the turn if this producer panics.
     pub progress: Arc<Progress>,
+    /// Cancelled when the server starts draining: an outcome storage still refuses then is left
+    /// to the next start's recovery (it holds the text saved while streaming).
+    pub draining: CancellationToken,
     /// The user's place among their concurrent streams, held while this answer is generated.
     pub _slot: crate::rate_limit::StreamPlace,
+}
+
+/// How long the producer offers an answer's outcome to a database that is away before its
+/// listeners are told the answer was interrupted (they hear heartbeats meanwhile): longer than
+/// an Aurora or RDS failover usually takes.
+const STORE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long after that it still tries to store the answer (as interrupted, with exactly the text
+/// its listeners got), so that storage ends up holding what they were sent.
+const STORE_PERSISTENCE: Duration = Duration::from_secs(600);
+const STORE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+
+/// Offers `record` to storage until it takes it, a non-transient error, `until`, or `give_up`.
+async fn store_outcome(
+    store: &dyn ChatStore,
+    record: &FinishedTurn,
+    until: Instant,
+    give_up: &CancellationToken,
+    retries: &prometheus_client::metrics::counter::Counter,
+) -> Result<bool, crate::store::StoreError> {
+    let (mut backoff, max_backoff) = STORE_BACKOFF;
+    loop {
+        match store.finish_turn(record.clone()).await {
+            Err(e) if e.is_transient() && Instant::now() + backoff < until => {
+                tracing::warn!(chat_id = %record.chat_id, "storage refused the answer for now, trying again: {e}");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = give_up.cancelled() => return Err(e),
+                }
+                backoff = (backoff * 2).min(max_backoff);
+                retries.inc();
+            }
+            stored => return stored,
+        }
+    }
 }
 
 /// How far a producer got, kept where its [`Aftermath`] can read it after a panic.
@@ -476,29 +514,91 @@ impl Turn {
             last_event_id: terminal_id,
         };
         record.content = record.chunks.concat();
-        let terminal = match self.store.finish_turn(record).await {
-            // `false`: the chat was deleted meanwhile, or — with shared state — the answer was
-            // concluded by an instance that found this producer's lease lapsed; then the log
-            // refuses this producer's terminal event too (fencing), and the conclusion stands.
-            Ok(_) => {
-                self.progress.stored.store(true, Ordering::SeqCst);
-                terminal
-            }
-            Err(e) => {
-                tracing::error!(chat_id = %self.chat_id, "SSE stream error: could not store the answer: {e}");
-                EventKind::Error(StreamFailure::new(
-                    "the answer could not be saved",
-                    "internal_error",
-                    true,
-                ))
-            }
-        };
+        let (terminal, unstored) = self.store(record, terminal).await;
         self.count_answer(&emitter, status, &terminal);
         emitter.send(terminal).await;
         if let Err(e) = self.log.close(&self.chat_id).await {
             tracing::error!(chat_id = %self.chat_id, "could not close the answer's log: {e}");
         }
         self.progress.ended.store(true, Ordering::SeqCst);
+        if let Some(record) = unstored {
+            self.store_late(record).await;
+        }
+    }
+
+    /// Stores the outcome, waiting out a database that is away for up to [`STORE_PATIENCE`];
+    /// returns the terminal event to send. Past that, the listeners are told the answer was
+    /// interrupted, and the record to store later (as interrupted, with the same text) comes back.
+    async fn store(
+        &self,
+        record: FinishedTurn,
+        terminal: EventKind,
+    ) -> (EventKind, Option<FinishedTurn>) {
+        let until = Instant::now() + STORE_PATIENCE;
+        match store_outcome(
+            &*self.store,
+            &record,
+            until,
+            &self.draining,
+            &self.metrics.answer_store_retries,
+        )
+        .await
+        {
+            // `false`: the chat was deleted meanwhile, or — with shared state — the answer was
+            // concluded by an instance that found this producer's lease lapsed; then the log
+            // refuses this producer's terminal event too (fencing), and the conclusion stands.
+            Ok(_) => {
+                self.progress.stored.store(true, Ordering::SeqCst);
+                (terminal, None)
+            }
+            Err(e) if e.is_transient() => {
+                tracing::error!(chat_id = %self.chat_id, "SSE stream error: storage is away; the answer ends as interrupted: {e}");
+                let failure = StreamFailure::new(
+                    "the answer was interrupted: it could not be saved; ask again",
+                    "answer_interrupted",
+                    true,
+                );
+                let mut late = FinishedTurn::failed(
+                    &record.chat_id,
+                    &record.assistant_message_id,
+                    record.chunks,
+                    &failure,
+                    record.last_event_id,
+                );
+                late.status = MessageStatus::Interrupted;
+                (EventKind::Error(failure), Some(late))
+            }
+            Err(e) => {
+                tracing::error!(chat_id = %self.chat_id, "SSE stream error: could not store the answer: {e}");
+                let failure =
+                    StreamFailure::new("the answer could not be saved", "internal_error", true);
+                (EventKind::Error(failure), None)
+            }
+        }
+    }
+
+    /// Keeps offering an answer its listeners were told was interrupted, so storage ends up
+    /// holding what they were sent; the chat takes no new turn here meanwhile.
+    async fn store_late(&self, record: FinishedTurn) {
+        let until = Instant::now() + STORE_PERSISTENCE;
+        match store_outcome(
+            &*self.store,
+            &record,
+            until,
+            &self.draining,
+            &self.metrics.answer_store_retries,
+        )
+        .await
+        {
+            Ok(_) => {
+                tracing::info!(chat_id = %self.chat_id, "the interrupted answer is stored");
+                self.progress.stored.store(true, Ordering::SeqCst);
+            }
+            Err(e) => tracing::error!(
+                chat_id = %self.chat_id,
+                "the answer stays unstored; the next start recovers it with the text saved while it streamed: {e}"
+            ),
+        }
     }
 
     /// The text every listener was sent: all of it, unless the log failed part-way, when only
@@ -567,7 +667,17 @@ impl Turn {
                 MessageStatus::Interrupted,
                 failure("the chat was deleted", "chat_deleted", false),
             ),
-            Ending::Undeliverable | Ending::Lost => (
+            // The shared log stayed away longer than its writer waits: what was delivered is
+            // kept, and the user may ask again.
+            Ending::Undeliverable => (
+                MessageStatus::Interrupted,
+                failure(
+                    "the answer was interrupted: its stream could not be kept; ask again",
+                    "answer_interrupted",
+                    true,
+                ),
+            ),
+            Ending::Lost => (
                 MessageStatus::Error,
                 failure("the answer could not be delivered", "internal_error", true),
             ),

@@ -38,11 +38,18 @@ pub(super) const SQLITE: Embedded = &[
     ),
 ];
 
-pub(super) const POSTGRES: Embedded = &[(
-    1,
-    "schema",
-    include_str!("../../migrations/postgres/0001_schema.sql"),
-)];
+pub(super) const POSTGRES: Embedded = &[
+    (
+        1,
+        "schema",
+        include_str!("../../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        2,
+        "repeatable turns",
+        include_str!("../../migrations/postgres/0002_repeatable_turns.sql"),
+    ),
+];
 
 #[derive(Debug)]
 struct Source(Embedded);

@@ -262,6 +262,14 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// The database is away for now (its connections broke, or none came free): the same call
+    /// may work later. Everything else is an answer.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
 #[async_trait::async_trait]
 pub trait ChatStore: Send + Sync + 'static {
     async fn get_chat(&self, chat_id: &str) -> Result<Option<ChatRecord>, StoreError>;
@@ -302,11 +310,14 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Stores the user's message and a `streaming` assistant placeholder, creating the chat when
     /// `turn.new_chat`. Fails with `ChatNotFound` when an existing chat is not `turn.user_id`'s,
     /// with `ChatBusy` while another answer in the chat is still streaming and with
-    /// `QuotaExceeded` when the turn would take the user past `turn.quota`.
+    /// `QuotaExceeded` when the turn would take the user past `turn.quota`. Repeatable: the
+    /// same turn (by its message ids) begun again returns what the first call did and writes
+    /// nothing, so a call whose reply was lost with its connection can be sent again.
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError>;
 
     /// Stores how the answer ended, if it is still `streaming`; false when it was concluded
-    /// already (by whoever found its producer gone): the first conclusion stands.
+    /// already (by whoever found its producer gone): the first conclusion stands. Repeatable:
+    /// the same outcome stored again is true and changes nothing.
     async fn finish_turn(&self, turn: FinishedTurn) -> Result<bool, StoreError>;
 
     /// Saves the text of an answer still `streaming`; false when it is not any more.

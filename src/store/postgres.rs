@@ -5,7 +5,15 @@
 //! writes both messages), `finish_turn` is one statement. A stream start is therefore two round
 //! trips for an existing chat ([`ChatStore::chat_history`], then the function) and one for a new
 //! one. Connections come from a bounded pool; running out of them is `Unavailable`, not a hang.
+//!
+//! Connections die: Aurora and RDS failovers, RDS Proxy and NAT idle timeouts, an operator's
+//! `pg_terminate_backend`. The pool pings an idle connection before handing it out (a dead one is
+//! replaced inside the same acquire), and a statement that fails because its connection broke is
+//! run again on a fresh one within [`RETRY_BUDGET`]. Every statement is safe to repeat: reads,
+//! and writes keyed by the ids the caller minted (a repeated `begin_turn` finds its own turn, a
+//! repeated `finish_turn` finds the answer already as it would leave it).
 
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -40,9 +48,9 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(config.acquire_timeout_secs))
-            // No ping before each use: it would be a round trip more per query. A connection
-            // that broke fails its next query (answered 503) and leaves the pool.
-            .test_before_acquire(false)
+            // A ping at acquire (one round trip, noise next to a model's answer) replaces a
+            // connection the server closed while it idled, instead of failing its next query.
+            .test_before_acquire(true)
             .connect_lazy_with(options);
         let store = Self {
             pool,
@@ -89,17 +97,66 @@ impl PostgresStore {
         self.ensure_migrated().await?;
         Ok(&self.pool)
     }
+
+    /// Runs `statement` on the pool, again on a fresh connection while it fails because the
+    /// database is away (a killed or reset connection, a server starting up), with short
+    /// backoff, for at most [`RETRY_BUDGET`]. Refusals and data errors return at once.
+    async fn retrying<T, F, Fut>(&self, statement: F) -> Result<T, StoreError>
+    where
+        F: Fn(PgPool) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let result = match self.pool().await {
+                Ok(pool) => statement(pool.clone()).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(StoreError::Unavailable(cause))
+                    if started.elapsed() + backoff < RETRY_BUDGET =>
+                {
+                    tracing::info!(
+                        "database statement failed, trying again on a fresh connection: {cause}"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 3;
+                }
+                other => return other,
+            }
+        }
+    }
 }
 
-/// Connection-level failures are the database being away, not a fault in the data.
+/// How long one store call keeps trying through connection failures before it reports the
+/// database unavailable (a 503 with `Retry-After` at a stream start): a killed connection or a
+/// restarted server costs one retry; a failover longer than this is an outage.
+const RETRY_BUDGET: Duration = Duration::from_secs(3);
+const FIRST_BACKOFF: Duration = Duration::from_millis(25);
+
+/// Connection-level failures are the database being away, not a fault in the data: the pool
+/// (I/O, TLS, protocol, no connection in time) and the SQLSTATEs of a connection that is going
+/// or gone — class 08 (connection exception), 57P01–57P03 (terminated by an administrator or a
+/// shutdown, or the server is starting up), 53300 (too many connections) and 25006 (a read-only
+/// transaction: after a failover, a stale DNS answer led to the demoted primary).
 fn unavailable(e: sqlx::Error) -> StoreError {
-    match e {
+    let connection_fault = match &e {
+        sqlx::Error::PoolClosed => return StoreError::Closed,
         sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
-        other => StoreError::Database(other),
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "25006")
+        }),
+        _ => false,
+    };
+    match connection_fault {
+        true => StoreError::Unavailable(e.to_string()),
+        false => StoreError::Database(e),
     }
 }
 
@@ -124,7 +181,8 @@ fn refusal(e: sqlx::Error) -> StoreError {
 #[async_trait::async_trait]
 impl ChatStore for PostgresStore {
     async fn get_chat(&self, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
-        reads::get_chat(self.pool().await?, unavailable, chat_id).await
+        self.retrying(|pool| async move { reads::get_chat(&pool, unavailable, chat_id).await })
+            .await
     }
 
     async fn list_chats(
@@ -133,7 +191,10 @@ impl ChatStore for PostgresStore {
         limit: u32,
         cursor: Option<&ChatCursor>,
     ) -> Result<Vec<ChatRecord>, StoreError> {
-        reads::list_chats(self.pool().await?, unavailable, user_id, limit, cursor).await
+        self.retrying(|pool| async move {
+            reads::list_chats(&pool, unavailable, user_id, limit, cursor).await
+        })
+        .await
     }
 
     async fn list_messages(
@@ -142,7 +203,10 @@ impl ChatStore for PostgresStore {
         after_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        reads::list_messages(self.pool().await?, unavailable, chat_id, after_seq, limit).await
+        self.retrying(|pool| async move {
+            reads::list_messages(&pool, unavailable, chat_id, after_seq, limit).await
+        })
+        .await
     }
 
     async fn chat_history(
@@ -151,7 +215,10 @@ impl ChatStore for PostgresStore {
         user_id: &str,
         limit: u32,
     ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
-        reads::chat_history(self.pool().await?, unavailable, chat_id, user_id, limit).await
+        self.retrying(|pool| async move {
+            reads::chat_history(&pool, unavailable, chat_id, user_id, limit).await
+        })
+        .await
     }
 
     async fn recent_messages(
@@ -159,85 +226,108 @@ impl ChatStore for PostgresStore {
         chat_id: &str,
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        reads::recent_messages(self.pool().await?, unavailable, chat_id, limit).await
+        self.retrying(|pool| async move {
+            reads::recent_messages(&pool, unavailable, chat_id, limit).await
+        })
+        .await
     }
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
-        let last_event_id: i64 = sqlx::query_scalar(
-            "SELECT mangoo_begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(&turn.chat_id)
-        .bind(&turn.user_id)
-        .bind(turn.new_chat)
-        .bind(&turn.bot_id)
-        .bind(title_from(&turn.message))
-        .bind(&turn.user_message_id)
-        .bind(&turn.assistant_message_id)
-        .bind(&turn.message)
-        .bind(now_ms())
-        .bind(as_bigint(turn.quota.max_chats))
-        .bind(as_bigint(turn.quota.max_bytes))
-        .bind(as_bigint(turn.quota.max_turns))
-        .bind(RESERVED_EVENT_IDS)
-        .fetch_one(self.pool().await?)
-        .await
-        .map_err(refusal)?;
+        // Repeatable: a call whose reply was lost already wrote the turn, and the function,
+        // called again with the same message ids, returns what it returned then.
+        let now = now_ms();
+        let begin = |pool: PgPool| async move {
+            sqlx::query_scalar(
+                "SELECT mangoo_begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            )
+            .bind(&turn.chat_id)
+            .bind(&turn.user_id)
+            .bind(turn.new_chat)
+            .bind(&turn.bot_id)
+            .bind(title_from(&turn.message))
+            .bind(&turn.user_message_id)
+            .bind(&turn.assistant_message_id)
+            .bind(&turn.message)
+            .bind(now)
+            .bind(as_bigint(turn.quota.max_chats))
+            .bind(as_bigint(turn.quota.max_bytes))
+            .bind(as_bigint(turn.quota.max_turns))
+            .bind(RESERVED_EVENT_IDS)
+            .fetch_one(&pool)
+            .await
+            .map_err(refusal)
+        };
+        let last_event_id: i64 = self.retrying(begin).await?;
         Ok(BegunTurn { last_event_id })
     }
 
     async fn finish_turn(&self, turn: FinishedTurn) -> Result<bool, StoreError> {
         let chunks = serde_json::to_string(&turn.chunks).expect("strings serialise");
-        // One statement: the answer, then its chat's event ids, only if it was still streaming.
-        let applied = sqlx::query(
-            "WITH answer AS (UPDATE messages SET content = $2, status = $3, error_code = $4, \
+        // One statement: the answer, then its chat's event ids, only if it was still streaming
+        // — or is already exactly as this call leaves it (a repeat whose first reply was lost).
+        let now = now_ms();
+        let (turn, chunks) = (&turn, &chunks);
+        let finish = |pool: PgPool| async move {
+            sqlx::query(
+                "WITH answer AS (UPDATE messages SET content = $2, status = $3, error_code = $4, \
                input_tokens = $5, output_tokens = $6, chunks = $7, error_message = $8, \
                error_retryable = $9, provider = $10, model = $11, last_event_id = $12 \
-               WHERE id = $1 AND status = 'streaming' RETURNING chat_id) \
+               WHERE id = $1 AND (status = 'streaming' OR (status = $3 AND last_event_id = $12 \
+                 AND content = $2)) RETURNING chat_id) \
              UPDATE chats SET last_event_id = GREATEST(last_event_id, $12), updated_at = $13 \
              WHERE id IN (SELECT chat_id FROM answer)",
-        )
-        .bind(&turn.assistant_message_id)
-        .bind(&turn.content)
-        .bind(turn.status.as_str())
-        .bind(&turn.error_code)
-        .bind(turn.usage.map(|u| as_bigint(u.input_tokens)))
-        .bind(turn.usage.map(|u| as_bigint(u.output_tokens)))
-        .bind(chunks)
-        .bind(&turn.error_message)
-        .bind(turn.error_retryable)
-        .bind(&turn.provider)
-        .bind(&turn.model)
-        .bind(turn.last_event_id)
-        .bind(now_ms())
-        .execute(self.pool().await?)
-        .await
-        .map_err(unavailable)?;
+            )
+            .bind(&turn.assistant_message_id)
+            .bind(&turn.content)
+            .bind(turn.status.as_str())
+            .bind(&turn.error_code)
+            .bind(turn.usage.map(|u| as_bigint(u.input_tokens)))
+            .bind(turn.usage.map(|u| as_bigint(u.output_tokens)))
+            .bind(chunks)
+            .bind(&turn.error_message)
+            .bind(turn.error_retryable)
+            .bind(&turn.provider)
+            .bind(&turn.model)
+            .bind(turn.last_event_id)
+            .bind(now)
+            .execute(&pool)
+            .await
+            .map_err(unavailable)
+        };
+        let applied = self.retrying(finish).await?;
         Ok(applied.rows_affected() > 0)
     }
 
     async fn save_partial(&self, partial: PartialAnswer) -> Result<bool, StoreError> {
         let chunks = serde_json::to_string(&partial.chunks).expect("strings serialise");
-        let applied = sqlx::query(
-            "UPDATE messages SET content = $2, chunks = $3, last_event_id = $4 \
-             WHERE id = $1 AND status = 'streaming'",
-        )
-        .bind(&partial.assistant_message_id)
-        .bind(partial.chunks.concat())
-        .bind(chunks)
-        .bind(partial.reserved_event_id)
-        .execute(self.pool().await?)
-        .await
-        .map_err(unavailable)?;
+        let (partial, chunks) = (&partial, &chunks);
+        let save = |pool: PgPool| async move {
+            sqlx::query(
+                "UPDATE messages SET content = $2, chunks = $3, last_event_id = $4 \
+                 WHERE id = $1 AND status = 'streaming'",
+            )
+            .bind(&partial.assistant_message_id)
+            .bind(partial.chunks.concat())
+            .bind(chunks)
+            .bind(partial.reserved_event_id)
+            .execute(&pool)
+            .await
+            .map_err(unavailable)
+        };
+        let applied = self.retrying(save).await?;
         Ok(applied.rows_affected() > 0)
     }
 
     async fn delete_chat(&self, chat_id: &str, user_id: &str) -> Result<bool, StoreError> {
-        let deleted = sqlx::query("DELETE FROM chats WHERE id = $1 AND user_id = $2")
-            .bind(chat_id)
-            .bind(user_id)
-            .execute(self.pool().await?)
-            .await
-            .map_err(unavailable)?;
+        let delete = |pool: PgPool| async move {
+            sqlx::query("DELETE FROM chats WHERE id = $1 AND user_id = $2")
+                .bind(chat_id)
+                .bind(user_id)
+                .execute(&pool)
+                .await
+                .map_err(unavailable)
+        };
+        let deleted = self.retrying(delete).await?;
         Ok(deleted.rows_affected() > 0)
     }
 
@@ -247,77 +337,37 @@ impl ChatStore for PostgresStore {
         user_id: &str,
         title: &str,
     ) -> Result<bool, StoreError> {
-        let renamed = sqlx::query("UPDATE chats SET title = $3 WHERE id = $1 AND user_id = $2")
-            .bind(chat_id)
-            .bind(user_id)
-            .bind(title)
-            .execute(self.pool().await?)
-            .await
-            .map_err(unavailable)?;
+        let rename = |pool: PgPool| async move {
+            sqlx::query("UPDATE chats SET title = $3 WHERE id = $1 AND user_id = $2")
+                .bind(chat_id)
+                .bind(user_id)
+                .bind(title)
+                .execute(&pool)
+                .await
+                .map_err(unavailable)
+        };
+        let renamed = self.retrying(rename).await?;
         Ok(renamed.rows_affected() > 0)
     }
 
-    /// The chat's row lock first, in a statement of its own: `mangoo_begin_turn` takes it too, so
-    /// the checks that follow (each with a fresh snapshot) see any turn begun before it.
     async fn rewind_chat(
         &self,
         chat_id: &str,
         user_id: &str,
         message_id: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool().await?.begin().await.map_err(unavailable)?;
-        let owned = sqlx::query("SELECT 1 FROM chats WHERE id = $1 AND user_id = $2 FOR UPDATE")
-            .bind(chat_id)
-            .bind(user_id)
-            .fetch_optional(&mut *tx)
+        self.retrying(|pool| async move { rewind(&pool, chat_id, user_id, message_id).await })
             .await
-            .map_err(unavailable)?;
-        if owned.is_none() {
-            return Err(StoreError::ChatNotFound);
-        }
-        let (seq, busy): (Option<i64>, bool) = sqlx::query_as(
-            "SELECT (SELECT seq FROM messages WHERE id = $2 AND chat_id = $1), \
-                    EXISTS (SELECT 1 FROM messages WHERE chat_id = $1 AND status = 'streaming')",
-        )
-        .bind(chat_id)
-        .bind(message_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let seq = seq.ok_or(StoreError::MessageNotFound)?;
-        if busy {
-            return Err(StoreError::ChatBusy);
-        }
-        sqlx::query("DELETE FROM messages WHERE chat_id = $1 AND seq >= $2")
-            .bind(chat_id)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        sqlx::query("UPDATE chats SET updated_at = $2 WHERE id = $1")
-            .bind(chat_id)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
     }
 
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
-        let recovered = sqlx::query(
-            "WITH recovered AS (UPDATE messages SET status = 'interrupted', \
-               error_code = 'server_restarted', \
-               error_message = 'the server restarted before the answer was finished', \
-               error_retryable = TRUE, last_event_id = GREATEST(COALESCE(last_event_id, 0), \
-                 COALESCE(first_event_id, 0) + json_array_length(COALESCE(chunks, '[]')::json)) + 1 \
-               WHERE status = 'streaming' RETURNING chat_id, last_event_id) \
-             UPDATE chats SET last_event_id = GREATEST(chats.last_event_id, r.last_event_id) \
-             FROM recovered r WHERE chats.id = r.chat_id",
-        )
-        .execute(self.pool().await?)
-        .await
-        .map_err(unavailable)?;
-        Ok(recovered.rows_affected())
+        let recovered = self.retrying(|pool| async move {
+            sqlx::query(RECOVER_ABANDONED)
+                .execute(&pool)
+                .await
+                .map_err(unavailable)
+        });
+        Ok(recovered.await?.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -331,4 +381,60 @@ impl ChatStore for PostgresStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Marks every answer still streaming as interrupted, its terminal id past every id it reserved.
+const RECOVER_ABANDONED: &str = "WITH recovered AS (UPDATE messages SET status = 'interrupted', \
+       error_code = 'server_restarted', \
+       error_message = 'the server restarted before the answer was finished', \
+       error_retryable = TRUE, last_event_id = GREATEST(COALESCE(last_event_id, 0), \
+         COALESCE(first_event_id, 0) + json_array_length(COALESCE(chunks, '[]')::json)) + 1 \
+       WHERE status = 'streaming' RETURNING chat_id, last_event_id) \
+     UPDATE chats SET last_event_id = GREATEST(chats.last_event_id, r.last_event_id) \
+     FROM recovered r WHERE chats.id = r.chat_id";
+
+/// The chat's row lock first, in a statement of its own: `mangoo_begin_turn` takes it too, so
+/// the checks that follow (each with a fresh snapshot) see any turn begun before it.
+async fn rewind(
+    pool: &PgPool,
+    chat_id: &str,
+    user_id: &str,
+    message_id: &str,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let owned = sqlx::query("SELECT 1 FROM chats WHERE id = $1 AND user_id = $2 FOR UPDATE")
+        .bind(chat_id)
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    if owned.is_none() {
+        return Err(StoreError::ChatNotFound);
+    }
+    let (seq, busy): (Option<i64>, bool) = sqlx::query_as(
+        "SELECT (SELECT seq FROM messages WHERE id = $2 AND chat_id = $1), \
+                    EXISTS (SELECT 1 FROM messages WHERE chat_id = $1 AND status = 'streaming')",
+    )
+    .bind(chat_id)
+    .bind(message_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    let seq = seq.ok_or(StoreError::MessageNotFound)?;
+    if busy {
+        return Err(StoreError::ChatBusy);
+    }
+    sqlx::query("DELETE FROM messages WHERE chat_id = $1 AND seq >= $2")
+        .bind(chat_id)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    sqlx::query("UPDATE chats SET updated_at = $2 WHERE id = $1")
+        .bind(chat_id)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    tx.commit().await.map_err(unavailable)
 }

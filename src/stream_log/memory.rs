@@ -93,6 +93,17 @@ impl MemoryLog {
         }
     }
 
+    /// Every event of the chat's live answer so far (cheap: their text is shared).
+    pub fn events(&self, chat_id: &str) -> Vec<StreamEvent> {
+        self.get(chat_id).map_or_else(Vec::new, |answer| {
+            answer
+                .events
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
+    }
+
     pub fn is_live(&self, chat_id: &str) -> bool {
         self.get(chat_id).is_some()
     }

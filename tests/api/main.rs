@@ -10,6 +10,7 @@ mod chats;
 mod cluster;
 mod connections;
 mod cors;
+mod dependency_faults;
 mod diagnostics;
 mod drain;
 mod fake_sse_wires;

@@ -29,6 +29,42 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
+    /// A connection of the test's own to this database (not one of Mangoo's).
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url).await.unwrap()
+    }
+
+    /// The server processes of Mangoo's connections to this database waiting for a lock.
+    pub async fn mangoo_backends_waiting_on_a_lock(&self) -> Vec<i32> {
+        let mut conn = self.connect().await;
+        let pids = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 \
+             AND application_name = 'mangoo' AND wait_event_type = 'Lock'",
+        )
+        .bind(&self.name)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        pids
+    }
+
+    /// Ends every connection Mangoo has to this database, idle or mid-statement, as an operator's
+    /// `pg_terminate_backend` (or a failover) does; the number ended.
+    pub async fn terminate_mangoo_connections(&self) -> usize {
+        let mut conn = self.connect().await;
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 \
+             AND application_name = 'mangoo' AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        ended.into_iter().filter(|ended| *ended).count()
+    }
+
     pub async fn create() -> Self {
         let admin = admin_url();
         let name = unique("mangoo_test");
@@ -138,14 +174,37 @@ pub fn free_port() -> u16 {
 pub struct OwnRedis {
     pub port: u16,
     child: Option<Child>,
+    /// Extra command-line arguments (e.g. `--replicaof`), used again on each start.
+    args: Vec<String>,
 }
 
 impl OwnRedis {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> Self {
         let port = free_port();
-        let mut redis = Self { port, child: None };
+        let mut redis = Self {
+            port,
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
         redis.resume();
         redis
+    }
+
+    /// One command, answered synchronously (`REPLICAOF`, `FLUSHALL`, `XDEL`…).
+    pub fn command(&self, args: &[&str]) -> redis::Value {
+        let mut conn = redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        command.query(&mut conn).unwrap()
     }
 
     pub fn url(&self) -> String {
@@ -157,6 +216,7 @@ impl OwnRedis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -190,19 +250,25 @@ impl Drop for OwnRedis {
 
 /// A TCP path to a real server that a test can cut and restore: a network partition between
 /// Mangoo and its database, without stopping the database other tests share.
+///
+/// Its target can move, as a DNS name does after a failover: connections made after
+/// [`Partition::redirect`] reach the new target; those already open stay where they were.
 pub struct Partition {
     pub port: u16,
     open: tokio::sync::watch::Sender<bool>,
+    target: std::sync::Arc<std::sync::Mutex<String>>,
     _accept: tokio::task::JoinHandle<()>,
 }
 
 impl Partition {
     /// Forwards `127.0.0.1:<port>` to `target`; starts cut when `open` is false.
-    pub async fn to(target: &'static str, open: bool) -> Self {
+    pub async fn to(target: &str, open: bool) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (switch, _) = tokio::sync::watch::channel(open);
         let state = switch.clone();
+        let target = std::sync::Arc::new(std::sync::Mutex::new(target.to_owned()));
+        let current = target.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -212,6 +278,7 @@ impl Partition {
                     continue; // dropped: the connection is refused as a cut network would
                 }
                 let mut cut = state.subscribe();
+                let target = current.lock().unwrap().clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
                         return;
@@ -226,8 +293,18 @@ impl Partition {
         Self {
             port,
             open: switch,
+            target,
             _accept: accept,
         }
+    }
+
+    /// New connections go to `target` from now on.
+    pub fn redirect(&self, target: &str) {
+        *self.target.lock().unwrap() = target.to_owned();
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
     }
 
     pub fn cut(&self) {

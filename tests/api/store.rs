@@ -119,7 +119,64 @@ conformance!(
     chat_history_is_the_owners_only_and_holds_the_last_messages,
     two_instances_racing_for_one_chat_start_exactly_one_answer,
     a_rewound_chat_loses_the_turn_and_what_follows_and_takes_a_new_one,
+    a_turn_begun_or_finished_twice_is_stored_once,
 );
+
+/// What a retry after a lost reply does: the same call again, with the same ids.
+async fn a_turn_begun_or_finished_twice_is_stored_once(backend: Backend) {
+    let store = backend.store;
+    let first = store
+        .begin_turn(&turn("twice", "alice", true, 1))
+        .await
+        .unwrap();
+    let again = store
+        .begin_turn(&turn("twice", "alice", true, 1))
+        .await
+        .unwrap();
+    assert_eq!(first.last_event_id, again.last_event_id);
+    assert_eq!(
+        store.list_messages("twice", None, 10).await.unwrap().len(),
+        2
+    );
+    assert!(
+        matches!(
+            store.begin_turn(&turn("twice", "mallory", true, 1)).await,
+            Err(StoreError::ChatNotFound)
+        ),
+        "another user's repeat finds nothing of Alice's"
+    );
+
+    assert!(store.finish_turn(finished("twice", 1, 9)).await.unwrap());
+    assert!(
+        store.finish_turn(finished("twice", 1, 9)).await.unwrap(),
+        "the same outcome again"
+    );
+    let mut other = finished("twice", 1, 9);
+    other.content = "something else".into();
+    other.status = MessageStatus::Error;
+    assert!(
+        !store.finish_turn(other).await.unwrap(),
+        "a different outcome does not replace the first"
+    );
+    let messages = store.list_messages("twice", None, 10).await.unwrap();
+    assert_eq!(messages[1].content, "answer 1");
+    assert_eq!(messages[1].status, MessageStatus::Complete);
+
+    let second = store
+        .begin_turn(&turn("twice", "alice", false, 2))
+        .await
+        .unwrap();
+    assert_eq!(second.last_event_id, 9);
+    let repeated = store
+        .begin_turn(&turn("twice", "alice", false, 2))
+        .await
+        .unwrap();
+    assert_eq!(repeated.last_event_id, 9);
+    assert_eq!(
+        store.list_messages("twice", None, 10).await.unwrap().len(),
+        4
+    );
+}
 
 async fn a_rewound_chat_loses_the_turn_and_what_follows_and_takes_a_new_one(backend: Backend) {
     let store = backend.store;

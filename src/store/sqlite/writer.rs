@@ -215,20 +215,39 @@ fn check_turns(conn: &Connection, turn: &NewTurn) -> Result<(), StoreError> {
 }
 
 pub(super) fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
+    // Repeatable, as on PostgreSQL: the same turn asked for again is the one already begun.
+    let begun: Option<i64> = conn
+        .prepare_cached(
+            "SELECT m.first_event_id - 1 FROM messages m JOIN chats c ON c.id = m.chat_id \
+             WHERE m.id = ?1 AND m.chat_id = ?2 AND c.user_id = ?3",
+        )?
+        .query_row(
+            params![turn.assistant_message_id, turn.chat_id, turn.user_id],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(last_event_id) = begun {
+        return Ok(BegunTurn { last_event_id });
+    }
     check_quota(conn, turn)?;
     let now = now_ms();
     let last_event_id: i64 = if turn.new_chat {
-        conn.prepare_cached(
-            "INSERT INTO chats (id, user_id, bot_id, title, created_at, updated_at, \
-             last_event_id) VALUES (?1, ?2, ?3, ?4, ?5, ?5, 0)",
-        )?
-        .execute(params![
-            turn.chat_id,
-            turn.user_id,
-            turn.bot_id,
-            title_from(&turn.message),
-            now
-        ])?;
+        let created = conn
+            .prepare_cached(
+                "INSERT INTO chats (id, user_id, bot_id, title, created_at, updated_at, \
+                 last_event_id) VALUES (?1, ?2, ?3, ?4, ?5, ?5, 0) ON CONFLICT (id) DO NOTHING",
+            )?
+            .execute(params![
+                turn.chat_id,
+                turn.user_id,
+                turn.bot_id,
+                title_from(&turn.message),
+                now
+            ])?;
+        // The id is taken: somebody else's chat, as on PostgreSQL.
+        if created == 0 {
+            return Err(StoreError::ChatNotFound);
+        }
         0
     } else {
         let owned = conn
@@ -277,7 +296,8 @@ pub(super) fn finish_turn(conn: &Connection, turn: &FinishedTurn) -> Result<bool
             "UPDATE messages SET content = ?2, status = ?3, error_code = ?4, input_tokens = ?5, \
              output_tokens = ?6, chunks = ?7, error_message = ?8, error_retryable = ?9, \
              provider = ?10, model = ?11, last_event_id = ?12 \
-             WHERE id = ?1 AND status = 'streaming'",
+             WHERE id = ?1 AND (status = 'streaming' OR (status = ?3 AND last_event_id = ?12 \
+               AND content = ?2))",
         )?
         .execute(params![
             turn.assistant_message_id,

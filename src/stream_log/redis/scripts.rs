@@ -1,0 +1,173 @@
+//! The Lua scripts of the shared log. Each runs atomically on the chat's slot and touches only
+//! the chat's keys: `KEYS[1]` the answer's hash, `KEYS[2]` the owner's lease, `KEYS[3]` the log.
+//!
+//! Every write first asks [`OWNER`] whether the lease is still the writer's, and the writes of a
+//! live answer also check that the log ends where the writer left it. That is how a Redis that
+//! lost data is noticed instead of papered over: a restart without persistence or a `FLUSHALL`
+//! leaves no hash and no lease ("lost"); a failover to a replica that missed the last writes
+//! leaves a log that ends before the writer's last acknowledged event ("gap"). Either way the
+//! producer, which still holds every event of its answer, writes the log again ([`RESEED`])
+//! with the same ids, so a listener never reads past a hole.
+
+use redis::Script;
+
+/// `owner(fence, message_id)`: `0` the lease is the caller's; `-1` it is someone else's, or it
+/// lapsed on this very answer (a take-over may be under way: the caller is fenced); `-2` Redis
+/// no longer knows the answer (its hash is gone, or was made anew by a claim that came to
+/// nothing while it was empty) and nobody holds a newer fence: the caller still owns it.
+const OWNER: &str = r"
+local function owner(fence, message_id)
+  local lease = redis.call('GET', KEYS[2])
+  if lease == fence then return 0 end
+  if lease then return -1 end
+  if redis.call('HGET', KEYS[1], 'message_id') == message_id then return -1 end
+  if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') > tonumber(fence) then return -1 end
+  return -2
+end
+local function top_id()
+  local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+  if top[1] == nil then return 0 end
+  return tonumber(string.match(top[1][1], '^(%d+)'))
+end
+";
+
+/// `{fence}`, or `{-1}` busy, `{-2}` orphaned (live but its lease lapsed).
+const CLAIM: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if redis.call('HGET', KEYS[1], 'state') == 'live' then return -2 end
+local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+redis.call('SET', KEYS[2], fence, 'PX', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'claimed', 'stop', '0')
+redis.call('HDEL', KEYS[1], 'message_id', 'first_id')
+redis.call('DEL', KEYS[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return fence
+";
+
+const OPEN: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'state', 'live', 'message_id', ARGV[2], 'first_id', ARGV[3])
+return 0
+";
+
+/// ARGV: fence, log expiry (`0`: leave it; the first batch sets it), message id, the id the log
+/// should end with (`0`: empty), then `(id, field, value)` per event. Returns `0` written, `2`
+/// already there (a repeat whose reply was lost), each `+1` when a stop is asked for; `-1`
+/// fenced, `-2` lost, `-3` the log does not end where it should.
+const APPEND: &str = r"
+local owned = owner(ARGV[1], ARGV[3])
+if owned ~= 0 then return owned end
+local top = top_id()
+local outcome = 0
+if top ~= tonumber(ARGV[4]) then
+  if top ~= tonumber(ARGV[#ARGV - 2]) then return -3 end
+  outcome = 2
+else
+  for i = 5, #ARGV, 3 do
+    redis.call('XADD', KEYS[3], ARGV[i] .. '-0', ARGV[i + 1], ARGV[i + 2])
+  end
+  if ARGV[2] ~= '0' then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
+end
+if redis.call('HGET', KEYS[1], 'stop') == '1' then return outcome + 1 end
+return outcome
+";
+
+/// ARGV: fence, lease TTL, message id, the id the log should end with. `0`, `1` stop asked,
+/// `-1` fenced, `-2` lost, `-3` the log does not end where it should.
+const RENEW: &str = r"
+local owned = owner(ARGV[1], ARGV[3])
+if owned ~= 0 then return owned end
+if top_id() ~= tonumber(ARGV[4]) then return -3 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if redis.call('HGET', KEYS[1], 'stop') == '1' then return 1 end
+return 0
+";
+
+/// Writes a live answer's log anew, from its producer's own copy of the events: ARGV fence,
+/// lease TTL, expiry of the log and the hash, message id, first event id, then `(id, field,
+/// value)` per event. The answer, its lease and its log are as they were before Redis lost
+/// them. `0`, or `-1` fenced.
+const RESEED: &str = r"
+if owner(ARGV[1], ARGV[4]) == -1 then return -1 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'live', 'fence', ARGV[1], 'message_id', ARGV[4],
+           'first_id', ARGV[5])
+redis.call('HSETNX', KEYS[1], 'stop', '0')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('DEL', KEYS[3])
+for i = 6, #ARGV, 3 do
+  redis.call('XADD', KEYS[3], ARGV[i] .. '-0', ARGV[i + 1], ARGV[i + 2])
+end
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return 0
+";
+
+/// Appends the terminal events given (if any), marks the answer done and drops the lease.
+const CLOSE: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+for i = 4, #ARGV, 3 do
+  redis.call('XADD', KEYS[3], ARGV[i] .. '-0', ARGV[i + 1], ARGV[i + 2])
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'state', 'done')
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 0
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'state', 'done')
+return 0
+";
+
+/// `0` nothing running, `1` asked to stop, `2` orphaned.
+const STOP: &str = r"
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'live' and state ~= 'claimed' then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 2 end
+redis.call('HSET', KEYS[1], 'stop', '1')
+return 1
+";
+
+/// `{fence, message_id, first_id}` when the lease lapsed on a live answer (now ours), else `{}`.
+const TAKE_OVER: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return {} end
+if redis.call('HGET', KEYS[1], 'state') ~= 'live' then return {} end
+local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+redis.call('SET', KEYS[2], fence, 'PX', ARGV[1])
+return {tostring(fence), redis.call('HGET', KEYS[1], 'message_id'),
+        redis.call('HGET', KEYS[1], 'first_id')}
+";
+
+/// The scripts, hashed once (each call sends only the hash; Redis loads a script it does not
+/// know — after a restart, say — from the text the first time).
+pub(super) struct Scripts {
+    pub claim: Script,
+    pub open: Script,
+    pub append: Script,
+    pub renew: Script,
+    pub reseed: Script,
+    pub close: Script,
+    pub release: Script,
+    pub stop: Script,
+    pub take_over: Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        let owning = |body: &str| Script::new(&format!("{OWNER}{body}"));
+        Self {
+            claim: Script::new(CLAIM),
+            open: Script::new(OPEN),
+            append: owning(APPEND),
+            renew: owning(RENEW),
+            reseed: owning(RESEED),
+            close: Script::new(CLOSE),
+            release: Script::new(RELEASE),
+            stop: Script::new(STOP),
+            take_over: Script::new(TAKE_OVER),
+        }
+    }
+}
