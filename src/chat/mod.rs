@@ -35,7 +35,9 @@ use crate::store::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, NewTurn, QuotaKind, StorageQuota,
     StoreError,
 };
-use crate::stream_log::{AnswerSignals, Claim, ClaimError, EventLog, LogError, StopOutcome};
+use crate::stream_log::{
+    AnswerSignals, Audience, Claim, ClaimError, EventLog, LogError, StopOutcome,
+};
 pub use control::StopCause;
 use control::{ActiveAnswer, ActiveAnswers};
 
@@ -285,7 +287,10 @@ impl ChatService {
                 return Err(e);
             }
         };
-        let (signals, events) = match self.open_log(&new_turn, claim, begun.last_event_id).await {
+        let opened = self
+            .open_log(&new_turn, claim, begun.last_event_id, &answer.audience)
+            .await;
+        let (signals, events) = match opened {
             Ok(opened) => opened,
             Err(e) => {
                 self.abandon(&new_turn, begun.last_event_id).await;
@@ -426,11 +431,13 @@ impl ChatService {
         turn: &NewTurn,
         claim: Claim,
         after_id: i64,
+        audience: &Arc<Audience>,
     ) -> Result<(AnswerSignals, BoxStream<'static, StreamEvent>), LogError> {
         let chat_id = &turn.chat_id;
+        let message_id = &turn.assistant_message_id;
         let signals = self
             .log
-            .open(chat_id, claim, &turn.assistant_message_id, after_id + 1)
+            .open(chat_id, claim, message_id, after_id + 1, audience)
             .await?;
         let events = self
             .log

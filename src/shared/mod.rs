@@ -152,6 +152,9 @@ pub struct ChatKeys {
     pub lease: String,
     /// Stream: the answer's events, entry id `<event id>-0`.
     pub log: String,
+    /// Sorted set: the answer's listeners on instances other than the producer's, each scored
+    /// by when its presence expires (Redis time, ms).
+    pub listeners: String,
 }
 
 impl Redis {
@@ -213,6 +216,7 @@ impl Redis {
             answer: format!("{base}:answer"),
             lease: format!("{base}:lease"),
             log: format!("{base}:log"),
+            listeners: format!("{base}:listeners"),
         }
     }
 

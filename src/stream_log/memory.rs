@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use futures_util::stream::{self, BoxStream};
 use tokio::sync::watch;
 
-use super::{AnswerSignals, Claim, EventLog, LogError};
+use super::{AnswerSignals, Audience, Claim, EventLog, LogError};
 use crate::events::StreamEvent;
 
 struct LiveAnswer {
@@ -41,6 +41,7 @@ impl EventLog for MemoryLog {
         _: Claim,
         _: &str,
         _: i64,
+        _: &Arc<Audience>,
     ) -> Result<AnswerSignals, LogError> {
         self.start(chat_id);
         Ok(AnswerSignals::default())
@@ -166,7 +167,9 @@ mod tests {
     #[tokio::test]
     async fn followers_replay_after_their_id_then_follow_live_to_the_terminal() {
         let log = MemoryLog::default();
-        log.open("c", Claim::LOCAL, "m", 1).await.unwrap();
+        log.open("c", Claim::LOCAL, "m", 1, &Audience::new(None))
+            .await
+            .unwrap();
         log.append("c", content(1, "a")).await.unwrap();
         log.append("c", content(2, "b")).await.unwrap();
         let mut follower = log.follow("c", 1).await.unwrap().unwrap();
@@ -185,7 +188,9 @@ mod tests {
     #[tokio::test]
     async fn a_closed_answer_ends_its_followers_and_is_gone() {
         let log = MemoryLog::default();
-        log.open("c", Claim::LOCAL, "m", 1).await.unwrap();
+        log.open("c", Claim::LOCAL, "m", 1, &Audience::new(None))
+            .await
+            .unwrap();
         log.append("c", content(1, "a")).await.unwrap();
         let mut follower = log.follow("c", 1).await.unwrap().unwrap();
         log.close("c").await.unwrap();

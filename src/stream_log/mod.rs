@@ -105,13 +105,14 @@ pub trait EventLog: Send + Sync + 'static {
     async fn release(&self, _chat_id: &str, _claim: Claim) {}
 
     /// Starts the log of the answer `message_id`, whose first event has id `first_id`, replacing
-    /// any finished one.
+    /// any finished one. A shared log tells `audience` about listeners on other instances.
     async fn open(
         &self,
         chat_id: &str,
         claim: Claim,
         message_id: &str,
         first_id: i64,
+        audience: &Arc<Audience>,
     ) -> Result<AnswerSignals, LogError>;
 
     async fn append(&self, chat_id: &str, event: StreamEvent) -> Result<(), LogError>;
@@ -172,8 +173,9 @@ pub trait EventLog: Send + Sync + 'static {
 
 /// Who is listening to a live answer. Under the "cancel" disconnect policy an answer nobody has
 /// listened to for the grace period is cancelled; a listener that comes back within it (a
-/// reloaded page, a phone out of a tunnel) keeps it going. Under "continue", leaving changes
-/// nothing.
+/// reloaded page, a phone out of a tunnel) keeps it going — on this instance or, with shared
+/// state, on any other (their presence reaches the producer through the shared log). Under
+/// "continue", leaving changes nothing.
 #[derive(Debug)]
 pub struct Audience {
     heard: watch::Sender<Heard>,
@@ -184,6 +186,8 @@ pub struct Audience {
 #[derive(Debug, Clone, Copy, Default)]
 struct Heard {
     listeners: usize,
+    /// Listeners on other instances, as last counted in the shared log.
+    remote: usize,
     /// When the last listener left; `None` while someone listens (or nobody ever did: the
     /// asker's listener is attached before the producer starts).
     emptied_at: Option<Instant>,
@@ -227,6 +231,23 @@ impl Audience {
         }
     }
 
+    /// How many listeners other instances have now.
+    pub fn hear_remote(&self, remote: usize) {
+        self.heard.send_if_modified(|h| {
+            if h.remote == remote {
+                return false;
+            }
+            let before = h.listeners + h.remote;
+            h.remote = remote;
+            if h.listeners + remote > 0 {
+                h.emptied_at = None;
+            } else if before > 0 {
+                h.emptied_at = Some(Instant::now());
+            }
+            true
+        });
+    }
+
     /// Wraps a listener's stream so that its end (or drop) is counted.
     pub fn listen(self: &Arc<Self>, events: BoxStream<'static, StreamEvent>) -> Listener {
         self.heard.send_modify(|h| {
@@ -258,7 +279,7 @@ impl Drop for Listener {
     fn drop(&mut self) {
         self.audience.heard.send_modify(|h| {
             h.listeners -= 1;
-            if h.listeners == 0 {
+            if h.listeners == 0 && h.remote == 0 {
                 h.emptied_at = Some(Instant::now());
             }
         });
@@ -293,6 +314,18 @@ mod tests {
         // Back within the grace period (a reload), then gone again: the period starts over.
         let back = listener(&audience);
         drop(back);
+        assert!(!abandoned_after(&audience, Duration::from_secs(29)).await);
+        assert!(abandoned_after(&audience, Duration::from_secs(2)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn listeners_elsewhere_keep_an_answer_heard() {
+        let audience = Audience::new(Some(Duration::from_secs(30)));
+        let asker = listener(&audience);
+        audience.hear_remote(1); // the asker reconnected to another instance
+        drop(asker);
+        assert!(!abandoned_after(&audience, Duration::from_secs(120)).await);
+        audience.hear_remote(0);
         assert!(!abandoned_after(&audience, Duration::from_secs(29)).await);
         assert!(abandoned_after(&audience, Duration::from_secs(2)).await);
     }

@@ -391,3 +391,54 @@ async fn redis_away_for_longer_than_the_writer_waits_ends_the_answer_once() {
     assert_eq!(answer_text(&again), "back");
     assert!(again[0].id_num() > end.id_num());
 }
+
+/// `on_disconnect = "cancel"` behind a load balancer: the asker's connection to A drops and the
+/// user follows the answer on B instead. A counts B's listener (its presence in Redis), so the
+/// answer is not cancelled even with no grace period; once B's listener goes too, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cancel_policy_counts_listeners_on_every_instance() {
+    let pair = pair_on(TestKeys::new(), |c| {
+        c.streams.on_disconnect = DisconnectPolicy::Cancel;
+        c.streams.disconnect_grace_secs = 0;
+    })
+    .await;
+    pair.a
+        .fake
+        .push(Script::tokens(&["one", " two", " three"]).gated());
+    let (mut asker, chat_id) = pair.a.open_stream("alice", "go").await;
+    pair.a.fake.release(1);
+    let one = asker.next_event().await.unwrap();
+    let follower = resume(&pair.b, "alice", &chat_id, Some(one.id_num())).await;
+    assert_eq!(follower.status(), 200);
+    let answer = format!("{}:chat:{{{chat_id}}}:answer", pair.keys.prefix);
+    let mut conn = redis::Client::open(pair.keys.url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    eventually("the producer counts the listener on B", || {
+        let counted: Option<i64> = redis::cmd("HGET")
+            .arg(&answer)
+            .arg("remote_listeners")
+            .query(&mut conn)
+            .unwrap();
+        async move { counted.filter(|n| *n >= 1).map(|_| ()) }
+    })
+    .await;
+    drop(asker);
+    pair.a.fake.release(1);
+    let mut follower = SseReader::new(follower);
+    assert_eq!(
+        follower.next_event().await.unwrap().json()["content"],
+        " two"
+    );
+
+    drop(follower);
+    assert_eq!(
+        pair.a.fake.outcome(0).await,
+        super::fake_upstream::Outcome::Cancelled,
+        "nobody listens anywhere: the provider call is cancelled"
+    );
+    let messages = pair.b.settled_messages("alice", &chat_id).await;
+    assert_eq!(messages[1]["content"], "one two");
+    assert_eq!(messages[1]["status"], "interrupted");
+}

@@ -17,7 +17,7 @@ use super::helpers::{
     BOT, SseReader, TestApp, spawn_app_with, spawn_app_with_log, spawn_app_with_store,
 };
 use mangoo::events::StreamEvent;
-use mangoo::stream_log::{AnswerSignals, Claim, ClaimError, EventLog, LogError};
+use mangoo::stream_log::{AnswerSignals, Audience, Claim, ClaimError, EventLog, LogError};
 
 #[tokio::test]
 async fn unknown_methods_share_one_metrics_label_and_grow_nothing() {
@@ -477,7 +477,14 @@ impl EventLog for UnreachableLog {
     async fn claim(&self, _: &str) -> Result<Claim, ClaimError> {
         Err(ClaimError::Log(LogError("connection refused".into())))
     }
-    async fn open(&self, _: &str, _: Claim, _: &str, _: i64) -> Result<AnswerSignals, LogError> {
+    async fn open(
+        &self,
+        _: &str,
+        _: Claim,
+        _: &str,
+        _: i64,
+        _: &Arc<Audience>,
+    ) -> Result<AnswerSignals, LogError> {
         Err(LogError("connection refused".into()))
     }
     async fn append(&self, _: &str, _: StreamEvent) -> Result<(), LogError> {

@@ -216,6 +216,15 @@ impl OwnRedis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            // A replica's full sync would otherwise write dump.rdb into the working directory.
+            .args([
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+            ])
+            .arg("--dir")
+            .arg(std::env::temp_dir())
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -7,7 +7,13 @@
 //! never yields past a hole: an event whose id does not follow the last one is not sent, the
 //! log is read again from the last id, and if the hole stays the stream ends without a terminal
 //! (the caller then ends it with a retryable error at that id, or from storage).
+//!
+//! While it reads, a follower keeps a presence in the answer's listener set, renewed every
+//! [`PRESENCE_EVERY`] and expiring [`PRESENCE_TTL`] after the last renewal (so a follower whose
+//! client is gone stops counting by itself): the producer, on another instance, counts these
+//! listeners too before it cancels an answer nobody hears.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
@@ -16,6 +22,7 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::scripts::Scripts;
 use super::writer::WRITE_PATIENCE;
 use super::{BATCH, millis};
 use crate::events::StreamEvent;
@@ -30,6 +37,10 @@ const POLL: Duration = Duration::from_millis(50);
 /// How long a follower waits out Redis failing or having lost the answer: as long as the
 /// producer offers its events to Redis, and a little more for it to write them again.
 const TROUBLE_GRACE: Duration = WRITE_PATIENCE.saturating_add(Duration::from_secs(5));
+const PRESENCE_EVERY: Duration = Duration::from_secs(1);
+const PRESENCE_TTL: Duration = Duration::from_secs(3);
+/// The listener set outlives its last presence by this much (it is tiny).
+const PRESENCE_SET_TTL: Duration = Duration::from_secs(60);
 
 pub(super) fn decode_entry(entry: &redis::streams::StreamId) -> Option<StreamEvent> {
     let id: i64 = entry.id.split('-').next()?.parse().ok()?;
@@ -49,7 +60,11 @@ enum Read {
 
 struct Follower {
     redis: Redis,
+    scripts: Arc<Scripts>,
     keys: ChatKeys,
+    /// This follower's member in the answer's listener set.
+    presence_id: String,
+    presence_due: Instant,
     reader: Option<(MultiplexedConnection, OwnedSemaphorePermit)>,
     cursor: i64,
     /// Whether an event was delivered: from then on each must follow the one before.
@@ -59,6 +74,26 @@ struct Follower {
 }
 
 impl Follower {
+    /// Renews this follower's presence when it is due; a failure only means it may lapse.
+    async fn announce(&mut self) {
+        if Instant::now() < self.presence_due {
+            return;
+        }
+        self.presence_due = Instant::now() + PRESENCE_EVERY;
+        let announced: Result<i64, _> = self
+            .scripts
+            .present
+            .key(&self.keys.listeners)
+            .arg(millis(PRESENCE_TTL))
+            .arg(&self.presence_id)
+            .arg(millis(PRESENCE_SET_TTL))
+            .invoke_async(&mut self.redis.conn())
+            .await;
+        if let Err(e) = announced {
+            tracing::debug!("could not renew a listener's presence: {e}");
+        }
+    }
+
     async fn read(&mut self) -> Read {
         let mut options = StreamReadOptions::default().count(BATCH);
         if self.reader.is_some() {
@@ -126,6 +161,7 @@ impl Follower {
 /// cannot give it for longer than the grace.
 pub(super) fn remote_follower(
     redis: Redis,
+    scripts: Arc<Scripts>,
     keys: ChatKeys,
     after_id: i64,
 ) -> BoxStream<'static, StreamEvent> {
@@ -133,7 +169,10 @@ pub(super) fn remote_follower(
         let reader = redis.blocking_connection(BLOCK).await.ok().flatten();
         let mut follower = Follower {
             redis,
+            scripts,
             keys,
+            presence_id: uuid::Uuid::new_v4().simple().to_string(),
+            presence_due: Instant::now(),
             reader,
             cursor: after_id,
             delivered_any: false,
@@ -141,6 +180,7 @@ pub(super) fn remote_follower(
         };
         let mut quiet_since = Instant::now();
         loop {
+            follower.announce().await;
             let events = match follower.read().await {
                 Read::Events(events) => events,
                 Read::Failed => {

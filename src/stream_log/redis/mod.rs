@@ -41,7 +41,9 @@ use scripts::Scripts;
 use writer::{Command, Writer, WriterTask};
 
 use super::memory::MemoryLog;
-use super::{AnswerSignals, Claim, ClaimError, EventLog, LogError, Orphan, StopOutcome, codec};
+use super::{
+    AnswerSignals, Audience, Claim, ClaimError, EventLog, LogError, Orphan, StopOutcome, codec,
+};
 use crate::events::StreamEvent;
 use crate::shared::Redis;
 
@@ -185,6 +187,7 @@ impl EventLog for RedisLog {
         claim: Claim,
         message_id: &str,
         first_id: i64,
+        audience: &Arc<Audience>,
     ) -> Result<AnswerSignals, LogError> {
         let keys = self.redis.chat_keys(chat_id);
         let opened: i64 = self
@@ -224,6 +227,7 @@ impl EventLog for RedisLog {
             keys,
             claim,
             signals.clone(),
+            audience.clone(),
         );
         self.tasks.spawn(task.run(commands));
         Ok(signals)
@@ -296,7 +300,12 @@ impl EventLog for RedisLog {
         if !matches!(state.as_deref(), Some("live" | "claimed")) {
             return Ok(None);
         }
-        Ok(Some(remote_follower(self.redis.clone(), keys, after_id)))
+        Ok(Some(remote_follower(
+            self.redis.clone(),
+            self.scripts.clone(),
+            keys,
+            after_id,
+        )))
     }
 
     async fn request_stop(&self, chat_id: &str) -> Result<StopOutcome, LogError> {

@@ -24,6 +24,10 @@ local function owner(fence, message_id)
   if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') > tonumber(fence) then return -1 end
   return -2
 end
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local function top_id()
   local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
   if top[1] == nil then return 0 end
@@ -72,14 +76,27 @@ if redis.call('HGET', KEYS[1], 'stop') == '1' then return outcome + 1 end
 return outcome
 ";
 
-/// ARGV: fence, lease TTL, message id, the id the log should end with. `0`, `1` stop asked,
-/// `-1` fenced, `-2` lost, `-3` the log does not end where it should.
+/// ARGV: fence, lease TTL, message id, the id the log should end with; `KEYS[4]` the answer's
+/// listeners elsewhere. `{code, listeners}`: code `0`, `1` stop asked, `-1` fenced, `-2` lost,
+/// `-3` the log does not end where it should; listeners, those whose presence has not expired
+/// (also left in the hash, for operators).
 const RENEW: &str = r"
 local owned = owner(ARGV[1], ARGV[3])
-if owned ~= 0 then return owned end
-if top_id() ~= tonumber(ARGV[4]) then return -3 end
+if owned ~= 0 then return {owned, 0} end
+if top_id() ~= tonumber(ARGV[4]) then return {-3, 0} end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-if redis.call('HGET', KEYS[1], 'stop') == '1' then return 1 end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', redis_now_ms())
+local listeners = redis.call('ZCARD', KEYS[4])
+redis.call('HSET', KEYS[1], 'remote_listeners', listeners)
+if redis.call('HGET', KEYS[1], 'stop') == '1' then return {1, listeners} end
+return {0, listeners}
+";
+
+/// A listener on another instance is there: `KEYS[1]` the answer's listeners, ARGV the
+/// presence's TTL (ms), the listener's id, the set's expiry (ms).
+const PRESENT: &str = r"
+redis.call('ZADD', KEYS[1], redis_now_ms() + tonumber(ARGV[1]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 0
 ";
 
@@ -148,6 +165,7 @@ pub(super) struct Scripts {
     pub open: Script,
     pub append: Script,
     pub renew: Script,
+    pub present: Script,
     pub reseed: Script,
     pub close: Script,
     pub release: Script,
@@ -163,6 +181,7 @@ impl Default for Scripts {
             open: Script::new(OPEN),
             append: owning(APPEND),
             renew: owning(RENEW),
+            present: owning(PRESENT),
             reseed: owning(RESEED),
             close: Script::new(CLOSE),
             release: Script::new(RELEASE),

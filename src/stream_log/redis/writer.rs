@@ -19,7 +19,7 @@ use super::{BATCH, LEASE_TTL, LIVE_TTL, RedisLog, entry_args, millis};
 use crate::events::StreamEvent;
 use crate::shared::{ChatKeys, Redis};
 use crate::stream_log::memory::MemoryLog;
-use crate::stream_log::{AnswerSignals, Claim, LogError};
+use crate::stream_log::{AnswerSignals, Audience, Claim, LogError};
 
 /// Renewal is also when a stop asked for elsewhere is noticed by an answer stalled upstream.
 const RENEW_EVERY: Duration = Duration::from_millis(500);
@@ -98,6 +98,8 @@ pub(super) struct WriterTask {
     pub keys: ChatKeys,
     pub claim: Claim,
     pub signals: AnswerSignals,
+    /// Told how many listeners other instances have (the disconnect policy counts them too).
+    audience: Arc<Audience>,
     state: WriterState,
     /// The id of the last event Redis acknowledged: where its log should end.
     delivered: Option<i64>,
@@ -114,6 +116,7 @@ impl WriterTask {
         keys: ChatKeys,
         claim: Claim,
         signals: AnswerSignals,
+        audience: Arc<Audience>,
     ) -> Self {
         Self {
             redis: log.redis.clone(),
@@ -126,6 +129,7 @@ impl WriterTask {
             keys,
             claim,
             signals,
+            audience,
             state: WriterState::Healthy,
             delivered: None,
             renewals: 0,
@@ -284,12 +288,17 @@ impl WriterTask {
             .key(&self.keys.answer)
             .key(&self.keys.lease)
             .key(&self.keys.log)
+            .key(&self.keys.listeners)
             .arg(self.claim.fence)
             .arg(millis(LEASE_TTL))
             .arg(&self.message_id)
             .arg(self.expected_top());
-        let renewed: Result<i64, _> = invocation.invoke_async(&mut self.redis.conn()).await;
-        match renewed.map(verdict) {
+        let renewed: Result<(i64, usize), _> =
+            invocation.invoke_async(&mut self.redis.conn()).await;
+        if let Ok((_, listeners)) = renewed {
+            self.audience.hear_remote(listeners);
+        }
+        match renewed.map(|(code, _)| verdict(code)) {
             Ok(Verdict::Fenced) => self.fenced(&mut Vec::new()),
             Ok(Verdict::Lost) => {
                 if let Ok(false) = self.reseed().await {
