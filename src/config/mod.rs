@@ -322,7 +322,11 @@ impl DatabaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis://host:6379/0`, `rediss://` for TLS; `None` keeps live state in this process.
+    /// `redis+cluster://` / `rediss+cluster://` is the same as `cluster = true`.
     pub url: Option<String>,
+    /// The URL names one node (or the configuration endpoint) of a Redis Cluster: ElastiCache
+    /// or Valkey Serverless, cluster-mode-enabled groups. The client learns the slots from it.
+    pub cluster: bool,
     /// Every key Mangoo writes starts with this, so instances of different deployments (or
     /// tests) can share one Redis.
     pub key_prefix: String,
@@ -331,10 +335,24 @@ pub struct RedisConfig {
     pub max_blocking_readers: usize,
 }
 
+impl RedisConfig {
+    /// The URL the client opens and whether it names a cluster (`+cluster` taken off).
+    pub fn endpoint(&self) -> Option<(String, bool)> {
+        let url = self.url.as_deref()?;
+        for scheme in ["redis", "rediss"] {
+            if let Some(rest) = url.strip_prefix(&format!("{scheme}+cluster://")) {
+                return Some((format!("{scheme}://{rest}"), true));
+            }
+        }
+        Some((url.to_owned(), self.cluster))
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: None,
+            cluster: false,
             key_prefix: "mangoo".into(),
             max_blocking_readers: 256,
         }
@@ -489,6 +507,7 @@ impl Config {
                 "MANGOO_REDIS_URL" => {
                     self.redis.url = (!value.is_empty()).then(|| value.to_owned());
                 }
+                "MANGOO_REDIS_CLUSTER" => self.redis.cluster = matches!(value, "1" | "true"),
                 "MANGOO_JWT_SECRET" => self.auth.jwt_secret = Some(Secret::new(value)),
                 "MANGOO_LOCAL_MODEL" if !value.is_empty() => {
                     self.providers.local.model_path = Some(PathBuf::from(value));

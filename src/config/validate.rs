@@ -63,16 +63,22 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if let Some(url) = &self.redis.url {
+        if let Some((url, cluster)) = self.redis.endpoint() {
             let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
             if !scheme_ok {
                 return Err(invalid(
                     "redis.url",
-                    "must be redis://host:6379/0 or rediss://…",
+                    "must be redis://host:6379/0 or rediss://… (redis+cluster:// for a cluster)",
                 ));
             }
-            redis::Client::open(url.as_str())
+            let client = redis::Client::open(url.as_str())
                 .map_err(|e| invalid("redis.url", format!("not a Redis URL: {e}")))?;
+            if cluster && client.get_connection_info().redis_settings().db() != 0 {
+                return Err(invalid(
+                    "redis.url",
+                    "a Redis Cluster has only database 0 (drop the /N from the URL)",
+                ));
+            }
         }
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ' ']) {
             return Err(invalid(

@@ -237,23 +237,19 @@ async fn renew(redis: &Redis, script: &Script, held: &HashMap<String, String>) {
         return;
     }
     let ttl = LEASE_TTL.as_millis() as u64;
-    let invocations: Vec<_> = held
-        .iter()
-        .map(|(id, key)| {
-            let mut invocation = script.prepare_invoke();
-            invocation.key(key).arg(id).arg(ttl);
-            invocation
-        })
-        .collect();
-    let mut pipe = redis::pipe();
-    for invocation in &invocations {
-        pipe.invoke_script(invocation).ignore();
-    }
-    // EVALSHA in a pipeline: load the script first so no call finds it missing.
-    let renewed: Result<(), _> = match script.load_async(&mut redis.conn()).await {
-        Ok(_) => pipe.query_async(&mut redis.conn()).await,
-        Err(e) => Err(e),
-    };
+    // One call per place, all in flight together on the multiplexed connection (as fast as a
+    // pipeline, and each routed to its own slot in a cluster, where a pipeline must not span
+    // slots).
+    let renewals = held.iter().map(|(id, key)| async move {
+        let mut conn = redis.conn();
+        script
+            .key(key)
+            .arg(id)
+            .arg(ttl)
+            .invoke_async::<()>(&mut conn)
+            .await
+    });
+    let renewed: Result<Vec<()>, _> = futures_util::future::try_join_all(renewals).await;
     if let Err(e) = renewed {
         tracing::warn!("could not renew stream places: {e}");
     }

@@ -16,6 +16,14 @@
 //!   blocked command would hold up every command queued behind it. They are capped
 //!   (`max_blocking_readers`); past the cap a reader polls instead.
 //!
+//! With `[redis] cluster = true` (or a `redis+cluster://` URL) both kinds are cluster connections
+//! instead: they learn the slots from the node named, route each command by its key and follow
+//! `MOVED` through failovers and resharding. Every command and script Mangoo sends touches keys
+//! of one slot; nothing is pipelined across keys.
+//!
+//! Every socket has TCP keepalive and a user timeout, so a dependency that vanished without a
+//! reset (a black-holed route, a NAT that forgot the flow) is noticed in seconds, not minutes.
+//!
 //! Nothing connects at construction: a server whose Redis is down starts, reports not ready, and
 //! connects when Redis comes back.
 
@@ -28,7 +36,13 @@ use std::time::Duration;
 use redis::aio::{
     ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
 };
-use redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, RedisError, RedisFuture, Value};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, IntoConnectionInfo, RedisError, RedisFuture,
+    Value,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -55,8 +69,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Redis(Arc<Connections>);
 
 struct Connections {
-    client: Client,
-    manager: RwLock<ConnectionManager>,
+    client: Endpoint,
+    manager: RwLock<Link>,
     /// When the manager was last replaced: at most once per [`REPLACE_AT_MOST_EVERY`].
     replaced_at: Mutex<Option<Instant>>,
     prefix: String,
@@ -66,19 +80,135 @@ struct Connections {
 /// A storm of failing commands replaces the connection once, not once per command.
 const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
-fn manager_for(client: &Client) -> Result<ConnectionManager, RedisError> {
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_lazy_with_config(client.clone(), config)
+/// What the handle connects to: one server (or a primary behind a DNS name), or a cluster.
+enum Endpoint {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+/// A socket to a peer that vanished without a reset fails after this long unacknowledged.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn tcp_settings() -> TcpSettings {
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(3);
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout(TCP_USER_TIMEOUT)
+}
+
+impl Endpoint {
+    fn open(url: &str, cluster: bool) -> Result<Self, RedisError> {
+        let info = url.into_connection_info()?.set_tcp_settings(tcp_settings());
+        if !cluster {
+            return Ok(Self::Single(Client::open(info)?));
+        }
+        let client = ClusterClientBuilder::new([info])
+            .tcp_settings(tcp_settings())
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            // Through a failover the cluster takes a few seconds to name a new primary; the
+            // redirects and retries meanwhile are bounded as a whole.
+            .overall_response_timeout(Some(RESPONSE_TIMEOUT * 2))
+            .build()?;
+        Ok(Self::Cluster(client))
+    }
+
+    /// The shared, multiplexed link; connects on first use.
+    fn link(&self) -> Result<Link, RedisError> {
+        match self {
+            Self::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                Ok(Link::Single(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    config,
+                )?))
+            }
+            Self::Cluster(client) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(RESPONSE_TIMEOUT);
+                Ok(Link::Cluster(
+                    client.get_pending_async_connection_with_config(config),
+                ))
+            }
+        }
+    }
+
+    /// A link of its own for blocking reads; its response timeout covers the block.
+    async fn blocking_link(&self, block: Duration) -> Result<Link, RedisError> {
+        let timeout = block + RESPONSE_TIMEOUT;
+        match self {
+            Self::Single(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(timeout));
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok(Link::Dedicated(conn))
+            }
+            Self::Cluster(client) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(timeout);
+                let conn = client.get_async_connection_with_config(config).await?;
+                Ok(Link::Cluster(conn))
+            }
+        }
+    }
+}
+
+/// A connection of one of the kinds above, as the commands see it.
+#[derive(Clone)]
+pub enum Link {
+    Single(ConnectionManager),
+    Dedicated(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Dedicated(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Dedicated(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Dedicated(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
 }
 
 /// The shared connection as every short command uses it: the current manager, and a note to
 /// the handle when a command fails in a way the manager does not recover from by itself.
 pub struct SharedConnection {
-    manager: ConnectionManager,
+    manager: Link,
     owner: Redis,
 }
 
@@ -159,9 +289,9 @@ pub struct ChatKeys {
 
 impl Redis {
     /// The client, ready to connect on first use (no I/O here).
-    pub fn new(url: &str, config: &RedisConfig) -> Result<Self, SharedError> {
-        let client = Client::open(url)?;
-        let manager = RwLock::new(manager_for(&client)?);
+    pub fn new(url: &str, cluster: bool, config: &RedisConfig) -> Result<Self, SharedError> {
+        let client = Endpoint::open(url, cluster)?;
+        let manager = RwLock::new(client.link()?);
         Ok(Self(Arc::new(Connections {
             client,
             manager,
@@ -197,7 +327,7 @@ impl Redis {
             }
             *replaced_at = Some(Instant::now());
         }
-        match manager_for(&self.0.client) {
+        match self.0.client.link() {
             Ok(fresh) => {
                 tracing::warn!("redis connection replaced after: {e}");
                 *self.0.manager.write().unwrap_or_else(|p| p.into_inner()) = fresh;
@@ -225,19 +355,12 @@ impl Redis {
     pub async fn blocking_connection(
         &self,
         block: Duration,
-    ) -> Result<Option<(MultiplexedConnection, OwnedSemaphorePermit)>, SharedError> {
+    ) -> Result<Option<(Link, OwnedSemaphorePermit)>, SharedError> {
         let Ok(permit) = self.0.blocking.clone().try_acquire_owned() else {
             return Ok(None);
         };
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(block + RESPONSE_TIMEOUT));
-        let conn = self
-            .0
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        Ok(Some((conn, permit)))
+        let link = self.0.client.blocking_link(block).await?;
+        Ok(Some((link, permit)))
     }
 
     pub async fn ping(&self) -> Result<(), SharedError> {

@@ -92,8 +92,8 @@ impl Application {
         // Before the database connects (TLS to PostgreSQL); build_in installs it again for
         // callers of build_with, which is a no-op here.
         crate::crypto::install_default_providers();
-        let shared = match &config.redis.url {
-            Some(url) => Some(Redis::new(url, &config.redis)?),
+        let shared = match config.redis.endpoint() {
+            Some((url, cluster)) => Some(Redis::new(&url, cluster, &config.redis)?),
             None => None,
         };
         let background = Background::default();

@@ -26,6 +26,7 @@ mod openapi;
 mod operations;
 mod probe;
 mod providers;
+mod redis_cluster;
 mod resilience;
 mod resume;
 mod services;

@@ -211,6 +211,24 @@ impl OwnRedis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A node for [`OwnCluster`], its cluster state in a file of its own (removed first: a port
+    /// used by an earlier run must not bring back that run's cluster).
+    fn start_cluster_node() -> Self {
+        let port = free_port();
+        let state = format!("mangoo-test-nodes-{port}.conf");
+        let _ = std::fs::remove_file(std::env::temp_dir().join(&state));
+        let mut redis = Self {
+            port,
+            child: None,
+            args: ["--cluster-enabled", "yes", "--cluster-config-file", &state]
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+        };
+        redis.resume();
+        redis
+    }
+
     /// Starts it (again) on the same port, and waits until it answers.
     pub fn resume(&mut self) {
         let child = Command::new("redis-server")
@@ -248,6 +266,51 @@ impl OwnRedis {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Three `redis-server --cluster-enabled yes` of the test's own, their 16,384 slots split by
+/// `redis-cli --cluster create` (no replicas): a real Redis Cluster, as ElastiCache and Valkey
+/// Serverless present themselves.
+pub struct OwnCluster {
+    pub nodes: Vec<OwnRedis>,
+}
+
+impl OwnCluster {
+    pub fn start() -> Self {
+        let nodes: Vec<OwnRedis> = (0..3).map(|_| OwnRedis::start_cluster_node()).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli is installed");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let deadline = std::time::Instant::now() + super::helpers::HANG_GUARD;
+        for node in &nodes {
+            loop {
+                let info = match node.command(&["CLUSTER", "INFO"]) {
+                    redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                    redis::Value::VerbatimString { text, .. } => text,
+                    other => panic!("CLUSTER INFO answered {other:?}"),
+                };
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cluster never formed"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        Self { nodes }
+    }
+
+    /// One node's address: the client learns the others from it.
+    pub fn seed_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.nodes[0].port)
     }
 }
 

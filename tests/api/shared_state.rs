@@ -101,7 +101,10 @@ async fn a_chat_started_on_one_instance_continues_on_the_other_with_rising_ids()
 /// gets every later event once, in order, then one terminal event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_on_the_other_instance_mid_answer_gets_every_event_once_from_any_cut() {
-    let pair = pair(|_| {}).await;
+    followers_get_every_event_once_from_any_cut(pair(|_| {}).await).await;
+}
+
+pub async fn followers_get_every_event_once_from_any_cut(pair: Pair) {
     let tokens: Vec<String> = (0..40).map(|i| format!("t{i} ")).collect();
     let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
     pair.a.fake.push(Script::tokens(&refs).gated());
@@ -149,7 +152,10 @@ async fn a_finished_answer_resumes_from_storage_on_the_other_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_on_the_other_instance_ends_the_answer_and_cancels_the_upstream_call() {
-    let pair = pair(|_| {}).await;
+    a_stop_anywhere_ends_the_answer(pair(|_| {}).await).await;
+}
+
+pub async fn a_stop_anywhere_ends_the_answer(pair: Pair) {
     pair.a
         .fake
         .push(Script::tokens(&["one", " two", " three"]).gated());
@@ -185,7 +191,10 @@ async fn a_stop_on_the_other_instance_ends_the_answer_and_cancels_the_upstream_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticket_from_one_instance_works_once_on_the_other() {
-    let pair = pair(|_| {}).await;
+    a_ticket_works_once_anywhere(pair(|_| {}).await).await;
+}
+
+pub async fn a_ticket_works_once_anywhere(pair: Pair) {
     let issued: Value = pair
         .a
         .client
@@ -218,12 +227,17 @@ async fn a_ticket_from_one_instance_works_once_on_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_and_the_stream_cap_count_both_instances() {
-    let pair = pair(|c| {
-        c.rate_limit.requests_per_second = 0.01;
-        c.rate_limit.burst = 4;
-        c.rate_limit.max_concurrent_streams = 1;
-    })
-    .await;
+    limits_count_both_instances(pair(tight_limits).await).await;
+}
+
+pub fn tight_limits(c: &mut Config) {
+    c.rate_limit.requests_per_second = 0.01;
+    c.rate_limit.burst = 4;
+    c.rate_limit.max_concurrent_streams = 1;
+}
+
+/// Run on a pair made with [`tight_limits`].
+pub async fn limits_count_both_instances(pair: Pair) {
     // The cap: one stream for Alice, wherever it runs.
     pair.a.fake.push(Script::tokens(&["held"]).gated());
     let (_held, _) = pair.a.open_stream("alice", "hold").await;

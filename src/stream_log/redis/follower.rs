@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
-use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -26,7 +25,7 @@ use super::scripts::Scripts;
 use super::writer::WRITE_PATIENCE;
 use super::{BATCH, millis};
 use crate::events::StreamEvent;
-use crate::shared::{ChatKeys, Redis};
+use crate::shared::{ChatKeys, Link, Redis};
 use crate::stream_log::codec;
 
 /// A follower's blocking read waits this long before it looks whether the answer still exists.
@@ -65,7 +64,7 @@ struct Follower {
     /// This follower's member in the answer's listener set.
     presence_id: String,
     presence_due: Instant,
-    reader: Option<(MultiplexedConnection, OwnedSemaphorePermit)>,
+    reader: Option<(Link, OwnedSemaphorePermit)>,
     cursor: i64,
     /// Whether an event was delivered: from then on each must follow the one before.
     delivered_any: bool,
