@@ -81,6 +81,7 @@ struct Connections {
 const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
 /// What the handle connects to: one server (or a primary behind a DNS name), or a cluster.
+#[allow(clippy::large_enum_variant)] // one per process
 enum Endpoint {
     Single(Client),
     Cluster(ClusterClient),

@@ -110,7 +110,13 @@ impl PostgresStore {
         let mut backoff = FIRST_BACKOFF;
         loop {
             let result = match self.pool().await {
-                Ok(pool) => statement(pool.clone()).await,
+                Ok(pool) => tokio::time::timeout(STATEMENT_TIMEOUT, statement(pool.clone()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable(
+                            "the database did not answer in time".into(),
+                        ))
+                    }),
                 Err(e) => Err(e),
             };
             match result {
@@ -134,6 +140,11 @@ impl PostgresStore {
 /// restarted server costs one retry; a failover longer than this is an outage.
 const RETRY_BUDGET: Duration = Duration::from_secs(3);
 const FIRST_BACKOFF: Duration = Duration::from_millis(25);
+/// A database that stopped answering without closing the connection (a black-holed route, a
+/// NAT that dropped the flow) would hold a statement for the kernel's retransmission timeout,
+/// many minutes. Every statement here is a few milliseconds; past this it counts as the
+/// database away, and is run again like any connection failure (every write is repeatable).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connection-level failures are the database being away, not a fault in the data: the pool
 /// (I/O, TLS, protocol, no connection in time) and the SQLSTATEs of a connection that is going

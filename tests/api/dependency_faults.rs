@@ -136,6 +136,18 @@ async fn streams_start_after_every_pooled_connection_was_ended() {
 /// back; the listener then gets `done` — not an error, not a second terminal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_whose_end_meets_a_database_outage_is_stored_when_it_is_back() {
+    answer_end_survives(Partition::cut).await;
+}
+
+/// The same with the path black-holed instead (nothing answers, nothing is closed): the
+/// statement that stores the end does not wait for the kernel's retransmission timeout; it gives
+/// up after a few seconds, counts as the database away, and the producer offers it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_end_meets_a_black_holed_database_is_stored_when_it_is_back() {
+    answer_end_survives(Partition::black_hole).await;
+}
+
+async fn answer_end_survives(fault: fn(&Partition)) {
     let db = TestDatabase::create().await;
     let path = Partition::to("127.0.0.1:5432", true).await;
     let url = path.database_url(&db.url);
@@ -148,7 +160,7 @@ async fn an_answer_whose_end_meets_a_database_outage_is_stored_when_it_is_back()
     let (mut reader, chat_id) = app.open_stream("alice", "go").await;
     app.fake.release(1);
     let mut events = vec![reader.next_event().await.unwrap()];
-    path.cut();
+    fault(&path);
     app.fake.release(1);
     events.push(reader.next_event().await.unwrap());
     eventually("the producer offers the answer again", || async {

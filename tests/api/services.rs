@@ -327,9 +327,20 @@ impl Drop for OwnRedis {
 /// [`Partition::redirect`] reach the new target; those already open stay where they were.
 pub struct Partition {
     pub port: u16,
-    open: tokio::sync::watch::Sender<bool>,
+    open: tokio::sync::watch::Sender<Path>,
     target: std::sync::Arc<std::sync::Mutex<String>>,
     _accept: tokio::task::JoinHandle<()>,
+}
+
+/// The state of a [`Partition`]'s path.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    Open,
+    /// Connections are closed and new ones refused: what a server gone away looks like.
+    Cut,
+    /// Nothing gets through and nothing is closed: packets vanish (a black-holed route, a NAT
+    /// that forgot the flow). Connections held meanwhile are closed when the path is restored.
+    Hole,
 }
 
 impl Partition {
@@ -337,7 +348,7 @@ impl Partition {
     pub async fn to(target: &str, open: bool) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (switch, _) = tokio::sync::watch::channel(open);
+        let (switch, _) = tokio::sync::watch::channel(if open { Path::Open } else { Path::Cut });
         let state = switch.clone();
         let target = std::sync::Arc::new(std::sync::Mutex::new(target.to_owned()));
         let current = target.clone();
@@ -346,18 +357,31 @@ impl Partition {
                 let Ok((mut client, _)) = listener.accept().await else {
                     return;
                 };
-                if !*state.borrow() {
-                    continue; // dropped: the connection is refused as a cut network would
+                let mut path = state.subscribe();
+                let now = *path.borrow_and_update();
+                match now {
+                    Path::Cut => continue, // dropped: refused as a cut network would
+                    Path::Hole => {
+                        tokio::spawn(async move {
+                            let _ = path.wait_for(|p| *p != Path::Hole).await;
+                            drop(client);
+                        });
+                        continue;
+                    }
+                    Path::Open => {}
                 }
-                let mut cut = state.subscribe();
                 let target = current.lock().unwrap().clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.wait_for(|open| !*open) => {}
+                    let closed = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        changed = path.wait_for(|p| *p != Path::Open) => changed.is_ok(),
+                    };
+                    if closed {
+                        // Held open, silent, until the hole ends; then closed.
+                        let _ = path.wait_for(|p| *p != Path::Hole).await;
                     }
                 });
             }
@@ -380,11 +404,16 @@ impl Partition {
     }
 
     pub fn cut(&self) {
-        self.open.send_replace(false);
+        self.open.send_replace(Path::Cut);
+    }
+
+    /// Packets vanish both ways; nothing is closed until [`Partition::restore`].
+    pub fn black_hole(&self) {
+        self.open.send_replace(Path::Hole);
     }
 
     pub fn restore(&self) {
-        self.open.send_replace(true);
+        self.open.send_replace(Path::Open);
     }
 
     /// The database URL `url` with its host and port replaced by this path.

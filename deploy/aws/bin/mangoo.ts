@@ -4,6 +4,7 @@
  *   region        default us-east-1 (CloudFront's WAF lives there; see docs/deploy.md)
  *   bedrockModels comma-separated model or inference-profile ids
  *   frontDoor     cloudfront (default) or restapi
+ *   redis         replication-group (default) or serverless (ElastiCache Serverless for Valkey)
  * No context lookups: synth works offline, with no credentials.
  */
 import { App } from 'aws-cdk-lib';
@@ -15,6 +16,10 @@ const context = (key: string): string | undefined => app.node.tryGetContext(key)
 const frontDoor = context('frontDoor') ?? 'cloudfront';
 if (frontDoor !== 'cloudfront' && frontDoor !== 'restapi') {
   throw new Error(`frontDoor must be cloudfront or restapi, not ${frontDoor}`);
+}
+const redis = context('redis') ?? 'replication-group';
+if (redis !== 'replication-group' && redis !== 'serverless') {
+  throw new Error(`redis must be replication-group or serverless, not ${redis}`);
 }
 const region = context('region') ?? 'us-east-1';
 if (frontDoor === 'cloudfront' && region !== 'us-east-1') {
@@ -30,4 +35,5 @@ new MangooStack(app, 'Mangoo', {
     .map((m) => m.trim())
     .filter((m) => m.length > 0),
   frontDoor,
+  redis,
 });

@@ -35,6 +35,10 @@ export interface MangooStackProps extends StackProps {
    * with response streaming over VPC link V2, for API keys and usage plans. */
   readonly frontDoor?: 'cloudfront' | 'restapi';
   readonly timings?: StreamTimings;
+  /** `replication-group` (default): Valkey with a primary and a replica, cluster mode off.
+   * `serverless`: ElastiCache Serverless for Valkey, which is cluster-mode only; Mangoo speaks
+   * Redis Cluster to it (`rediss+cluster://`). */
+  readonly redis?: 'replication-group' | 'serverless';
   /** Tasks at least / at most. */
   readonly minTasks?: number;
   readonly maxTasks?: number;
@@ -58,7 +62,7 @@ export class MangooStack extends Stack {
     const tasks = new ec2.SecurityGroup(this, 'TaskSg', { vpc, description: 'Mangoo tasks' });
 
     const { databaseUrl, databasePassword } = this.database(vpc, tasks);
-    const redisUrl = this.redis(vpc, tasks);
+    const redisUrl = this.redis(vpc, tasks, props.redis ?? 'replication-group');
     const jwtSecret = new secretsmanager.Secret(this, 'JwtSecret', {
       description: 'Mangoo auth.jwt_secret (HS256), shared by every task',
       generateSecretString: { passwordLength: 48, excludePunctuation: true },
@@ -85,8 +89,6 @@ export class MangooStack extends Stack {
         MANGOO_SERVER__HEARTBEAT_SECS: String(timings.heartbeatSecs),
         // The ALB is in the VPC: its X-Forwarded-For names the client (CloudFront's edge).
         MANGOO_SERVER__TRUSTED_PROXIES: '["10.0.0.0/8"]',
-        // Clients reconnect through the balancer to any task: the answer goes on meanwhile.
-        MANGOO_STREAMS__ON_DISCONNECT: 'continue',
         MANGOO_LOG__FORMAT: 'json',
         // A gauges line a minute: CloudWatch turns open_streams into a metric (see alarms).
         MANGOO_METRICS__LOG_GAUGES_SECS: '60',
@@ -180,12 +182,25 @@ export class MangooStack extends Stack {
   }
 
   /**
-   * Valkey with cluster mode disabled (a primary and a replica, automatic failover, TLS): Mangoo's
-   * Redis client is single-node. (ElastiCache Serverless is cluster-mode only.)
+   * Valkey over TLS, in the private subnets, reachable from the tasks only. Either a replication
+   * group with cluster mode disabled (a primary and a replica, automatic failover; Mangoo
+   * reconnects to the promoted replica through the primary endpoint's name), or ElastiCache
+   * Serverless (cluster mode; failover and scaling are AWS's, Mangoo routes by slot).
    */
-  private redis(vpc: ec2.IVpc, tasks: ec2.SecurityGroup): string {
+  private redis(vpc: ec2.IVpc, tasks: ec2.SecurityGroup, kind: 'replication-group' | 'serverless'): string {
     const sg = new ec2.SecurityGroup(this, 'RedisSg', { vpc, description: 'Valkey' });
     sg.addIngressRule(tasks, ec2.Port.tcp(6379), 'Mangoo to Valkey');
+    if (kind === 'serverless') {
+      const cache = new elasticache.CfnServerlessCache(this, 'RedisServerless', {
+        serverlessCacheName: `${this.stackName.toLowerCase()}-valkey`,
+        description: 'Mangoo shared state',
+        engine: 'valkey',
+        majorEngineVersion: '8',
+        securityGroupIds: [sg.securityGroupId],
+        subnetIds: vpc.privateSubnets.map((s) => s.subnetId),
+      });
+      return `rediss+cluster://${cache.attrEndpointAddress}:${cache.attrEndpointPort}`;
+    }
     const subnets = new elasticache.CfnSubnetGroup(this, 'RedisSubnets', {
       description: 'Mangoo Valkey',
       subnetIds: vpc.privateSubnets.map((s) => s.subnetId),

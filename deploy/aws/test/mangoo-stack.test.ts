@@ -11,12 +11,13 @@ import { Match, Template } from 'aws-cdk-lib/assertions';
 import { MangooStack } from '../lib/mangoo-stack';
 import { DEFAULT_TIMINGS, checkTimings } from '../lib/settings';
 
-function synth(frontDoor: 'cloudfront' | 'restapi'): Template {
+function synth(frontDoor: 'cloudfront' | 'restapi', redis?: 'replication-group' | 'serverless'): Template {
   const app = new App();
   const stack = new MangooStack(app, `Mangoo-${frontDoor}`, {
     env: { region: 'us-east-1' },
     bedrockModels: ['us.anthropic.claude-3-5-sonnet-20240620-v1:0'],
     frontDoor,
+    redis,
   });
   return Template.fromStack(stack);
 }
@@ -134,6 +135,24 @@ test('data: Aurora PostgreSQL Serverless v2, Valkey without cluster mode over TL
   const group = only(cdn, 'AWS::ElastiCache::ReplicationGroup');
   assert.equal(group.NumNodeGroups, undefined, 'cluster mode off: one node group');
   cdn.resourceCountIs('AWS::SecretsManager::Secret', 2); // the JWT secret and the database's
+  cdn.resourceCountIs('AWS::ElastiCache::ServerlessCache', 0);
+});
+
+test('redis=serverless: ElastiCache Serverless for Valkey, reached as a Redis Cluster over TLS', () => {
+  const serverless = synth('cloudfront', 'serverless');
+  serverless.resourceCountIs('AWS::ElastiCache::ReplicationGroup', 0);
+  const cache = only(serverless, 'AWS::ElastiCache::ServerlessCache');
+  assert.equal(cache.Engine, 'valkey');
+  assert.ok(cache.SecurityGroupIds.length === 1 && cache.SubnetIds, 'private, behind its security group');
+  const container = only(serverless, 'AWS::ECS::TaskDefinition').ContainerDefinitions[0];
+  const url = container.Environment.find((e: any) => e.Name === 'MANGOO_REDIS_URL').Value;
+  assert.ok(JSON.stringify(url).startsWith('{"Fn::Join":["",["rediss+cluster://'), JSON.stringify(url));
+});
+
+test('the cancel policy is the default: listeners on every task are counted', () => {
+  const container = only(cdn, 'AWS::ECS::TaskDefinition').ContainerDefinitions[0];
+  const names = container.Environment.map((e: any) => e.Name);
+  assert.ok(!names.includes('MANGOO_STREAMS__ON_DISCONNECT'), names.join(','));
 });
 
 test('IAM: Bedrock limited to InvokeModelWithResponseStream on the configured models', () => {
