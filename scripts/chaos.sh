@@ -6,6 +6,7 @@
 # resumes with Last-Event-ID and checks every turn) while one fault per phase is injected.
 #
 #   bash scripts/chaos.sh            the short run (CHAOS_SECS=20 per phase), fails on any finding
+#   CHAOS_KEEP=1 bash scripts/chaos.sh   keeps the logs (instances, proxies, databases)
 #   CHAOS_SECS=120 CHAOS_REPORT=docs/reliability.md bash scripts/chaos.sh   the long run, written up
 #
 # CHAOS_CONVERSATIONS (default 20) conversations at once, CHAOS_TOKENS (100) tokens per answer at
@@ -18,7 +19,8 @@ conversations="${CHAOS_CONVERSATIONS:-20}"
 tokens="${CHAOS_TOKENS:-100}"
 rate="${CHAOS_RATE:-50}"
 
-cargo build --release --locked --bin mangoo --bin mangoo-bench --bin mangoo-chaos >&2
+# The test build's binaries (same features as scripts/test.sh's, so nothing is built twice).
+cargo test --release --locked --all-targets --no-run >&2
 bin="$CARGO_TARGET_DIR/release"
 pg_bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 work="$(mktemp -d)"
@@ -26,9 +28,9 @@ chmod 755 "$work"
 declare -A pids
 cleanup() {
   for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  [ -d "$work/pg" ] && as_postgres "$pg_bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1
+  [ -d "$work/pg/data" ] && as_postgres "$pg_bin/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1
   wait 2>/dev/null || true
-  rm -rf "$work"
+  if [ -n "${CHAOS_KEEP:-}" ]; then echo "chaos: logs kept in $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -41,9 +43,11 @@ wait_for() { # wait_for WHAT COMMAND...: polls the command (20 s at most)
 
 # PostgreSQL of its own (the suite restarts it), trust auth on 127.0.0.1.
 pg_port=$(free_port)
-as_postgres "$pg_bin/initdb" -D "$work/pg" -A trust -U postgres >/dev/null
-pg() { as_postgres "$pg_bin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w "$@" >/dev/null; }
-pg -o "-p $pg_port -k $work -c listen_addresses=127.0.0.1 -c max_connections=200" start
+mkdir "$work/pg"
+[ "$(id -u)" = 0 ] && chown postgres "$work/pg"
+as_postgres "$pg_bin/initdb" -D "$work/pg/data" -A trust -U postgres >/dev/null
+pg() { as_postgres "$pg_bin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w "$@" >/dev/null; }
+pg -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1 -c max_connections=200" start
 psql_admin() { "$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -Atqc "$1"; }
 psql_admin "CREATE DATABASE chaos"
 
@@ -157,8 +161,8 @@ fault_pg_black_hole() { kill -USR1 "${pids[pg-path]}"; sleep 10; kill -USR2 "${p
 # ---- The phases ------------------------------------------------------------------------------
 
 table="$work/table.md"
-echo "| phase | turns | events | done | interrupted | other errors | resumes | 503 (Retry-After) | LB 503 | 5xx other | hung | failed |" >"$table"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" >>"$table"
+echo "| phase | turns | events | done | stopped | interrupted | other errors | resumes | 503 (Retry-After) | LB 503 | 5xx other | hung | failed |" >"$table"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" >>"$table"
 findings=0
 phase() { # phase NAME: conversations for $secs, the fault injected a quarter of the way in
   local name="$1" client
@@ -169,11 +173,14 @@ phase() { # phase NAME: conversations for $secs, the fault injected a quarter of
   sleep $((secs / 4))
   "fault_$name"
   if ! wait "$client"; then findings=$((findings + 1)); fi
+  if [ ! -s "$work/$name.json" ]; then
+    echo "chaos: $name: the client reported nothing" >&2; cat "$work/$name.err" >&2; exit 1
+  fi
   python3 - "$name" "$work/$name.json" >>"$table" <<'PY'
 import json, sys
 name, path = sys.argv[1], sys.argv[2]
 r = json.load(open(path))
-keys = ["turns", "events", "done", "interrupted", "other_errors", "resumes", "refused_503",
+keys = ["turns", "events", "done", "stopped", "interrupted", "other_errors", "resumes", "refused_503",
         "load_balancer_503", "server_errors_5xx_other_than_503", "hung", "failed"]
 print("| " + name.replace("_", " ") + " | " + " | ".join(str(r[k]) for k in keys) + " |")
 for failure in r["first_failures"]:

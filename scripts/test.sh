@@ -21,7 +21,10 @@ if ! python3 -m pip --version >/dev/null 2>&1 && ! command -v pip >/dev/null 2>&
     apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
   fi
 fi
-cargo run --release --locked --quiet --bin mangoo -- model fetch
+# `cargo test --no-run` builds the binaries with the tests' feature set, so the suite below and
+# scripts/chaos.sh reuse these very artifacts instead of building the dependencies twice.
+cargo test --release --locked --all-targets --no-run
+"$CARGO_TARGET_DIR/release/mangoo" model fetch
 echo "== the proxies the tests run (Debian haproxy and nginx-light)"
 if ! command -v haproxy >/dev/null || [ ! -x /usr/sbin/nginx ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -58,3 +61,5 @@ echo "== the AWS CDK app: npm ci, then its aws-cdk-lib/assertions tests (offline
 (cd deploy/aws && CDK_DISABLE_CLI_TELEMETRY=true npm ci --no-audit --no-fund --loglevel=error && npm test)
 echo "== cargo test"
 cargo test --release --locked --all-targets
+echo "== the chaos suite, short run (scripts/chaos.sh; the long run's table is docs/reliability.md)"
+bash scripts/chaos.sh

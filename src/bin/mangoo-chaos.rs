@@ -67,6 +67,7 @@ struct Event {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    mangoo::crypto::install_default_providers();
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .build()
@@ -369,6 +370,7 @@ fn summarize(turns: &[Turn]) -> Value {
         "turns": turns.len(),
         "events": turns.iter().map(|t| t.events.len()).sum::<usize>(),
         "done": ended("done", None),
+        "stopped": count(&|t| t.events.last().is_some_and(|e| e.name == "done" && e.data["stopped"] == true)),
         "interrupted": ended("error", Some("answer_interrupted")),
         "other_errors": count(&|t| t.events.last().is_some_and(|e| e.name == "error" && e.data["code"] != "answer_interrupted")),
         "resumes": turns.iter().map(|t| t.resumes).sum::<u32>(),

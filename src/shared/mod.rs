@@ -73,6 +73,8 @@ struct Connections {
     manager: RwLock<Link>,
     /// When the manager was last replaced: at most once per [`REPLACE_AT_MOST_EVERY`].
     replaced_at: Mutex<Option<Instant>>,
+    /// When a command last failed for want of Redis (I/O, timeout, refusal, `READONLY`).
+    troubled_at: Mutex<Option<Instant>>,
     prefix: String,
     blocking: Arc<Semaphore>,
 }
@@ -297,6 +299,7 @@ impl Redis {
             client,
             manager,
             replaced_at: Mutex::new(None),
+            troubled_at: Mutex::new(None),
             prefix: config.key_prefix.clone(),
             blocking: Arc::new(Semaphore::new(config.max_blocking_readers)),
         })))
@@ -311,6 +314,15 @@ impl Redis {
         }
     }
 
+    /// Whether every command has reached Redis for at least `span`. After an outage every
+    /// lease in Redis may have lapsed while its producer, alive, could not renew it: an
+    /// instance that was cut off too cannot tell a dead producer from one that is reconnecting,
+    /// so it takes nothing over until a lease's length has passed with Redis reachable.
+    pub fn steady_for(&self, span: Duration) -> bool {
+        let troubled_at = self.0.troubled_at.lock().unwrap_or_else(|p| p.into_inner());
+        troubled_at.is_none_or(|at| at.elapsed() >= span)
+    }
+
     /// A server that turned replica (`READONLY`) or stopped answering (a timeout: the manager
     /// only reconnects after a broken socket) gets a new connection, resolved anew.
     fn note_failure(&self, e: &RedisError) {
@@ -318,6 +330,13 @@ impl Redis {
             e.kind(),
             ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
         ) || e.code() == Some("READONLY");
+        let unreachable = e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal();
+        if read_only || unreachable {
+            *self.0.troubled_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
         if !(read_only || e.is_timeout()) {
             return;
         }

@@ -326,6 +326,14 @@ impl EventLog for RedisLog {
     }
 
     async fn take_over(&self, chat_id: &str) -> Result<Option<Orphan>, LogError> {
+        // This process's own producer is alive (if its lease lapsed in an outage, it takes the
+        // lease up again on its next write), and right after an outage nobody is known dead.
+        let produced_here = self
+            .writer(chat_id)
+            .is_some_and(|w| !w.signals.lost.is_cancelled());
+        if produced_here || !self.redis.steady_for(LEASE_TTL) {
+            return Ok(None);
+        }
         let keys = self.redis.chat_keys(chat_id);
         let taken: Vec<String> = self
             .scripts

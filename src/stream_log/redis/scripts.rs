@@ -11,16 +11,23 @@
 
 use redis::Script;
 
-/// `owner(fence, message_id)`: `0` the lease is the caller's; `-1` it is someone else's, or it
-/// lapsed on this very answer (a take-over may be under way: the caller is fenced); `-2` Redis
-/// no longer knows the answer (its hash is gone, or was made anew by a claim that came to
-/// nothing while it was empty) and nobody holds a newer fence: the caller still owns it.
+/// `owner(fence, message_id)`: `0` the lease is the caller's — also when it lapsed while nobody
+/// took the answer over (the hash still holds the caller's fence; the lease is set again: a
+/// dependency outage that outlasted the lease is no reason to give the answer up); `-1` it is
+/// someone else's; `-2` Redis no longer knows the answer (its hash is gone, or was made anew by
+/// a claim that came to nothing while it was empty) and nobody holds a newer fence: the caller
+/// still owns it. `LEASE_MS` is set by [`Scripts`].
 const OWNER: &str = r"
 local function owner(fence, message_id)
   local lease = redis.call('GET', KEYS[2])
   if lease == fence then return 0 end
   if lease then return -1 end
-  if redis.call('HGET', KEYS[1], 'message_id') == message_id then return -1 end
+  if redis.call('HGET', KEYS[1], 'message_id') == message_id then
+    local held = redis.call('HMGET', KEYS[1], 'fence', 'state')
+    if held[1] ~= fence or held[2] ~= 'live' then return -1 end
+    redis.call('SET', KEYS[2], fence, 'PX', LEASE_MS)
+    return 0
+  end
   if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') > tonumber(fence) then return -1 end
   return -2
 end
@@ -175,7 +182,9 @@ pub(super) struct Scripts {
 
 impl Default for Scripts {
     fn default() -> Self {
-        let owning = |body: &str| Script::new(&format!("{OWNER}{body}"));
+        let lease_ms = super::millis(super::LEASE_TTL);
+        let owning =
+            |body: &str| Script::new(&format!("local LEASE_MS = {lease_ms}\n{OWNER}{body}"));
         Self {
             claim: Script::new(CLAIM),
             open: Script::new(OPEN),

@@ -28,7 +28,7 @@ const RENEW_EVERY: Duration = Duration::from_millis(500);
 const MARK_EVERY_RENEWALS: u64 = 5;
 /// How long a batch is offered to a Redis that does not answer before the answer is given up
 /// (its listeners get a retryable error): longer than a restart or a replica's promotion takes.
-pub(super) const WRITE_PATIENCE: Duration = Duration::from_secs(10);
+pub(super) const WRITE_PATIENCE: Duration = Duration::from_secs(20);
 const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
 
 /// What the writer of an answer produced here is asked to do.
