@@ -51,11 +51,13 @@ pg -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1 -c max_connections=
 psql_admin() { "$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -Atqc "$1"; }
 psql_admin "CREATE DATABASE chaos"
 
-# Redis: a primary and its replica, nothing written to disk.
+# Redis: a primary and its replica, each in a directory of its own, emptied at every start (a
+# replica saves what it received as dump.rdb, which a restarted server would load).
 redis_a=$(free_port); redis_b=$(free_port)
 start_redis() { # start_redis PORT [ARGS...]
   local port="$1"; shift
-  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
+  rm -rf "$work/redis-$port"; mkdir "$work/redis-$port"
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work/redis-$port" \
     --repl-diskless-sync yes --repl-diskless-sync-delay 0 "$@" >"$work/redis-$port.log" 2>&1 &
   pids["redis$port"]=$!
   wait_for "redis on $port" redis-cli -p "$port" ping
@@ -160,9 +162,22 @@ fault_pg_black_hole() { kill -USR1 "${pids[pg-path]}"; sleep 10; kill -USR2 "${p
 
 # ---- The phases ------------------------------------------------------------------------------
 
+# /readyz of every instance, four times a second, one line per answer (`down`: no answer).
+sample_readiness() {
+  while :; do
+    for i in 1 2 3; do
+      curl -s -m 1 -w ' %{http_code}\n' "http://127.0.0.1:${instance_port[$i]}/readyz" || echo down
+    done
+    sleep 0.25
+  done >"$1"
+}
+# The dependency a phase's outage must show in /readyz (long enough to be sampled for sure).
+declare -A named=([redis_restart_empty]=redis [redis_black_hole]=redis [pg_black_hole]=database)
+all_ready() { for i in 1 2 3; do curl -sf "http://127.0.0.1:${instance_port[$i]}/readyz" || return 1; done; }
+
 table="$work/table.md"
-echo "| phase | turns | events | done | stopped | interrupted | other errors | resumes | 503 (Retry-After) | LB 503 | 5xx other | hung | failed |" >"$table"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" >>"$table"
+echo "| phase | turns | events | done | stopped | interrupted | other errors | resumes | 503 (Retry-After) | LB 503 | 5xx other | hung | failed | /readyz 503 redis / database |" >"$table"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" >>"$table"
 findings=0
 phase() { # phase NAME: conversations for $secs, the fault injected a quarter of the way in
   local name="$1" client
@@ -170,19 +185,32 @@ phase() { # phase NAME: conversations for $secs, the fault injected a quarter of
     --conversations "$conversations" --duration-secs "$secs" --tokens "$tokens" --rate "$rate" \
     >"$work/$name.json" 2>"$work/$name.err" &
   client=$!
+  sample_readiness "$work/$name.readyz" &
+  local sampler=$!
   sleep $((secs / 4))
   "fault_$name"
   if ! wait "$client"; then findings=$((findings + 1)); fi
+  kill "$sampler"; wait "$sampler" 2>/dev/null || true
+  # Readiness follows the dependencies: the outage named while it lasts, ready again after it.
+  local redis_503 database_503
+  redis_503=$(grep -c 'redis.* 503$' "$work/$name.readyz" || true)
+  database_503=$(grep -c 'database.* 503$' "$work/$name.readyz" || true)
+  local expected="${named[$name]:-}"
+  if [ -n "$expected" ] && ! grep -q "$expected.* 503\$" "$work/$name.readyz"; then
+    echo "chaos: $name: /readyz never named $expected" >&2; findings=$((findings + 1))
+  fi
+  wait_for "every instance ready after $name" all_ready
   if [ ! -s "$work/$name.json" ]; then
     echo "chaos: $name: the client reported nothing" >&2; cat "$work/$name.err" >&2; exit 1
   fi
-  python3 - "$name" "$work/$name.json" >>"$table" <<'PY'
+  python3 - "$name" "$work/$name.json" "$redis_503" "$database_503" >>"$table" <<'PY'
 import json, sys
-name, path = sys.argv[1], sys.argv[2]
+name, path, redis_503, database_503 = sys.argv[1:]
 r = json.load(open(path))
 keys = ["turns", "events", "done", "stopped", "interrupted", "other_errors", "resumes", "refused_503",
         "load_balancer_503", "server_errors_5xx_other_than_503", "hung", "failed"]
-print("| " + name.replace("_", " ") + " | " + " | ".join(str(r[k]) for k in keys) + " |")
+cells = [str(r[k]) for k in keys] + [f"{redis_503} / {database_503}"]
+print("| " + name.replace("_", " ") + " | " + " | ".join(cells) + " |")
 for failure in r["first_failures"]:
     print(f"chaos: {name}: {failure}", file=sys.stderr)
 PY

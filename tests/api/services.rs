@@ -127,6 +127,14 @@ impl TestKeys {
         }
     }
 
+    /// A connection to the server, for a test that edits keys directly.
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
     /// Keys under the prefix right now.
     pub fn keys(&self) -> Vec<String> {
         let client = redis::Client::open(self.url.as_str()).unwrap();
@@ -190,6 +198,7 @@ impl OwnRedis {
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
         };
+        let _ = std::fs::remove_dir_all(redis.dir());
         redis.resume();
         redis
     }
@@ -211,26 +220,38 @@ impl OwnRedis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    /// A node for [`OwnCluster`], its cluster state in a file of its own (removed first: a port
+    /// A node for [`OwnCluster`], its cluster state in its own directory (emptied first: a port
     /// used by an earlier run must not bring back that run's cluster).
     fn start_cluster_node() -> Self {
         let port = free_port();
-        let state = format!("mangoo-test-nodes-{port}.conf");
-        let _ = std::fs::remove_file(std::env::temp_dir().join(&state));
+        let state = "nodes.conf".to_owned();
+        // The bus defaults to port + 10,000, which may be taken or past 65,535: a port of its own.
+        let bus = free_port().to_string();
         let mut redis = Self {
             port,
             child: None,
             args: ["--cluster-enabled", "yes", "--cluster-config-file", &state]
                 .iter()
+                .chain(&["--cluster-port", bus.as_str()])
                 .map(|a| a.to_string())
                 .collect(),
         };
+        let _ = std::fs::remove_dir_all(redis.dir());
         redis.resume();
         redis
     }
 
-    /// Starts it (again) on the same port, and waits until it answers.
+    /// Its working directory, of its own: a replica saves what it received from its primary as
+    /// `dump.rdb` there, and a server started later in a shared directory would load it.
+    fn dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("mangoo-test-redis-{}", self.port))
+    }
+
+    /// Starts it (again, empty) on the same port, and waits until it answers.
     pub fn resume(&mut self) {
+        let dir = self.dir();
+        let _ = std::fs::remove_file(dir.join("dump.rdb"));
+        std::fs::create_dir_all(&dir).expect("a directory for redis-server");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -242,7 +263,7 @@ impl OwnRedis {
                 "0",
             ])
             .arg("--dir")
-            .arg(std::env::temp_dir())
+            .arg(&dir)
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -283,10 +304,13 @@ impl OwnCluster {
             .args(["--cluster", "create"])
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .status()
+            .output()
             .expect("redis-cli is installed");
-        assert!(created.success(), "redis-cli --cluster create failed");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
         let deadline = std::time::Instant::now() + super::helpers::HANG_GUARD;
         for node in &nodes {
             loop {
@@ -317,6 +341,7 @@ impl OwnCluster {
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(self.dir());
     }
 }
 

@@ -385,13 +385,18 @@ async fn a_producer_that_lost_its_lease_is_fenced_and_the_answer_concluded_once(
     assert_eq!(one.json()["content"], "one");
     let follower = SseReader::new(resume(&pair.b, "alice", &chat_id, Some(one.id_num())).await);
 
-    let lease = format!("{}:chat:{{{chat_id}}}:lease", pair.keys.prefix);
-    let mut redis = redis::Client::open(pair.keys.url.as_str())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let deleted: i64 = redis::cmd("DEL").arg(&lease).query(&mut redis).unwrap();
-    assert_eq!(deleted, 1, "the answer's lease is there to lose");
+    // What a producer paused past its lease meets: another instance took the answer over (a
+    // higher fence in the hash and the lease), then went away itself (the lease expires soon).
+    let taken_over: i64 = redis::Script::new(
+        "local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+         redis.call('SET', KEYS[2], fence, 'PX', 1000)
+         return fence",
+    )
+    .key(format!("{}:chat:{{{chat_id}}}:answer", pair.keys.prefix))
+    .key(format!("{}:chat:{{{chat_id}}}:lease", pair.keys.prefix))
+    .invoke(&mut pair.keys.connection())
+    .unwrap();
+    assert!(taken_over > 1, "the answer had a fence to bump");
     // Its next write (or renewal) is refused; the last piece stays unsent upstream.
     pair.a.fake.release(1);
 
@@ -411,4 +416,46 @@ async fn a_producer_that_lost_its_lease_is_fenced_and_the_answer_concluded_once(
     assert_eq!(messages[1]["content"], "one");
     assert_eq!(messages[1]["status"], "interrupted");
     assert_eq!(pair.a.fake.outcome(0).await, Outcome::Cancelled);
+}
+
+/// A lease that lapsed while nobody took the answer over (Redis was away longer than a lease)
+/// is the producer's still: it takes it up again and the answer goes on, whole, everywhere.
+#[tokio::test]
+async fn a_lease_that_lapsed_with_nobody_taking_over_is_taken_up_again() {
+    let pair = pair(|_| {}).await;
+    pair.a
+        .fake
+        .push(Script::tokens(&["one", " two", " three"]).gated());
+    let (mut asker, chat_id) = pair.a.open_stream("alice", "go").await;
+    pair.a.fake.release(1);
+    let one = asker.next_event().await.unwrap();
+    let follower = SseReader::new(resume(&pair.b, "alice", &chat_id, Some(one.id_num())).await);
+
+    let lease = format!("{}:chat:{{{chat_id}}}:lease", pair.keys.prefix);
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&lease)
+        .query(&mut pair.keys.connection())
+        .unwrap();
+    assert_eq!(deleted, 1, "the answer's lease is there to lapse");
+    pair.a.fake.release(2);
+
+    let asker_rest = asker.collect().await;
+    let follower_rest = follower.collect().await;
+    let seen = |events: &[SseEvent]| -> Vec<(i64, String, String)> {
+        events
+            .iter()
+            .map(|e| (e.id_num(), e.event.clone(), e.data.clone()))
+            .collect()
+    };
+    assert_eq!(seen(&asker_rest), seen(&follower_rest));
+    let names: Vec<&str> = asker_rest.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names, ["message", "message", "done"], "{asker_rest:?}");
+    let messages = pair.b.settled_messages("alice", &chat_id).await;
+    assert_eq!(messages[1]["content"], "one two three");
+    assert_eq!(messages[1]["status"], "complete");
+    let owner: Option<String> = redis::cmd("GET")
+        .arg(&lease)
+        .query(&mut pair.keys.connection())
+        .unwrap();
+    assert_eq!(owner, None, "the answer closed and its lease went with it");
 }
