@@ -166,7 +166,7 @@ fault_pg_black_hole() { kill -USR1 "${pids[pg-path]}"; sleep 10; kill -USR2 "${p
 sample_readiness() {
   while :; do
     for i in 1 2 3; do
-      curl -s -m 1 -w ' %{http_code}\n' "http://127.0.0.1:${instance_port[$i]}/readyz" || echo down
+      curl -s -m 3 -w ' %{http_code}\n' "http://127.0.0.1:${instance_port[$i]}/readyz" || echo down
     done
     sleep 0.25
   done >"$1"
