@@ -254,22 +254,21 @@ fn parse_block(block: &[u8]) -> Option<Event> {
 /// The event-level checks: ids, one terminal, every token of a `done` answer.
 fn check_turn(args: &Args, turn: &mut Turn) {
     let events = &turn.events;
-    let fail = |why: String| Some(why);
     turn.failure = if events.first().is_none_or(|e| e.name != "start") {
-        fail(format!("no start event first: {:?}", events.first()))
+        Some(format!("no start event first: {:?}", events.first()))
     } else if let Some(pair) = events.windows(2).find(|w| w[1].id != w[0].id + 1) {
-        fail(format!(
+        Some(format!(
             "id {} after {}: a gap or a duplicate",
             pair[1].id, pair[0].id
         ))
     } else if events.iter().filter(|e| is_terminal(e)).count() != 1 {
-        fail("not exactly one terminal event".into())
+        Some("not exactly one terminal event".into())
     } else if events
         .last()
         .is_some_and(|e| e.name == "done" && e.data["stopped"] != true)
         && text_of(events) != expected_text(args.tokens)
     {
-        fail(format!(
+        Some(format!(
             "done, but the text differs from the model's: {:?}",
             text_of(events)
         ))

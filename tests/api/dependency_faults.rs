@@ -13,7 +13,7 @@ use super::helpers::{
     BOT, SseEvent, SseReader, TestApp, answer_text, assert_well_formed, spawn_app_with,
 };
 use super::services::{OwnRedis, Partition, TestDatabase, TestKeys};
-use super::shared_state::{Pair, ids, pair_on, resume, wait_until_ready};
+use super::shared_state::{FollowedAnswer, Pair, ids, pair_on, resume, wait_until_ready};
 
 const HANG_GUARD: std::time::Duration = super::helpers::HANG_GUARD;
 
@@ -414,19 +414,15 @@ async fn the_cancel_policy_counts_listeners_on_every_instance() {
         c.streams.disconnect_grace_secs = 0;
     })
     .await;
-    pair.a
-        .fake
-        .push(Script::tokens(&["one", " two", " three"]).gated());
-    let (mut asker, chat_id) = pair.a.open_stream("alice", "go").await;
-    pair.a.fake.release(1);
-    let one = asker.next_event().await.unwrap();
-    let follower = resume(&pair.b, "alice", &chat_id, Some(one.id_num())).await;
+    let FollowedAnswer {
+        asker,
+        follower,
+        chat_id,
+        ..
+    } = pair.answer_followed_on_b().await;
     assert_eq!(follower.status(), 200);
     let answer = format!("{}:chat:{{{chat_id}}}:answer", pair.keys.prefix);
-    let mut conn = redis::Client::open(pair.keys.url.as_str())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut conn = pair.keys.connection();
     eventually("the producer counts the listener on B", || {
         let counted: Option<i64> = redis::cmd("HGET")
             .arg(&answer)

@@ -42,6 +42,33 @@ pub async fn pair_on(keys: TestKeys, adjust: impl Fn(&mut Config) + Clone) -> Pa
     }
 }
 
+/// An answer asked on A, three tokens gated upstream: its first token read by the asker, and a
+/// follower on B resumed after it (its response as it came, for the caller to check and read).
+pub struct FollowedAnswer {
+    pub asker: SseReader,
+    pub follower: reqwest::Response,
+    pub chat_id: String,
+    pub first: SseEvent,
+}
+
+impl Pair {
+    pub async fn answer_followed_on_b(&self) -> FollowedAnswer {
+        self.a
+            .fake
+            .push(Script::tokens(&["one", " two", " three"]).gated());
+        let (mut asker, chat_id) = self.a.open_stream("alice", "go").await;
+        self.a.fake.release(1);
+        let first = asker.next_event().await.unwrap();
+        let follower = resume(&self.b, "alice", &chat_id, Some(first.id_num())).await;
+        FollowedAnswer {
+            asker,
+            follower,
+            chat_id,
+            first,
+        }
+    }
+}
+
 pub async fn resume(
     app: &TestApp,
     user: &str,
@@ -376,14 +403,14 @@ pub async fn wait_until_ready(app: &TestApp) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_that_lost_its_lease_is_fenced_and_the_answer_concluded_once() {
     let pair = pair(|_| {}).await;
-    pair.a
-        .fake
-        .push(Script::tokens(&["one", " two", " three"]).gated());
-    let (mut asker, chat_id) = pair.a.open_stream("alice", "go").await;
-    pair.a.fake.release(1);
-    let one = asker.next_event().await.unwrap();
-    assert_eq!(one.json()["content"], "one");
-    let follower = SseReader::new(resume(&pair.b, "alice", &chat_id, Some(one.id_num())).await);
+    let FollowedAnswer {
+        asker,
+        follower,
+        chat_id,
+        first,
+    } = pair.answer_followed_on_b().await;
+    assert_eq!(first.json()["content"], "one");
+    let follower = SseReader::new(follower);
 
     // What a producer paused past its lease meets: another instance took the answer over (a
     // higher fence in the hash and the lease), then went away itself (the lease expires soon).
@@ -423,13 +450,13 @@ async fn a_producer_that_lost_its_lease_is_fenced_and_the_answer_concluded_once(
 #[tokio::test]
 async fn a_lease_that_lapsed_with_nobody_taking_over_is_taken_up_again() {
     let pair = pair(|_| {}).await;
-    pair.a
-        .fake
-        .push(Script::tokens(&["one", " two", " three"]).gated());
-    let (mut asker, chat_id) = pair.a.open_stream("alice", "go").await;
-    pair.a.fake.release(1);
-    let one = asker.next_event().await.unwrap();
-    let follower = SseReader::new(resume(&pair.b, "alice", &chat_id, Some(one.id_num())).await);
+    let FollowedAnswer {
+        asker,
+        follower,
+        chat_id,
+        ..
+    } = pair.answer_followed_on_b().await;
+    let follower = SseReader::new(follower);
 
     let lease = format!("{}:chat:{{{chat_id}}}:lease", pair.keys.prefix);
     let deleted: i64 = redis::cmd("DEL")
