@@ -51,6 +51,12 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// Redis's `maxmemory-policy`, or `unknown` where `CONFIG` is not allowed.
+    pub policy: String,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Latencies from a millisecond to ten minutes.
@@ -80,6 +86,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     pub connections_refused: Family<ReasonLabels, Counter>,
     pub local_prompt_tokens: Counter,
+    pub redis_used_memory: Gauge,
+    pub redis_maxmemory_policy: Family<PolicyLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -109,6 +117,8 @@ impl Metrics {
             connections_open: Gauge::default(),
             connections_refused: Family::default(),
             local_prompt_tokens: Counter::default(),
+            redis_used_memory: Gauge::default(),
+            redis_maxmemory_policy: Family::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -191,6 +201,16 @@ impl Metrics {
             "mangoo_local_prompt_tokens",
             "Prompt tokens the local model computed (cached prefixes excluded)",
             m.local_prompt_tokens.clone(),
+        );
+        registry.register(
+            "mangoo_redis_used_memory_bytes",
+            "Memory the shared Redis uses (INFO used_memory, summed over a cluster's nodes)",
+            m.redis_used_memory.clone(),
+        );
+        registry.register(
+            "mangoo_redis_maxmemory_policy",
+            "1 for the shared Redis's eviction policy (anything but noeviction loses leases under memory pressure)",
+            m.redis_maxmemory_policy.clone(),
         );
         Self {
             registry,

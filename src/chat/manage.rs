@@ -68,6 +68,10 @@ impl ChatService {
         self.owned_chat(user, chat_id).await?;
         self.stop_anywhere(chat_id, StopCause::Deleted).await?;
         if self.store.delete_chat(chat_id, user.as_str()).await? {
+            // The chat is gone either way; keys left behind expire with `keep_ended_secs`.
+            if let Err(e) = self.log.forget(chat_id).await {
+                tracing::warn!(chat_id, "could not remove a deleted chat's live keys: {e}");
+            }
             Ok(())
         } else {
             Err(ChatError::ChatNotFound)

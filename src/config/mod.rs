@@ -333,6 +333,10 @@ pub struct RedisConfig {
     /// Connections reserved for blocking reads of other instances' answers (one per listener
     /// following an answer generated elsewhere); past this, such listeners poll.
     pub max_blocking_readers: usize,
+    /// How long an ended answer's keys (its events and its owner hash) stay in Redis, for
+    /// listeners still reading its end and clients resuming it by `Last-Event-ID`; after that a
+    /// resume replays it from the database. A deleted chat's keys go at once.
+    pub keep_ended_secs: u64,
 }
 
 impl RedisConfig {
@@ -355,6 +359,7 @@ impl Default for RedisConfig {
             cluster: false,
             key_prefix: "mangoo".into(),
             max_blocking_readers: 256,
+            keep_ended_secs: 60,
         }
     }
 }

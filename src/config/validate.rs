@@ -89,6 +89,9 @@ impl Config {
         if self.redis.max_blocking_readers == 0 {
             return Err(invalid("redis.max_blocking_readers", "must be at least 1"));
         }
+        if self.redis.keep_ended_secs == 0 {
+            return Err(invalid("redis.keep_ended_secs", "must be at least 1"));
+        }
         Ok(())
     }
 

@@ -158,7 +158,8 @@ pub(super) async fn stream_slot(state: &AppState, user: &UserId) -> Result<Strea
     })
 }
 
-/// The `Last-Event-ID` header, else the `last_event_id` query parameter.
+/// The `Last-Event-ID` header, else the `last_event_id` query parameter. Ids are positive, so a
+/// negative one names nothing sent yet: it resumes from the start, like `0`, on either log.
 pub(super) fn last_event_id(
     headers: &HeaderMap,
     query: Option<&str>,
@@ -169,7 +170,7 @@ pub(super) fn last_event_id(
         .or_else(|| query_param(query, "last_event_id"))
         .filter(|v| !v.trim().is_empty())
         .map(|v| {
-            v.trim().parse::<i64>().map_err(|_| {
+            v.trim().parse::<i64>().map(|id| id.max(0)).map_err(|_| {
                 ApiError::bad_request("invalid_request", "Last-Event-ID must be an event id")
             })
         })

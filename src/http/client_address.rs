@@ -91,15 +91,24 @@ fn in_network(ip: IpAddr, network: IpAddr, prefix: u8) -> bool {
     }
 }
 
-/// A request id from a trusted proxy is kept when it is short and printable; otherwise one is made.
+/// A request id from a trusted proxy is kept when it looks like one a proxy makes — 1 to 64
+/// letters, digits and `-_.:` (nginx's `$request_id`, HAProxy's `unique-id`, a UUID, an AWS
+/// trace id's parts) — so nothing odd reaches the logs; otherwise one is made.
 pub fn request_id(trusted_peer: bool, headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
         .filter(|_| trusted_peer)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|v| is_sane_request_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+fn is_sane_request_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 /// What the context middleware learned about a request.
@@ -164,5 +173,12 @@ mod tests {
         assert_ne!(request_id(false, &headers), "abc-123");
         headers.insert("x-request-id", "has space".parse().unwrap());
         assert_ne!(request_id(true, &headers), "has space");
+        for odd in ["<script>", "a\"b", "{\"json\":1}", &"x".repeat(65)] {
+            headers.insert("x-request-id", odd.parse().unwrap());
+            assert_ne!(request_id(true, &headers), odd);
+        }
+        let haproxy = "7F000001:8296_7F00001E:1F90_4F7B0A69_0003:790A";
+        headers.insert("x-request-id", haproxy.parse().unwrap());
+        assert_eq!(request_id(true, &headers), haproxy);
     }
 }

@@ -9,10 +9,12 @@
 //! forever.)
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Script;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Redis;
@@ -103,9 +105,26 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 ";
 
-enum LeaseChange {
-    Held { key: String, id: String },
-    Released { key: String, id: String },
+/// The places this instance holds, and the ones given back but not yet removed from Redis.
+/// Shared by the leases and their keeper; a drop never waits and never loses a release: it only
+/// moves the place from one map to the other (both bounded by the places taken, at most the
+/// cap per user times this instance's streams).
+#[derive(Default)]
+struct Places {
+    held: HashMap<String, String>,
+    released: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+struct Ledger {
+    places: std::sync::Mutex<Places>,
+    released: Notify,
+}
+
+impl Ledger {
+    fn places(&self) -> std::sync::MutexGuard<'_, Places> {
+        self.places.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Per-user stream places across instances. Cheap to clone.
@@ -113,13 +132,10 @@ enum LeaseChange {
 pub struct StreamLeases {
     redis: Redis,
     max: usize,
-    changes: mpsc::Sender<LeaseChange>,
+    ledger: Arc<Ledger>,
     /// [`TAKE`], hashed once rather than at every stream's start.
-    take: std::sync::Arc<Script>,
+    take: Arc<Script>,
 }
-
-/// Changes queued for the keeper at most; a release that finds the queue full is left to expire.
-const CHANGES: usize = 4096;
 
 impl StreamLeases {
     /// The leases and their keeper, which runs until `stop` (the caller tracks it).
@@ -128,14 +144,14 @@ impl StreamLeases {
         max: usize,
         stop: CancellationToken,
     ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
-        let (changes, queued) = mpsc::channel(CHANGES);
-        let keeper = keep(redis.clone(), queued, stop);
+        let ledger = Arc::new(Ledger::default());
+        let keeper = keep(redis.clone(), ledger.clone(), stop);
         (
             Self {
                 redis,
                 max,
-                changes,
-                take: std::sync::Arc::new(Script::new(TAKE)),
+                ledger,
+                take: Arc::new(Script::new(TAKE)),
             },
             keeper,
         )
@@ -157,82 +173,109 @@ impl StreamLeases {
         if taken == 0 {
             return Ok(None);
         }
-        let held = LeaseChange::Held {
-            key: key.clone(),
-            id: id.clone(),
-        };
-        if self.changes.send(held).await.is_err() {
-            // The keeper is gone (shutting down): the place holds for its TTL, then frees.
-            tracing::debug!("stream lease taken while the keeper is stopping");
-        }
+        self.ledger.places().held.insert(id.clone(), key.clone());
         Ok(Some(StreamLease {
             key,
             id,
-            changes: self.changes.clone(),
+            ledger: self.ledger.clone(),
         }))
     }
 }
 
 /// One stream's place; dropping it gives the place back.
-#[derive(Debug)]
 pub struct StreamLease {
     key: String,
     id: String,
-    changes: mpsc::Sender<LeaseChange>,
+    ledger: Arc<Ledger>,
+}
+
+impl std::fmt::Debug for StreamLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamLease").field("id", &self.id).finish()
+    }
 }
 
 impl Drop for StreamLease {
     fn drop(&mut self) {
-        let released = LeaseChange::Released {
-            key: std::mem::take(&mut self.key),
-            id: std::mem::take(&mut self.id),
-        };
-        // Never blocks a drop: a full queue means the lease simply expires.
-        let _ = self.changes.try_send(released);
+        let key = std::mem::take(&mut self.key);
+        let id = std::mem::take(&mut self.id);
+        let mut places = self.ledger.places();
+        // No longer renewed from here on, so even a release Redis never gets frees the place
+        // within LEASE_TTL.
+        places.held.remove(&id);
+        places.released.push((key, id));
+        drop(places);
+        self.ledger.released.notify_one();
     }
 }
 
-/// Renews every held lease each [`RENEW_EVERY`] in one pipelined round trip, and gives back
-/// released ones as they come.
-async fn keep(redis: Redis, mut changes: mpsc::Receiver<LeaseChange>, stop: CancellationToken) {
-    let mut held: HashMap<String, String> = HashMap::new();
+/// Renews every held lease each [`RENEW_EVERY`], all in flight together, and gives back
+/// released ones as they come. A release that fails is tried again at the next renewal, until
+/// the place would have expired anyway.
+async fn keep(redis: Redis, ledger: Arc<Ledger>, stop: CancellationToken) {
     let renewal = Script::new(RENEW);
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retrying: Vec<(String, String, Instant)> = Vec::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
-            change = changes.recv() => match change {
-                Some(LeaseChange::Held { key, id }) => { held.insert(id, key); }
-                Some(LeaseChange::Released { key, id }) => {
-                    held.remove(&id);
-                    release(&redis, &key, &id).await;
-                }
-                None => break,
-            },
-            _ = tick.tick() => renew(&redis, &renewal, &held).await,
+            () = ledger.released.notified() => {}
+            _ = tick.tick() => {
+                let held: Vec<(String, String)> = ledger.places().held.iter().map(|(id, key)| (id.clone(), key.clone())).collect();
+                renew(&redis, &renewal, &held).await;
+                retrying = give_back(&redis, std::mem::take(&mut retrying)).await;
+            }
         }
+        let released = std::mem::take(&mut ledger.places().released);
+        let now = Instant::now();
+        let fresh = released.into_iter().map(|(key, id)| (key, id, now));
+        retrying.extend(give_back(&redis, fresh.collect()).await);
     }
     // Give back what was released meanwhile; the rest expires by itself.
-    while let Ok(change) = changes.try_recv() {
-        if let LeaseChange::Released { key, id } = change {
-            release(&redis, &key, &id).await;
-        }
-    }
+    let released = std::mem::take(&mut ledger.places().released);
+    give_back(
+        &redis,
+        released
+            .into_iter()
+            .map(|(k, i)| (k, i, Instant::now()))
+            .collect(),
+    )
+    .await;
 }
 
-async fn release(redis: &Redis, key: &str, id: &str) {
+/// Removes released places from Redis; returns those to try again (not yet expired by then).
+async fn give_back(
+    redis: &Redis,
+    released: Vec<(String, String, Instant)>,
+) -> Vec<(String, String, Instant)> {
+    let attempts = released.into_iter().map(|(key, id, at)| async move {
+        let settled = release(redis, &key, &id).await || at.elapsed() >= LEASE_TTL;
+        (!settled).then_some((key, id, at))
+    });
+    futures_util::future::join_all(attempts)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// True once Redis no longer holds the place.
+async fn release(redis: &Redis, key: &str, id: &str) -> bool {
     let removed: Result<i64, _> = redis::cmd("ZREM")
         .arg(key)
         .arg(id)
         .query_async(&mut redis.conn())
         .await;
-    if let Err(e) = removed {
-        tracing::warn!("could not give back a stream place (it expires by itself): {e}");
+    if let Err(e) = &removed {
+        tracing::warn!(
+            "could not give back a stream place (tried again, and it expires by itself): {e}"
+        );
     }
+    removed.is_ok()
 }
 
-async fn renew(redis: &Redis, script: &Script, held: &HashMap<String, String>) {
+async fn renew(redis: &Redis, script: &Script, held: &[(String, String)]) {
     if held.is_empty() {
         return;
     }

@@ -28,6 +28,7 @@
 //! connects when Redis comes back.
 
 pub mod limits;
+pub mod memory;
 pub mod tickets;
 
 use std::sync::{Arc, Mutex, RwLock};

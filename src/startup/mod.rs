@@ -98,7 +98,11 @@ impl Application {
         };
         let background = Background::default();
         let log: Arc<dyn EventLog> = match &shared {
-            Some(redis) => Arc::new(RedisLog::new(redis.clone(), background.tasks.clone())),
+            Some(redis) => Arc::new(RedisLog::new(
+                redis.clone(),
+                background.tasks.clone(),
+                Duration::from_secs(config.redis.keep_ended_secs),
+            )),
             None => Arc::new(MemoryLog::default()),
         };
         let backends = Backends {
@@ -172,6 +176,14 @@ impl Application {
             background
                 .tasks
                 .spawn(log_gauges(metrics.clone(), every, background.stop.clone()));
+        }
+        if let Some(redis) = &shared {
+            let watch = crate::shared::memory::watch(
+                redis.clone(),
+                metrics.clone(),
+                background.stop.clone(),
+            );
+            background.tasks.spawn(watch);
         }
         let sweeper = chat.clone();
         let stop = background.stop.clone();

@@ -161,6 +161,12 @@ pub trait EventLog: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// The chat was deleted: whatever the log still keeps of it goes (an answer being stopped
+    /// keeps its own until it closes).
+    async fn forget(&self, _chat_id: &str) -> Result<(), LogError> {
+        Ok(())
+    }
+
     /// Whether several instances share it (answers outlive this process).
     fn is_shared(&self) -> bool {
         false

@@ -244,6 +244,22 @@ async fn three_instances_behind_haproxy_behave_as_one_server() {
     }
     assert!(all_ids.windows(2).all(|w| w[0] < w[1]), "{all_ids:?}");
     let chat_id = chat_id.unwrap();
+
+    // HAProxy replaced the client's request id with its own unique-id, which Mangoo adopted.
+    let listed = cluster
+        .client
+        .get(format!("{lb}/api/v1/chats"))
+        .bearer_auth(cluster.token("alice"))
+        .header("x-request-id", "client-chosen")
+        .send()
+        .await
+        .unwrap();
+    let request_id = listed.headers()["x-request-id"].to_str().unwrap();
+    assert_ne!(request_id, "client-chosen");
+    assert!(
+        request_id.contains(':') && request_id.contains('_'),
+        "HAProxy's unique-id format: {request_id}"
+    );
     let history = cluster.fake.requests()[3].body.to_string();
     assert!(
         history.contains("question 0") && history.contains("answer 2"),

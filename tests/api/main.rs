@@ -30,6 +30,7 @@ mod redis_cluster;
 mod resilience;
 mod resume;
 mod services;
+mod shared_bounds;
 mod shared_state;
 mod stalled;
 mod store;

@@ -141,11 +141,22 @@ async fn through_nginx_streams_are_unbuffered_survive_pauses_resume_and_keep_the
     let response = client
         .post(format!("{}/api/v1/chat/stream", proxied.base))
         .bearer_auth(token_for("alice"))
+        .header("x-request-id", "client-chosen")
         .json(&json!({"bot_id": BOT, "message": "slowly"}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    // nginx replaced the client's request id with its own, and Mangoo adopted nginx's.
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(request_id, "client-chosen");
+    assert!(
+        request_id.len() == 32 && request_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{request_id}"
+    );
     let mut reader = SseReader::new(response);
     let start = reader.next_event().await.unwrap();
     let chat_id = start.json()["chat_id"].as_str().unwrap().to_owned();
@@ -189,4 +200,9 @@ async fn through_nginx_streams_are_unbuffered_survive_pauses_resume_and_keep_the
         .find(|l| l["target"] == "mangoo::access" && l["path"] == "/api/v1/chat/stream")
         .expect("an access line for the stream");
     assert_eq!(stream_line["client"], "127.0.0.2", "{stream_line}");
+    assert_eq!(
+        stream_line["span"]["request_id"],
+        request_id.as_str(),
+        "{stream_line}"
+    );
 }

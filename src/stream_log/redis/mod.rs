@@ -20,14 +20,17 @@
 //! ([`follower`]).
 //!
 //! Memory in Redis per live answer: one entry per event (its text plus ~40 bytes of entry
-//! overhead), so bounded by the bot's `max_tokens`; plus a small hash and the lease. The log is
-//! kept [`KEEP_AFTER_CLOSE`] once the answer is stored, the hash a day.
+//! overhead), so bounded by the bot's `max_tokens`; plus a small hash and the lease. Once the
+//! answer is stored its log and hash stay `redis.keep_ended_secs` (60 s by default, for listeners
+//! reading its end), and a deleted chat's keys go at once: Redis holds what live and recently
+//! ended answers need, not a key per chat ever made.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod follower;
+mod live_index;
 mod scripts;
 mod writer;
 
@@ -37,6 +40,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use follower::{decode_entry, remote_follower};
+use live_index::LiveIndex;
 use scripts::Scripts;
 use writer::{Command, Writer, WriterTask};
 
@@ -50,8 +54,6 @@ use crate::shared::Redis;
 /// How long an owner's lease lasts without renewal: an instance that dies leaves its answers
 /// to be concluded this long after its last renewal (plus one sweep).
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
-/// A stored answer's log stays this long, for listeners still reading its end.
-const KEEP_AFTER_CLOSE: Duration = Duration::from_secs(60);
 /// A live answer's log and hash expire this long after their last write, whatever happens.
 const LIVE_TTL: Duration = Duration::from_secs(6 * 3600);
 /// Events one writer may have queued; the producer waits beyond that.
@@ -73,16 +75,22 @@ pub struct RedisLog {
     writers: Mutex<HashMap<String, Arc<Writer>>>,
     tasks: TaskTracker,
     scripts: Arc<Scripts>,
+    live: LiveIndex,
+    /// How long an ended answer's keys stay, for listeners still reading its end
+    /// (`redis.keep_ended_secs`).
+    keep_ended: Duration,
 }
 
 impl RedisLog {
-    pub fn new(redis: Redis, tasks: TaskTracker) -> Self {
+    pub fn new(redis: Redis, tasks: TaskTracker, keep_ended: Duration) -> Self {
         Self {
+            live: LiveIndex::new(redis.clone()),
             redis,
             local: Arc::default(),
             writers: Mutex::default(),
             tasks,
             scripts: Arc::default(),
+            keep_ended,
         }
     }
 
@@ -92,35 +100,6 @@ impl RedisLog {
             .unwrap_or_else(|p| p.into_inner())
             .get(chat_id)
             .cloned()
-    }
-
-    fn live_set(&self) -> String {
-        self.redis.key("live")
-    }
-
-    /// Marks the chat's answer as live until `now + LEASE_TTL`, for the sweep.
-    async fn mark_live(redis: &Redis, live_set: &str, chat_id: &str) {
-        let until = now_ms() + millis(LEASE_TTL);
-        let marked: Result<i64, _> = redis::cmd("ZADD")
-            .arg(live_set)
-            .arg(until)
-            .arg(chat_id)
-            .query_async(&mut redis.conn())
-            .await;
-        if let Err(e) = marked {
-            tracing::debug!("could not mark a live answer for the sweep: {e}");
-        }
-    }
-
-    async fn unmark_live(&self, chat_id: &str) {
-        let removed: Result<i64, _> = redis::cmd("ZREM")
-            .arg(self.live_set())
-            .arg(chat_id)
-            .query_async(&mut self.redis.conn())
-            .await;
-        if let Err(e) = removed {
-            tracing::debug!("could not unmark a live answer: {e}");
-        }
     }
 }
 
@@ -206,7 +185,7 @@ impl EventLog for RedisLog {
                 "the claim was lost before the answer opened".into(),
             ));
         }
-        Self::mark_live(&self.redis, &self.live_set(), chat_id).await;
+        self.live.mark(chat_id).await;
         self.local.start(chat_id);
         let signals = AnswerSignals::default();
         let (queue, commands) = mpsc::channel(QUEUE);
@@ -274,11 +253,11 @@ impl EventLog for RedisLog {
             .key(&keys.lease)
             .key(&keys.log)
             .arg(writer.claim.fence)
-            .arg(millis(KEEP_AFTER_CLOSE))
-            .arg(millis(Duration::from_secs(86_400)))
+            .arg(millis(self.keep_ended))
+            .arg(millis(self.keep_ended))
             .invoke_async(&mut self.redis.conn())
             .await;
-        self.unmark_live(chat_id).await;
+        self.live.unmark(chat_id).await;
         closed.map(|_| ()).map_err(unavailable)
     }
 
@@ -379,8 +358,8 @@ impl EventLog for RedisLog {
             .key(&keys.lease)
             .key(&keys.log)
             .arg(claim.fence)
-            .arg(millis(KEEP_AFTER_CLOSE))
-            .arg(millis(Duration::from_secs(86_400)));
+            .arg(millis(self.keep_ended))
+            .arg(millis(self.keep_ended));
         if let Some(terminal) = &terminal {
             entry_args(std::slice::from_ref(terminal), &mut invocation);
         }
@@ -388,7 +367,7 @@ impl EventLog for RedisLog {
             .invoke_async(&mut self.redis.conn())
             .await
             .map_err(unavailable)?;
-        self.unmark_live(chat_id).await;
+        self.live.unmark(chat_id).await;
         if closed != 0 {
             return Err(LogError("the answer was taken over again".into()));
         }
@@ -396,16 +375,24 @@ impl EventLog for RedisLog {
     }
 
     async fn lapsed(&self) -> Result<Vec<String>, LogError> {
-        redis::cmd("ZRANGEBYSCORE")
-            .arg(self.live_set())
-            .arg("-inf")
-            .arg(now_ms())
-            .arg("LIMIT")
-            .arg(0)
-            .arg(100)
-            .query_async(&mut self.redis.conn())
+        self.live.lapsed().await
+    }
+
+    async fn forget(&self, chat_id: &str) -> Result<(), LogError> {
+        let keys = self.redis.chat_keys(chat_id);
+        let _: i64 = self
+            .scripts
+            .forget
+            .key(&keys.answer)
+            .key(&keys.lease)
+            .key(&keys.log)
+            .key(&keys.listeners)
+            .arg(millis(self.keep_ended))
+            .invoke_async(&mut self.redis.conn())
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        self.live.unmark(chat_id).await;
+        Ok(())
     }
 
     fn is_shared(&self) -> bool {

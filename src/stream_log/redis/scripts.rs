@@ -42,14 +42,21 @@ local function top_id()
 end
 ";
 
-/// `{fence}`, or `{-1}` busy, `{-2}` orphaned (live but its lease lapsed).
+/// `{fence}`, or `{-1}` busy, `{-2}` orphaned (live but its lease lapsed). A chat whose hash
+/// is gone (ended and expired, or deleted) starts its fences at Redis's clock in milliseconds,
+/// above any fence it handed out before: a producer paused past its answer's end cannot be
+/// mistaken for the owner of a later one.
 const CLAIM: &str = r"
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 if redis.call('HGET', KEYS[1], 'state') == 'live' then return -2 end
+if redis.call('HEXISTS', KEYS[1], 'fence') == 0 then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'fence', t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000)))
+end
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
 redis.call('SET', KEYS[2], fence, 'PX', ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'claimed', 'stop', '0')
-redis.call('HDEL', KEYS[1], 'message_id', 'first_id')
+redis.call('HDEL', KEYS[1], 'message_id', 'first_id', 'forgotten')
 redis.call('DEL', KEYS[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return fence
@@ -126,13 +133,19 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 0
 ";
 
-/// Appends the terminal events given (if any), marks the answer done and drops the lease.
+/// Appends the terminal events given (if any), marks the answer done and drops the lease. The
+/// log and the hash stay `ARGV[2]` / `ARGV[3]` ms, for listeners reading the end, unless the
+/// chat was deleted meanwhile ([`FORGET`]): then they go at once.
 const CLOSE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 for i = 4, #ARGV, 3 do
   redis.call('XADD', KEYS[3], ARGV[i] .. '-0', ARGV[i + 1], ARGV[i + 2])
 end
 redis.call('DEL', KEYS[2])
+if redis.call('HGET', KEYS[1], 'forgotten') == '1' then
+  redis.call('DEL', KEYS[1], KEYS[3])
+  return 0
+end
 redis.call('HSET', KEYS[1], 'state', 'done')
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -144,6 +157,19 @@ if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'state', 'done')
 return 0
+";
+
+/// The chat was deleted: its keys go. An answer that still holds its lease (it was just asked to
+/// stop) is marked, and its close removes them. `KEYS[4]` the answer's listeners. `1` gone, `0`
+/// left to the producer.
+const FORGET: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[1], 'forgotten', '1')
+  redis.call('PEXPIRE', KEYS[4], ARGV[1])
+  return 0
+end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+return 1
 ";
 
 /// `0` nothing running, `1` asked to stop, `2` orphaned.
@@ -178,6 +204,7 @@ pub(super) struct Scripts {
     pub release: Script,
     pub stop: Script,
     pub take_over: Script,
+    pub forget: Script,
 }
 
 impl Default for Scripts {
@@ -196,6 +223,7 @@ impl Default for Scripts {
             release: Script::new(RELEASE),
             stop: Script::new(STOP),
             take_over: Script::new(TAKE_OVER),
+            forget: Script::new(FORGET),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::live_index::LiveIndex;
 use super::scripts::Scripts;
 use super::{BATCH, LEASE_TTL, LIVE_TTL, RedisLog, entry_args, millis};
 use crate::events::StreamEvent;
@@ -91,7 +92,7 @@ pub(super) struct WriterTask {
     pub redis: Redis,
     pub scripts: Arc<Scripts>,
     pub local: Arc<MemoryLog>,
-    pub live_set: String,
+    pub live: LiveIndex,
     pub chat_id: String,
     pub message_id: String,
     pub first_id: i64,
@@ -122,7 +123,7 @@ impl WriterTask {
             redis: log.redis.clone(),
             scripts: log.scripts.clone(),
             local: log.local.clone(),
-            live_set: log.live_set(),
+            live: log.live.clone(),
             chat_id: chat_id.to_owned(),
             message_id: message_id.to_owned(),
             first_id,
@@ -275,7 +276,7 @@ impl WriterTask {
             }
         }
         self.delivered = delivered.last().map(|e| e.id);
-        RedisLog::mark_live(&self.redis, &self.live_set, &self.chat_id).await;
+        self.live.mark(&self.chat_id).await;
         Ok(true)
     }
 
@@ -310,7 +311,7 @@ impl WriterTask {
                 // The sweep's index only needs to know roughly when the lease ends.
                 self.renewals += 1;
                 if self.renewals.is_multiple_of(MARK_EVERY_RENEWALS) {
-                    RedisLog::mark_live(&self.redis, &self.live_set, &self.chat_id).await;
+                    self.live.mark(&self.chat_id).await;
                 }
             }
             // Transient: the lease lasts many renewals; if it lapses, the next write is fenced.
