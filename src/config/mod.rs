@@ -337,6 +337,11 @@ pub struct RedisConfig {
     /// listeners still reading its end and clients resuming it by `Last-Event-ID`; after that a
     /// resume replays it from the database. A deleted chat's keys go at once.
     pub keep_ended_secs: u64,
+    /// The ACL user (`AUTH username password`); `None`: the URL's, else the default user.
+    pub username: Option<String>,
+    /// The AUTH token or the user's password, kept out of the URL so it can come from a secret
+    /// (`MANGOO_REDIS__PASSWORD`); `None`: the URL's, if any.
+    pub password: Option<Secret>,
 }
 
 impl RedisConfig {
@@ -360,6 +365,8 @@ impl Default for RedisConfig {
             key_prefix: "mangoo".into(),
             max_blocking_readers: 256,
             keep_ended_secs: 60,
+            username: None,
+            password: None,
         }
     }
 }

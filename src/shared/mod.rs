@@ -90,6 +90,19 @@ enum Endpoint {
     Cluster(ClusterClient),
 }
 
+/// `redis.username` / `redis.password` over whatever the URL says: the password comes from a
+/// secret (an environment variable), the URL from plain configuration.
+fn with_credentials(info: redis::ConnectionInfo, config: &RedisConfig) -> redis::ConnectionInfo {
+    let mut settings = info.redis_settings().clone();
+    if let Some(username) = &config.username {
+        settings = settings.set_username(username);
+    }
+    if let Some(password) = &config.password {
+        settings = settings.set_password(password.expose());
+    }
+    info.set_redis_settings(settings)
+}
+
 /// A socket to a peer that vanished without a reset fails after this long unacknowledged.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,8 +118,9 @@ fn tcp_settings() -> TcpSettings {
 }
 
 impl Endpoint {
-    fn open(url: &str, cluster: bool) -> Result<Self, RedisError> {
+    fn open(url: &str, cluster: bool, config: &RedisConfig) -> Result<Self, RedisError> {
         let info = url.into_connection_info()?.set_tcp_settings(tcp_settings());
+        let info = with_credentials(info, config);
         if !cluster {
             return Ok(Self::Single(Client::open(info)?));
         }
@@ -294,7 +308,7 @@ pub struct ChatKeys {
 impl Redis {
     /// The client, ready to connect on first use (no I/O here).
     pub fn new(url: &str, cluster: bool, config: &RedisConfig) -> Result<Self, SharedError> {
-        let client = Endpoint::open(url, cluster)?;
+        let client = Endpoint::open(url, cluster, config)?;
         let manager = RwLock::new(client.link()?);
         Ok(Self(Arc::new(Connections {
             client,

@@ -260,6 +260,13 @@ async fn three_instances_behind_haproxy_behave_as_one_server() {
         request_id.contains(':') && request_id.contains('_'),
         "HAProxy's unique-id format: {request_id}"
     );
+    let metrics = cluster
+        .client
+        .get(format!("{lb}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 404, "HAProxy does not forward /metrics");
     let history = cluster.fake.requests()[3].body.to_string();
     assert!(
         history.contains("question 0") && history.contains("answer 2"),

@@ -158,6 +158,12 @@ async fn through_nginx_streams_are_unbuffered_survive_pauses_resume_and_keep_the
         "{request_id}"
     );
     let mut reader = SseReader::new(response);
+    let metrics = client
+        .get(format!("{}/metrics", proxied.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 404, "nginx does not forward /metrics");
     let start = reader.next_event().await.unwrap();
     let chat_id = start.json()["chat_id"].as_str().unwrap().to_owned();
 

@@ -285,3 +285,26 @@ async fn no_stream_place_is_leaked_however_many_are_released_at_once() {
     stop.cancel();
     keeper.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_requires_auth_is_reached_with_redis_password() {
+    let guarded = OwnRedis::start_with(&["--requirepass", "s3cret-token"]);
+    let with = |password: Option<&str>| {
+        let url = guarded.url();
+        let password = password.map(mangoo::config::Secret::new);
+        move |config: &mut Config| {
+            config.redis.url = Some(url);
+            config.redis.key_prefix = "mangoo-auth-test".into();
+            config.redis.password = password;
+        }
+    };
+    let ready = |app: TestApp| async move {
+        let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+        response.status().as_u16()
+    };
+    assert_eq!(
+        ready(spawn_app_with(with(Some("s3cret-token"))).await).await,
+        200
+    );
+    assert_eq!(ready(spawn_app_with(with(None)).await).await, 503);
+}
