@@ -35,6 +35,9 @@ RUN apt-get update \
     && groupadd --system --gid 10001 mangoo \
     && useradd --system --uid 10001 --gid 10001 --home-dir /data --create-home mangoo
 COPY --from=builder /usr/local/bin/mangoo /usr/local/bin/mangoo
+# The RDS CA bundle, so PostgreSQL on RDS/Aurora is reached with sslmode=verify-full (the CDK
+# stack's database URL names this file as sslrootcert).
+ADD --chmod=644 https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem /etc/ssl/certs/rds-global-bundle.pem
 USER 10001:10001
 WORKDIR /data
 # State lives in the volume: the SQLite file (when no PostgreSQL is configured) and the model

@@ -45,10 +45,41 @@ export interface MangooStackProps extends StackProps {
 }
 
 /**
- * Mangoo on AWS, streaming end to end: CloudFront (WAF, per-IP rate rule) → a VPC origin → an
+ * Mangoo on AWS, streaming end to end: CloudFront (HTTPS only; WAF with a per-IP rate rule and
+ * AWS's common and known-bad-inputs rules) → a VPC origin → an
  * internal ALB → ECS Fargate tasks (≥ 2) sharing Aurora PostgreSQL Serverless v2 and Valkey.
  * No API Gateway HTTP API anywhere: it neither streams nor takes WAF.
  */
+/** Where /metrics is served in each task (`metrics.listen`), reachable from the VPC only. */
+export const METRICS_PORT = 9090;
+/** The RDS CA bundle in the image (the Dockerfile downloads it). */
+export const RDS_CA_BUNDLE = '/etc/ssl/certs/rds-global-bundle.pem';
+
+interface RedisAccess {
+  readonly url: string;
+  readonly username?: string;
+  readonly password: secretsmanager.ISecret;
+}
+
+/** One AWS managed rule group; the rules named only count. */
+function managedRules(name: string, priority: number, group: string, countOnly: string[]): wafv2.CfnWebACL.RuleProperty {
+  return {
+    name,
+    priority,
+    overrideAction: { none: {} },
+    statement: {
+      managedRuleGroupStatement: {
+        vendorName: 'AWS',
+        name: group,
+        ruleActionOverrides: countOnly.length
+          ? countOnly.map((rule) => ({ name: rule, actionToUse: { count: {} } }))
+          : undefined,
+      },
+    },
+    visibilityConfig: { cloudWatchMetricsEnabled: true, metricName: name, sampledRequestsEnabled: true },
+  };
+}
+
 export class MangooStack extends Stack {
   readonly service: ecs.FargateService;
   readonly alb: elbv2.ApplicationLoadBalancer;
@@ -62,10 +93,17 @@ export class MangooStack extends Stack {
     const tasks = new ec2.SecurityGroup(this, 'TaskSg', { vpc, description: 'Mangoo tasks' });
 
     const { databaseUrl, databasePassword } = this.database(vpc, tasks);
-    const redisUrl = this.redis(vpc, tasks, props.redis ?? 'replication-group');
+    const redis = this.redis(vpc, tasks, props.redis ?? 'replication-group');
     const jwtSecret = new secretsmanager.Secret(this, 'JwtSecret', {
       description: 'Mangoo auth.jwt_secret (HS256), shared by every task',
       generateSecretString: { passwordLength: 48, excludePunctuation: true },
+    });
+
+    // /metrics is served on a port of its own that only the VPC reaches (a Prometheus or the
+    // CloudWatch agent there), never through the ALB, and even there it wants this token.
+    const metricsToken = new secretsmanager.Secret(this, 'MetricsToken', {
+      description: 'Mangoo metrics.bearer_token, for scrapers inside the VPC',
+      generateSecretString: { passwordLength: 40, excludePunctuation: true },
     });
 
     const cluster = new ecs.Cluster(this, 'Cluster', { vpc, containerInsightsV2: ecs.ContainerInsights.ENABLED });
@@ -78,13 +116,15 @@ export class MangooStack extends Stack {
     taskDef.addContainer('mangoo', {
       // The repository's Dockerfile; built by `cdk deploy` (synth needs no Docker).
       image: ecs.ContainerImage.fromAsset(path.join(__dirname, '..', '..', '..', '..')),
-      portMappings: [{ containerPort: 8000 }],
+      portMappings: [{ containerPort: 8000 }, { containerPort: METRICS_PORT }],
       // Fargate's maximum: longer than drain_secs, so Mangoo drains before it can be killed.
       stopTimeout: Duration.seconds(timings.stopTimeoutSecs),
       logging: ecs.LogDrivers.awsLogs({ logGroup, streamPrefix: 'mangoo' }),
       environment: {
         MANGOO_DATABASE_URL: databaseUrl,
-        MANGOO_REDIS_URL: redisUrl,
+        MANGOO_REDIS_URL: redis.url,
+        ...(redis.username ? { MANGOO_REDIS__USERNAME: redis.username } : {}),
+        MANGOO_METRICS__LISTEN: `0.0.0.0:${METRICS_PORT}`,
         MANGOO_SERVER__DRAIN_SECS: String(timings.drainSecs),
         MANGOO_SERVER__HEARTBEAT_SECS: String(timings.heartbeatSecs),
         // The ALB is in the VPC: its X-Forwarded-For names the client (CloudFront's edge).
@@ -98,6 +138,8 @@ export class MangooStack extends Stack {
       secrets: {
         MANGOO_JWT_SECRET: ecs.Secret.fromSecretsManager(jwtSecret),
         MANGOO_DATABASE__PASSWORD: databasePassword,
+        MANGOO_REDIS__PASSWORD: ecs.Secret.fromSecretsManager(redis.password),
+        MANGOO_METRICS__BEARER_TOKEN: ecs.Secret.fromSecretsManager(metricsToken),
       },
     });
     taskDef.addToTaskRolePolicy(
@@ -141,6 +183,7 @@ export class MangooStack extends Stack {
     });
     targets.setAttribute('stickiness.enabled', 'false');
     tasks.connections.allowFrom(this.alb, ec2.Port.tcp(8000), 'ALB to Mangoo');
+    tasks.addIngressRule(ec2.Peer.ipv4(vpc.vpcCidrBlock), ec2.Port.tcp(METRICS_PORT), 'metrics scrapers in the VPC');
     // The front door reaches the internal ALB through network interfaces in this VPC (CloudFront's
     // VPC origin, or API Gateway's VPC link): nothing from outside the VPC.
     this.alb.connections.allowFrom(ec2.Peer.ipv4(vpc.vpcCidrBlock), ec2.Port.tcp(80), 'front door');
@@ -176,21 +219,47 @@ export class MangooStack extends Stack {
     cluster.connections.allowDefaultPortFrom(tasks, 'Mangoo to PostgreSQL');
     const endpoint = cluster.clusterEndpoint;
     return {
-      databaseUrl: `postgres://mangoo@${endpoint.hostname}:${endpoint.port}/mangoo?sslmode=require`,
+      // verify-full: the server's certificate is checked against the RDS CA bundle (the image
+      // carries it, see the Dockerfile) and must name the endpoint. `require` would accept any
+      // certificate, so anyone on the path could pose as the database.
+      databaseUrl:
+        `postgres://mangoo@${endpoint.hostname}:${endpoint.port}/mangoo` +
+        `?sslmode=verify-full&sslrootcert=${RDS_CA_BUNDLE}`,
       databasePassword: ecs.Secret.fromSecretsManager(cluster.secret!, 'password'),
     };
   }
 
   /**
-   * Valkey over TLS, in the private subnets, reachable from the tasks only. Either a replication
-   * group with cluster mode disabled (a primary and a replica, automatic failover; Mangoo
-   * reconnects to the promoted replica through the primary endpoint's name), or ElastiCache
-   * Serverless (cluster mode; failover and scaling are AWS's, Mangoo routes by slot).
+   * Valkey over TLS with AUTH, in the private subnets, reachable from the tasks only. Either a
+   * replication group with cluster mode disabled (a primary and a replica, automatic failover;
+   * Mangoo reconnects to the promoted replica through the primary endpoint's name), or
+   * ElastiCache Serverless (cluster mode; failover and scaling are AWS's, Mangoo routes by slot).
+   * The password is a generated secret the tasks get as MANGOO_REDIS__PASSWORD, never in the URL.
    */
-  private redis(vpc: ec2.IVpc, tasks: ec2.SecurityGroup, kind: 'replication-group' | 'serverless'): string {
+  private redis(vpc: ec2.IVpc, tasks: ec2.SecurityGroup, kind: 'replication-group' | 'serverless'): RedisAccess {
     const sg = new ec2.SecurityGroup(this, 'RedisSg', { vpc, description: 'Valkey' });
     sg.addIngressRule(tasks, ec2.Port.tcp(6379), 'Mangoo to Valkey');
+    // ElastiCache AUTH tokens and passwords: 16-128 printable characters without @ " /.
+    const password = new secretsmanager.Secret(this, 'RedisPassword', {
+      description: 'Mangoo redis.password (Valkey AUTH)',
+      generateSecretString: { passwordLength: 64, excludePunctuation: true },
+    });
     if (kind === 'serverless') {
+      // Serverless authenticates users of a user group: one user, limited to Mangoo's keys and
+      // to the commands it sends (no CONFIG, FLUSHALL, KEYS or other @dangerous ones).
+      const user = new elasticache.CfnUser(this, 'RedisUser', {
+        engine: 'valkey',
+        userId: `${this.stackName.toLowerCase()}-mangoo`,
+        userName: 'mangoo',
+        accessString: 'on ~mangoo:* +@all -@dangerous +info',
+        authenticationMode: { Type: 'password', Passwords: [password.secretValue.unsafeUnwrap()] },
+      });
+      const users = new elasticache.CfnUserGroup(this, 'RedisUsers', {
+        engine: 'valkey',
+        userGroupId: `${this.stackName.toLowerCase()}-mangoo`,
+        userIds: [user.userId],
+      });
+      users.addDependency(user);
       const cache = new elasticache.CfnServerlessCache(this, 'RedisServerless', {
         serverlessCacheName: `${this.stackName.toLowerCase()}-valkey`,
         description: 'Mangoo shared state',
@@ -198,12 +267,23 @@ export class MangooStack extends Stack {
         majorEngineVersion: '8',
         securityGroupIds: [sg.securityGroupId],
         subnetIds: vpc.privateSubnets.map((s) => s.subnetId),
+        userGroupId: users.userGroupId,
+        // No data-storage limit: at a limit Serverless evicts keys that have a TTL, and every
+        // key Mangoo relies on has one (docs/deploy.md).
       });
-      return `rediss+cluster://${cache.attrEndpointAddress}:${cache.attrEndpointPort}`;
+      cache.addDependency(users);
+      return { url: `rediss+cluster://${cache.attrEndpointAddress}:${cache.attrEndpointPort}`, username: 'mangoo', password };
     }
     const subnets = new elasticache.CfnSubnetGroup(this, 'RedisSubnets', {
       description: 'Mangoo Valkey',
       subnetIds: vpc.privateSubnets.map((s) => s.subnetId),
+    });
+    // A full Redis must refuse writes (Mangoo answers 503), never evict: the managed default,
+    // volatile-lru, deletes answer leases, stream-cap places and rate-limit state first.
+    const parameters = new elasticache.CfnParameterGroup(this, 'RedisParameters', {
+      cacheParameterGroupFamily: 'valkey8',
+      description: 'Mangoo: noeviction',
+      properties: { 'maxmemory-policy': 'noeviction' },
     });
     const group = new elasticache.CfnReplicationGroup(this, 'Redis', {
       replicationGroupDescription: 'Mangoo shared state',
@@ -215,10 +295,12 @@ export class MangooStack extends Stack {
       multiAzEnabled: true,
       transitEncryptionEnabled: true,
       atRestEncryptionEnabled: true,
+      authToken: password.secretValue.unsafeUnwrap(),
+      cacheParameterGroupName: parameters.ref,
       cacheSubnetGroupName: subnets.ref,
       securityGroupIds: [sg.securityGroupId],
     });
-    return `rediss://${group.attrPrimaryEndPointAddress}:${group.attrPrimaryEndPointPort}/0`;
+    return { url: `rediss://${group.attrPrimaryEndPointAddress}:${group.attrPrimaryEndPointPort}/0`, password };
   }
 
   /** The default front door: CloudFront with WAF, to the internal ALB through a VPC origin. */
@@ -235,18 +317,28 @@ export class MangooStack extends Stack {
           statement: { rateBasedStatement: { limit: 2000, evaluationWindowSec: 300, aggregateKeyType: 'IP' } },
           visibilityConfig: { cloudWatchMetricsEnabled: true, metricName: 'per-ip-rate', sampledRequestsEnabled: true },
         },
+        // AWS's common rules, except two that a chat product must not enforce: the 8 KB body
+        // limit (a long message is normal; Mangoo bounds bodies with server.max_body_bytes) and
+        // cross-site scripting in the body (people paste HTML and code into chats; the page
+        // renders answers as text). Both only count.
+        managedRules('aws-common', 1, 'AWSManagedRulesCommonRuleSet', ['SizeRestrictions_BODY', 'CrossSiteScripting_BODY']),
+        managedRules('aws-known-bad-inputs', 2, 'AWSManagedRulesKnownBadInputsRuleSet', []),
       ],
     });
     new cloudfront.Distribution(this, 'Cdn', {
       webAclId: acl.attrArn,
       defaultBehavior: {
         origin: origins.VpcOrigin.withApplicationLoadBalancer(this.alb, {
+          // A VPC origin: CloudFront reaches the internal ALB (no public address) through AWS's
+          // network into this VPC, so HTTP here never crosses the internet (docs/deploy.md).
           protocolPolicy: cloudfront.OriginProtocolPolicy.HTTP_ONLY,
           // An idle timer between packets: heartbeats keep a quiet stream under it.
           readTimeout: Duration.seconds(timings.originReadTimeoutSecs),
           keepaliveTimeout: Duration.seconds(60),
         }),
-        viewerProtocolPolicy: cloudfront.ViewerProtocolPolicy.REDIRECT_TO_HTTPS,
+        // Not redirect-to-https: a first http:// request would already carry the bearer token
+        // in clear before any redirect. Plain HTTP gets 403.
+        viewerProtocolPolicy: cloudfront.ViewerProtocolPolicy.HTTPS_ONLY,
         allowedMethods: cloudfront.AllowedMethods.ALLOW_ALL,
         cachePolicy: cloudfront.CachePolicy.CACHING_DISABLED,
         originRequestPolicy: cloudfront.OriginRequestPolicy.ALL_VIEWER_EXCEPT_HOST_HEADER,

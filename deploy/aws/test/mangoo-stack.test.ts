@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import { App } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
 
-import { MangooStack } from '../lib/mangoo-stack';
+import { METRICS_PORT, MangooStack, RDS_CA_BUNDLE } from '../lib/mangoo-stack';
 import { DEFAULT_TIMINGS, checkTimings } from '../lib/settings';
 
 function synth(frontDoor: 'cloudfront' | 'restapi', redis?: 'replication-group' | 'serverless'): Template {
@@ -115,7 +115,12 @@ test('ECS: the image, >= 2 tasks, stop timeout above drain, circuit breaker, CPU
   assert.ok(env.MANGOO_DATABASE_URL, 'database URL');
   assert.ok(env.MANGOO_REDIS_URL, 'redis URL');
   const secrets = container.Secrets.map((s: any) => s.Name).sort();
-  assert.deepEqual(secrets, ['MANGOO_DATABASE__PASSWORD', 'MANGOO_JWT_SECRET']);
+  assert.deepEqual(secrets, [
+    'MANGOO_DATABASE__PASSWORD',
+    'MANGOO_JWT_SECRET',
+    'MANGOO_METRICS__BEARER_TOKEN',
+    'MANGOO_REDIS__PASSWORD',
+  ]);
   const policies = Object.values(cdn.findResources('AWS::ApplicationAutoScaling::ScalingPolicy'))
     .map((p: any) => p.Properties.TargetTrackingScalingPolicyConfiguration.PredefinedMetricSpecification.PredefinedMetricType)
     .sort();
@@ -134,7 +139,8 @@ test('data: Aurora PostgreSQL Serverless v2, Valkey without cluster mode over TL
   });
   const group = only(cdn, 'AWS::ElastiCache::ReplicationGroup');
   assert.equal(group.NumNodeGroups, undefined, 'cluster mode off: one node group');
-  cdn.resourceCountIs('AWS::SecretsManager::Secret', 2); // the JWT secret and the database's
+  // The JWT secret, the database's, Valkey's AUTH token and the metrics token.
+  cdn.resourceCountIs('AWS::SecretsManager::Secret', 4);
   cdn.resourceCountIs('AWS::ElastiCache::ServerlessCache', 0);
 });
 
@@ -147,6 +153,57 @@ test('redis=serverless: ElastiCache Serverless for Valkey, reached as a Redis Cl
   const container = only(serverless, 'AWS::ECS::TaskDefinition').ContainerDefinitions[0];
   const url = container.Environment.find((e: any) => e.Name === 'MANGOO_REDIS_URL').Value;
   assert.ok(JSON.stringify(url).startsWith('{"Fn::Join":["",["rediss+cluster://'), JSON.stringify(url));
+});
+
+test('locked down: /metrics on a VPC-only port with a token, Valkey AUTH and noeviction, PostgreSQL verify-full', () => {
+  const container = only(cdn, 'AWS::ECS::TaskDefinition').ContainerDefinitions[0];
+  const env = Object.fromEntries(container.Environment.map((e: any) => [e.Name, e.Value]));
+  assert.equal(env.MANGOO_METRICS__LISTEN, `0.0.0.0:${METRICS_PORT}`, 'not on the port the ALB forwards to');
+  const group = only(cdn, 'AWS::ElasticLoadBalancingV2::TargetGroup');
+  assert.equal(group.Port, 8000);
+  assert.notEqual(group.Port, METRICS_PORT);
+  // The metrics port is open to the VPC's range only, never to the internet.
+  const ingress = [
+    ...Object.values(cdn.findResources('AWS::EC2::SecurityGroupIngress')).map((r: any) => r.Properties),
+    ...Object.values(cdn.findResources('AWS::EC2::SecurityGroup')).flatMap((r: any) => r.Properties.SecurityGroupIngress ?? []),
+  ].filter((rule: any) => rule.FromPort === METRICS_PORT);
+  assert.equal(ingress.length, 1);
+  assert.ok(ingress[0].CidrIp && JSON.stringify(ingress[0].CidrIp).includes('CidrBlock'), JSON.stringify(ingress[0]));
+  const redis = only(cdn, 'AWS::ElastiCache::ReplicationGroup');
+  assert.ok(JSON.stringify(redis.AuthToken).includes('resolve:secretsmanager'), 'AUTH token from Secrets Manager');
+  const parameters = only(cdn, 'AWS::ElastiCache::ParameterGroup');
+  assert.equal(parameters.Properties['maxmemory-policy'], 'noeviction');
+  assert.ok(redis.CacheParameterGroupName, 'the parameter group is used');
+  const url = JSON.stringify(env.MANGOO_DATABASE_URL);
+  assert.ok(url.includes('sslmode=verify-full') && url.includes(`sslrootcert=${RDS_CA_BUNDLE}`), url);
+  assert.ok(!JSON.stringify(env.MANGOO_REDIS_URL).includes('@'), 'no password in the Redis URL');
+});
+
+test('redis=serverless: a Valkey user group, the user limited to Mangoo keys and no @dangerous commands', () => {
+  const serverless = synth('cloudfront', 'serverless');
+  const cache = only(serverless, 'AWS::ElastiCache::ServerlessCache');
+  assert.ok(cache.UserGroupId, 'authenticated users only');
+  assert.equal(cache.CacheUsageLimits, undefined, 'no storage limit, at which Serverless evicts');
+  const user = only(serverless, 'AWS::ElastiCache::User');
+  assert.equal(user.AccessString, 'on ~mangoo:* +@all -@dangerous +info');
+  assert.equal(user.AuthenticationMode.Type, 'password');
+  const container = only(serverless, 'AWS::ECS::TaskDefinition').ContainerDefinitions[0];
+  const env = Object.fromEntries(container.Environment.map((e: any) => [e.Name, e.Value]));
+  assert.equal(env.MANGOO_REDIS__USERNAME, 'mangoo');
+});
+
+test('CloudFront: HTTPS only for viewers, the AWS managed rule groups with the body-size rule counting', () => {
+  const behavior = only(cdn, 'AWS::CloudFront::Distribution').DistributionConfig.DefaultCacheBehavior;
+  assert.equal(behavior.ViewerProtocolPolicy, 'https-only');
+  const rules = only(cdn, 'AWS::WAFv2::WebACL').Rules;
+  const groups = rules
+    .filter((r: any) => r.Statement.ManagedRuleGroupStatement)
+    .map((r: any) => r.Statement.ManagedRuleGroupStatement);
+  const names = groups.map((g: any) => g.Name).sort();
+  assert.deepEqual(names, ['AWSManagedRulesCommonRuleSet', 'AWSManagedRulesKnownBadInputsRuleSet']);
+  const common = groups.find((g: any) => g.Name === 'AWSManagedRulesCommonRuleSet');
+  const overrides = Object.fromEntries(common.RuleActionOverrides.map((o: any) => [o.Name, o.ActionToUse]));
+  assert.deepEqual(overrides.SizeRestrictions_BODY, { Count: {} }, 'a long chat message is not blocked');
 });
 
 test('the cancel policy is the default: listeners on every task are counted', () => {
