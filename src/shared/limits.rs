@@ -109,10 +109,13 @@ return 1
 /// Shared by the leases and their keeper; a drop never waits and never loses a release: it only
 /// moves the place from one map to the other (both bounded by the places taken, at most the
 /// cap per user times this instance's streams).
+type Released = (String, String, Instant);
+
 #[derive(Default)]
 struct Places {
     held: HashMap<String, String>,
-    released: Vec<(String, String)>,
+    /// `(key, id, when released)`.
+    released: Vec<Released>,
 }
 
 #[derive(Default)]
@@ -203,7 +206,7 @@ impl Drop for StreamLease {
         // No longer renewed from here on, so even a release Redis never gets frees the place
         // within LEASE_TTL.
         places.held.remove(&id);
-        places.released.push((key, id));
+        places.released.push((key, id, Instant::now()));
         drop(places);
         self.ledger.released.notify_one();
     }
@@ -216,39 +219,27 @@ async fn keep(redis: Redis, ledger: Arc<Ledger>, stop: CancellationToken) {
     let renewal = Script::new(RENEW);
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut retrying: Vec<(String, String, Instant)> = Vec::new();
+    let mut retrying: Vec<Released> = Vec::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             () = ledger.released.notified() => {}
             _ = tick.tick() => {
-                let held: Vec<(String, String)> = ledger.places().held.iter().map(|(id, key)| (id.clone(), key.clone())).collect();
+                let held: Vec<_> = ledger.places().held.clone().into_iter().collect();
                 renew(&redis, &renewal, &held).await;
                 retrying = give_back(&redis, std::mem::take(&mut retrying)).await;
             }
         }
         let released = std::mem::take(&mut ledger.places().released);
-        let now = Instant::now();
-        let fresh = released.into_iter().map(|(key, id)| (key, id, now));
-        retrying.extend(give_back(&redis, fresh.collect()).await);
+        retrying.extend(give_back(&redis, released).await);
     }
     // Give back what was released meanwhile; the rest expires by itself.
     let released = std::mem::take(&mut ledger.places().released);
-    give_back(
-        &redis,
-        released
-            .into_iter()
-            .map(|(k, i)| (k, i, Instant::now()))
-            .collect(),
-    )
-    .await;
+    give_back(&redis, released).await;
 }
 
 /// Removes released places from Redis; returns those to try again (not yet expired by then).
-async fn give_back(
-    redis: &Redis,
-    released: Vec<(String, String, Instant)>,
-) -> Vec<(String, String, Instant)> {
+async fn give_back(redis: &Redis, released: Vec<Released>) -> Vec<Released> {
     let attempts = released.into_iter().map(|(key, id, at)| async move {
         let settled = release(redis, &key, &id).await || at.elapsed() >= LEASE_TTL;
         (!settled).then_some((key, id, at))

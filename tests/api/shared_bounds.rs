@@ -155,14 +155,7 @@ async fn a_negative_last_event_id_resumes_from_the_start(app: &TestApp) {
     let (mut asker, chat_id) = app.open_stream("alice", "go").await;
     app.fake.release(1);
     let one = asker.next_event().await.unwrap(); // open_stream read the start already
-    let response = app
-        .client
-        .get(app.url(&format!("/api/v1/chats/{chat_id}/stream")))
-        .bearer_auth(app.token("alice"))
-        .header("last-event-id", "-5")
-        .send()
-        .await
-        .unwrap();
+    let response = resume_with(app, &chat_id, "-5").await;
     assert_eq!(response.status(), 200);
     app.fake.release(1);
     let events = SseReader::new(response).collect().await;
@@ -212,22 +205,27 @@ async fn metric_line(app: &TestApp, prefix: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Until `/metrics` names `policy` as the shared Redis's eviction policy.
+async fn until_policy_exported(app: &TestApp, policy: &str) {
+    let expected = format!("mangoo_redis_maxmemory_policy{{policy=\"{policy}\"}} 1");
+    until(HANG_GUARD, &format!("{policy} is exported"), || {
+        let expected = &expected;
+        async move {
+            metric_line(app, "mangoo_redis_maxmemory_policy")
+                .await
+                .as_ref()
+                == Some(expected)
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicting_redis_is_reported_and_its_memory_exported() {
     let evicting = OwnRedis::start_with(&["--maxmemory-policy", "volatile-lru"]);
     let keys = TestKeys::on(evicting.url());
     let app = spawn_app_with(on(&keys)).await;
-    let policy = "mangoo_redis_maxmemory_policy{policy=\"volatile-lru\"} 1";
-    until(HANG_GUARD, "the policy is exported", || {
-        let app = &app;
-        async move {
-            metric_line(app, "mangoo_redis_maxmemory_policy")
-                .await
-                .as_deref()
-                == Some(policy)
-        }
-    })
-    .await;
+    until_policy_exported(&app, "volatile-lru").await;
     let used = metric_line(&app, "mangoo_redis_used_memory_bytes").await;
     let bytes: i64 = used
         .as_deref()
@@ -239,17 +237,7 @@ async fn an_evicting_redis_is_reported_and_its_memory_exported() {
     // The machine's Redis keeps the default policy, noeviction: reported as such.
     let keys = TestKeys::new();
     let app = spawn_app_with(on(&keys)).await;
-    let safe = "mangoo_redis_maxmemory_policy{policy=\"noeviction\"} 1";
-    until(HANG_GUARD, "noeviction is exported", || {
-        let app = &app;
-        async move {
-            metric_line(app, "mangoo_redis_maxmemory_policy")
-                .await
-                .as_deref()
-                == Some(safe)
-        }
-    })
-    .await;
+    until_policy_exported(&app, "noeviction").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

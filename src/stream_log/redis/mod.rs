@@ -101,6 +101,30 @@ impl RedisLog {
             .get(chat_id)
             .cloned()
     }
+
+    /// Runs [`scripts`]' CLOSE for the holder of `claim` (appending `terminal`, if any) and takes
+    /// the chat out of the sweep's index; CLOSE's code: `0` closed, `-1` no longer the owner.
+    async fn close_answer(
+        &self,
+        chat_id: &str,
+        claim: Claim,
+        terminal: Option<&StreamEvent>,
+    ) -> Result<i64, LogError> {
+        let keys = self.redis.chat_keys(chat_id);
+        let mut invocation = self.scripts.close.prepare_invoke();
+        invocation
+            .key(&keys.answer)
+            .key(&keys.lease)
+            .key(&keys.log)
+            .arg(claim.fence)
+            .arg(millis(self.keep_ended));
+        if let Some(terminal) = terminal {
+            entry_args(std::slice::from_ref(terminal), &mut invocation);
+        }
+        let closed = invocation.invoke_async(&mut self.redis.conn()).await;
+        self.live.unmark(chat_id).await;
+        closed.map_err(unavailable)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -245,20 +269,9 @@ impl EventLog for RedisLog {
         if writer.signals.lost.is_cancelled() {
             return Ok(()); // taken over: the new owner closes it
         }
-        let keys = self.redis.chat_keys(chat_id);
-        let closed: Result<i64, _> = self
-            .scripts
-            .close
-            .key(&keys.answer)
-            .key(&keys.lease)
-            .key(&keys.log)
-            .arg(writer.claim.fence)
-            .arg(millis(self.keep_ended))
-            .arg(millis(self.keep_ended))
-            .invoke_async(&mut self.redis.conn())
-            .await;
-        self.live.unmark(chat_id).await;
-        closed.map(|_| ()).map_err(unavailable)
+        self.close_answer(chat_id, writer.claim, None)
+            .await
+            .map(|_| ())
     }
 
     async fn follow(
@@ -351,23 +364,7 @@ impl EventLog for RedisLog {
         claim: Claim,
         terminal: Option<StreamEvent>,
     ) -> Result<(), LogError> {
-        let keys = self.redis.chat_keys(chat_id);
-        let mut invocation = self.scripts.close.prepare_invoke();
-        invocation
-            .key(&keys.answer)
-            .key(&keys.lease)
-            .key(&keys.log)
-            .arg(claim.fence)
-            .arg(millis(self.keep_ended))
-            .arg(millis(self.keep_ended));
-        if let Some(terminal) = &terminal {
-            entry_args(std::slice::from_ref(terminal), &mut invocation);
-        }
-        let closed: i64 = invocation
-            .invoke_async(&mut self.redis.conn())
-            .await
-            .map_err(unavailable)?;
-        self.live.unmark(chat_id).await;
+        let closed = self.close_answer(chat_id, claim, terminal.as_ref()).await?;
         if closed != 0 {
             return Err(LogError("the answer was taken over again".into()));
         }

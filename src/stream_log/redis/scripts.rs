@@ -133,12 +133,13 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 0
 ";
 
-/// Appends the terminal events given (if any), marks the answer done and drops the lease. The
-/// log and the hash stay `ARGV[2]` / `ARGV[3]` ms, for listeners reading the end, unless the
-/// chat was deleted meanwhile ([`FORGET`]): then they go at once.
+/// ARGV: fence, how long the log and the hash stay (ms), then `(id, field, value)` per terminal
+/// event to append. Marks the answer done and drops the lease; the log and the hash stay for
+/// listeners reading the end, unless the chat was deleted meanwhile ([`FORGET`]): then they go
+/// at once.
 const CLOSE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
-for i = 4, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   redis.call('XADD', KEYS[3], ARGV[i] .. '-0', ARGV[i + 1], ARGV[i + 2])
 end
 redis.call('DEL', KEYS[2])
@@ -148,7 +149,7 @@ if redis.call('HGET', KEYS[1], 'forgotten') == '1' then
 end
 redis.call('HSET', KEYS[1], 'state', 'done')
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 0
 ";
 
