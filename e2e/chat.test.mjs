@@ -418,7 +418,7 @@ test("copy an answer, edit and resend the last message, regenerate the answer", 
   assert.deepEqual(messages.map((m) => m.content), ["Edited question", "Regenerated answer."]);
 });
 
-test("a chat is renamed from the header; delete asks first", async () => {
+test("a chat is renamed from the header; delete asks first and can be undone", async () => {
   const chatId = await currentChatId();
   await page.click("#rename");
   await page.fill("#title-input", "Renamed chat");
@@ -435,6 +435,20 @@ test("a chat is renamed from the header; delete asks first", async () => {
   await item.locator(".delete").click();
   await page.click("#confirm-delete-button");
   await page.waitForFunction((id) => !document.querySelector(`#chat-list li[data-chat-id="${id}"]`), chatId);
+  // Undo, for a few seconds: the chat comes back, opened again, with its messages.
+  await page.click("#toast button:text('Undo')");
+  await page.waitForFunction((id) => document.querySelector(`#chat-list li.current[data-chat-id="${id}"]`), chatId);
+  assert.ok((await stored(chatId)).length > 0, "nothing was deleted");
+  assert.ok((await page.locator("#messages li").count()) > 0);
+
+  await item.locator(".delete").click();
+  const deleted = page.waitForResponse(
+    (r) => r.request().method() === "DELETE" && r.url().endsWith(`/chats/${chatId}`),
+    { timeout: 20_000 },
+  );
+  await page.click("#confirm-delete-button");
+  assert.equal(await page.locator("#toast button").innerText(), "Undo");
+  assert.equal((await deleted).status(), 204, "sent once the Undo has passed");
   const { chats } = await apiGet("api/v1/chats");
   assert.ok(!chats.some((c) => c.chat_id === chatId));
 });

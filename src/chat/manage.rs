@@ -4,10 +4,43 @@
 use super::control::StopCause;
 use super::{ChatError, ChatPage, ChatService, MESSAGE_PAGE_BYTES};
 use crate::auth::UserId;
-use crate::store::{ChatCursor, ChatRecord, MessageRecord, StoreError};
+use crate::store::{ChatCursor, ChatRecord, MessageRecord, SearchHit, SearchTerms, StoreError};
 
 /// The longest title a chat may be given, in characters.
 pub const MAX_TITLE_CHARS: usize = 200;
+/// The longest search, in characters.
+pub const MAX_SEARCH_CHARS: usize = 200;
+
+/// Where a page of a chat's messages is taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PagePosition {
+    /// The first ones after this `seq` (from the chat's start when `None`).
+    After(Option<i64>),
+    /// The last ones before this `seq` (the chat's newest when `None`).
+    Before(Option<i64>),
+    /// The last ones before this message of the chat.
+    BeforeMessage(String),
+}
+
+/// A page of a chat's messages, in conversation order.
+#[derive(Debug)]
+pub struct MessagePage {
+    pub chat: ChatRecord,
+    pub messages: Vec<MessageRecord>,
+    /// The `seq` to read on after (`PagePosition::After`) when later messages exist.
+    pub newer: Option<i64>,
+    /// The `seq` to read back from (`PagePosition::Before`) when earlier messages exist.
+    pub older: Option<i64>,
+}
+
+/// A page of search results.
+#[derive(Debug)]
+pub struct SearchPage {
+    pub terms: SearchTerms,
+    pub hits: Vec<SearchHit>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<ChatCursor>,
+}
 
 impl ChatService {
     pub async fn list_chats(
@@ -33,21 +66,68 @@ impl ChatService {
         Ok(ChatPage { chats, next })
     }
 
-    /// A page of the chat's messages in order: at most `limit`, after `after_seq`, and no more
-    /// than [`MESSAGE_PAGE_BYTES`] of text (at least one message) so that one response stays
-    /// small however long the messages are. The second value is where the next page starts.
+    /// A page of the chat's messages in conversation order: at most `limit` of them from
+    /// `position`, and no more than [`MESSAGE_PAGE_BYTES`] of text (at least one message) so
+    /// that one response stays small however long the messages are.
     pub async fn messages(
         &self,
         user: &UserId,
         chat_id: &str,
-        after_seq: Option<i64>,
+        position: PagePosition,
         limit: u32,
-    ) -> Result<(ChatRecord, Vec<MessageRecord>, Option<i64>), ChatError> {
+    ) -> Result<MessagePage, ChatError> {
         let chat = self.owned_chat(user, chat_id).await?;
+        let before = match position {
+            PagePosition::After(after) => {
+                let (messages, newer, older) = self.messages_after(chat_id, after, limit).await?;
+                return Ok(MessagePage {
+                    chat,
+                    messages,
+                    newer,
+                    older,
+                });
+            }
+            PagePosition::Before(before) => before,
+            PagePosition::BeforeMessage(message_id) => Some(
+                self.store
+                    .message_seq(chat_id, &message_id)
+                    .await?
+                    .ok_or(ChatError::MessageNotFound)?,
+            ),
+        };
         let mut messages = self
             .store
-            .list_messages(chat_id, after_seq, limit + 1)
+            .messages_before(chat_id, before, limit + 1)
             .await?;
+        let mut older = messages.len() > limit as usize;
+        if older {
+            messages.remove(0);
+        }
+        // Past the byte budget, keep the newest: they are the ones asked for.
+        let mut bytes = 0;
+        if let Some(cut) = messages.iter().rev().position(|m| {
+            bytes += m.content.len();
+            bytes > MESSAGE_PAGE_BYTES
+        }) {
+            let keep = cut.max(1);
+            older |= keep < messages.len();
+            messages.drain(..messages.len() - keep);
+        }
+        Ok(MessagePage {
+            older: older.then(|| messages.first().map(|m| m.seq)).flatten(),
+            newer: before.map(|seq| messages.last().map_or(seq - 1, |m| m.seq)),
+            chat,
+            messages,
+        })
+    }
+
+    async fn messages_after(
+        &self,
+        chat_id: &str,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<(Vec<MessageRecord>, Option<i64>, Option<i64>), ChatError> {
+        let mut messages = self.store.list_messages(chat_id, after, limit + 1).await?;
         let mut more = messages.len() > limit as usize;
         messages.truncate(limit as usize);
         let mut bytes = 0;
@@ -59,8 +139,44 @@ impl ChatService {
             more |= keep < messages.len();
             messages.truncate(keep);
         }
-        let next = more.then(|| messages.last().map(|m| m.seq)).flatten();
-        Ok((chat, messages, next))
+        let newer = more.then(|| messages.last().map(|m| m.seq)).flatten();
+        let older = after.map(|seq| messages.first().map_or(seq + 1, |m| m.seq));
+        Ok((messages, newer, older))
+    }
+
+    /// The caller's chats whose title or messages hold every word of `query`, most recently
+    /// active first, a page at a time.
+    pub async fn search_chats(
+        &self,
+        user: &UserId,
+        query: &str,
+        limit: u32,
+        cursor: Option<&ChatCursor>,
+    ) -> Result<SearchPage, ChatError> {
+        if query.chars().count() > MAX_SEARCH_CHARS {
+            return Err(ChatError::InvalidSearch(format!(
+                "a search is at most {MAX_SEARCH_CHARS} characters"
+            )));
+        }
+        let Some(terms) = SearchTerms::parse(query) else {
+            return Err(ChatError::InvalidSearch(
+                "a search needs at least one letter or digit".into(),
+            ));
+        };
+        let mut hits = self
+            .store
+            .search_chats(user.as_str(), &terms, limit + 1, cursor)
+            .await?;
+        let next = if hits.len() > limit as usize {
+            hits.truncate(limit as usize);
+            hits.last().map(|hit| ChatCursor {
+                updated_at_ms: hit.chat.updated_at_ms,
+                id: hit.chat.id.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(SearchPage { terms, hits, next })
     }
 
     /// Deletes a chat of the caller, stopping its answer first if one is being generated.

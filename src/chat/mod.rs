@@ -39,6 +39,7 @@ use crate::stream_log::{
     AnswerSignals, Audience, Claim, ClaimError, EventLog, LogError, StopOutcome,
 };
 pub use control::StopCause;
+pub use manage::{MAX_SEARCH_CHARS, MAX_TITLE_CHARS, MessagePage, PagePosition, SearchPage};
 use control::{ActiveAnswer, ActiveAnswers};
 
 /// The events a client receives: a new answer, or the rest of one it reconnects to.
@@ -66,6 +67,8 @@ pub enum ChatError {
     MessageNotFound,
     #[error("a title must have 1 to {max} characters")]
     InvalidTitle { max: usize },
+    #[error("{0}")]
+    InvalidSearch(String),
     #[error("message must not be empty")]
     EmptyMessage,
     #[error("message is longer than {max} characters")]
@@ -196,6 +199,10 @@ impl ChatService {
 
     pub fn bots(&self) -> Vec<BotInfo> {
         self.bot_order.clone()
+    }
+
+    pub fn limits(&self) -> &ChatLimits {
+        &self.limits
     }
 
     pub fn is_draining(&self) -> bool {

@@ -1,5 +1,5 @@
-//! The caller's chats: list (newest activity first, keyset-paginated), read, rename, rewind,
-//! delete.
+//! The caller's chats: list (newest activity first, keyset-paginated), search, read (a page at
+//! a time, forwards or backwards), rename, rewind, delete.
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
@@ -13,6 +13,7 @@ use time::format_description::well_known::Rfc3339;
 use super::AppState;
 use super::extract::{AuthUser, ChatIdParam, JsonBody, MessageParams, parse_query};
 use crate::http::error::{ApiError, ErrorBody};
+use crate::chat::PagePosition;
 use crate::store::{ChatCursor, ChatRecord, MessageRecord};
 
 const DEFAULT_PAGE: u32 = 20;
@@ -63,8 +64,10 @@ impl From<ChatRecord> for ChatView {
 pub struct MessageList {
     chat_id: String,
     messages: Vec<MessageView>,
-    /// Pass as `?cursor=` for the next page; null on the last page.
+    /// Pass as `?cursor=` for the messages after this page; null when there are none.
     next_cursor: Option<String>,
+    /// Pass as `?before=` for the messages before this page; null when there are none.
+    prev_cursor: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -131,17 +134,25 @@ pub async fn list_chats(
     }))
 }
 
+#[derive(Debug, Deserialize)]
+struct MessagesQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+    before: Option<String>,
+}
+
 #[utoipa::path(get, path = "/api/v1/chats/{chat_id}/messages", tag = "chats",
     params(
         ("chat_id" = String, Path),
         ("limit" = Option<u32>, Query, description = "1 to 1000, default 200"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of a page: the messages after it"),
+        ("before" = Option<String>, Query, description = "The last messages before a place: `latest` (or empty) for the chat's newest, `prev_cursor` of a page, or a message id of the chat. Not with `cursor`."),
     ),
     responses(
-        (status = 200, description = "The chat's messages in order, a page at a time (at most 2 MiB of text)", body = MessageList),
-        (status = 400, description = "Bad limit or cursor", body = ErrorBody),
+        (status = 200, description = "A page of the chat's messages, in conversation order (at most 2 MiB of text)", body = MessageList),
+        (status = 400, description = "Bad limit or cursor, or both `cursor` and `before`", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 404, description = "No such chat of the caller's", body = ErrorBody),
+        (status = 404, description = "No such chat of the caller's (`chat_not_found`), or `before` names no message of it (`message_not_found`)", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -151,14 +162,98 @@ pub async fn list_messages(
     ChatIdParam(chat_id): ChatIdParam,
     RawQuery(query): RawQuery,
 ) -> Result<Json<MessageList>, ApiError> {
-    let query: ListQuery = parse_query(query.as_deref())?;
+    let query: MessagesQuery = parse_query(query.as_deref())?;
     let limit = page_size(query.limit, DEFAULT_MESSAGE_PAGE, MAX_MESSAGE_PAGE)?;
-    let after = query.cursor.as_deref().map(decode_seq).transpose()?;
-    let (chat, messages, next) = state.chat.messages(&user, &chat_id, after, limit).await?;
+    let position = match (query.cursor.as_deref(), query.before) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "give either cursor (later messages) or before (earlier ones), not both",
+            ));
+        }
+        (cursor, None) => PagePosition::After(cursor.map(decode_seq).transpose()?),
+        (None, Some(before)) if before.is_empty() || before == "latest" => {
+            PagePosition::Before(None)
+        }
+        (None, Some(before)) => match decode_seq(&before) {
+            Ok(seq) => PagePosition::Before(Some(seq)),
+            Err(_) => PagePosition::BeforeMessage(before),
+        },
+    };
+    let page = state.chat.messages(&user, &chat_id, position, limit).await?;
     Ok(Json(MessageList {
-        chat_id: chat.id,
-        messages: messages.into_iter().map(MessageView::from).collect(),
-        next_cursor: next.map(|seq| URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))),
+        chat_id: page.chat.id,
+        messages: page.messages.into_iter().map(MessageView::from).collect(),
+        next_cursor: page.newer.map(encode_seq),
+        prev_cursor: page.older.map(encode_seq),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct SearchQuery {
+    q: String,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SearchResults {
+    /// The words searched for, as matched: lower-cased, each the start of a word.
+    terms: Vec<String>,
+    results: Vec<SearchResult>,
+    /// Pass as `?cursor=` (with the same `q`) for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct SearchResult {
+    chat: ChatView,
+    /// The chat's latest message holding every word; null when only the title matched.
+    message_id: Option<String>,
+    /// A line around the match: of that message, or the title.
+    snippet: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/chats/search", tag = "chats",
+    params(
+        ("q" = String, Query, description = "Words, each matched as the start of a word in the title or a finished message; all must match (1 to 200 characters)"),
+        ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "The caller's matching chats, most recently active first", body = SearchResults),
+        (status = 400, description = "No word to search for, too long a search, or a bad limit or cursor", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn search_chats(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    RawQuery(query): RawQuery,
+) -> Result<Json<SearchResults>, ApiError> {
+    let query: SearchQuery = parse_query(query.as_deref())?;
+    let limit = page_size(query.limit, DEFAULT_PAGE, MAX_PAGE)?;
+    let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let page = state
+        .chat
+        .search_chats(&user, &query.q, limit, cursor.as_ref())
+        .await?;
+    let results = page
+        .hits
+        .into_iter()
+        .map(|hit| SearchResult {
+            snippet: page
+                .terms
+                .snippet(hit.message_text.as_deref().unwrap_or(&hit.chat.title)),
+            message_id: hit.message_id,
+            chat: ChatView::from(hit.chat),
+        })
+        .collect();
+    Ok(Json(SearchResults {
+        terms: page.terms.terms().to_vec(),
+        results,
+        next_cursor: page.next.as_ref().map(encode_cursor),
     }))
 }
 
@@ -170,6 +265,10 @@ fn page_size(asked: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError
             format!("limit must be between 1 and {max}"),
         )),
     }
+}
+
+fn encode_seq(seq: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))
 }
 
 fn decode_seq(text: &str) -> Result<i64, ApiError> {
@@ -312,5 +411,43 @@ pub struct BotList {
 pub async fn list_bots(State(state): State<AppState>, AuthUser(_user): AuthUser) -> Json<BotList> {
     Json(BotList {
         bots: state.chat.bots(),
+    })
+}
+
+/// What the server accepts, for a client to check before sending (and to show the limits).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Limits {
+    /// The longest message a turn takes, in characters (Unicode scalar values); a longer one is
+    /// refused with `400 message_too_long`.
+    max_message_chars: usize,
+    /// The longest chat title, in characters.
+    max_title_chars: usize,
+    /// The longest search, in characters.
+    max_search_chars: usize,
+    /// How many turns (a question and its answer) one chat may hold; null: no limit.
+    max_turns_per_chat: Option<u64>,
+    /// How many chats one user may keep; null: no limit.
+    max_chats_per_user: Option<u64>,
+    /// Bytes of message text one user may store; null: no limit.
+    max_bytes_per_user: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/api/v1/limits", tag = "chats",
+    responses(
+        (status = 200, description = "The limits every turn is checked against", body = Limits),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn limits(State(state): State<AppState>, AuthUser(_user): AuthUser) -> Json<Limits> {
+    let limits = state.chat.limits();
+    let bounded = |n: u64| (n != u64::MAX).then_some(n);
+    Json(Limits {
+        max_message_chars: limits.max_message_chars,
+        max_title_chars: crate::chat::MAX_TITLE_CHARS,
+        max_search_chars: crate::chat::MAX_SEARCH_CHARS,
+        max_turns_per_chat: bounded(limits.quota.max_turns),
+        max_chats_per_user: bounded(limits.quota.max_chats),
+        max_bytes_per_user: bounded(limits.quota.max_bytes),
     })
 }

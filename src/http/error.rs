@@ -201,6 +201,7 @@ impl From<ChatError> for ApiError {
                 message,
             },
             ChatError::InvalidTitle { .. } => ApiError::bad_request("invalid_title", message),
+            ChatError::InvalidSearch(_) => ApiError::bad_request("invalid_request", message),
             ChatError::ChatBusy => ApiError::Conflict(message),
             ChatError::EmptyMessage => ApiError::bad_request("empty_message", message),
             ChatError::MessageTooLong { .. } => ApiError::bad_request("message_too_long", message),

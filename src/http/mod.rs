@@ -67,6 +67,7 @@ pub fn router(
                 .head(head_starts_nothing),
         )
         .route("/api/v1/chats", get(chats::list_chats))
+        .route("/api/v1/chats/search", get(chats::search_chats))
         .route(
             "/api/v1/chats/{chat_id}/messages",
             get(chats::list_messages),
@@ -85,6 +86,7 @@ pub fn router(
         )
         .route("/api/v1/chats/{chat_id}/stop", post(chat_stream::stop))
         .route("/api/v1/bots", get(chats::list_bots))
+        .route("/api/v1/limits", get(chats::limits))
         .route("/api/v1/stream-tickets", post(chat_stream::issue_ticket))
         .route(
             "/api/v1/diagnostics/stream",

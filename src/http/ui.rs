@@ -22,6 +22,9 @@ const JS: &str = "text/javascript; charset=utf-8";
 /// Everything the page loads besides `/`, by path.
 const ASSETS: &[(&str, &[u8], &str)] = &[
     ("app.js", include_bytes!("../../ui/app.js"), JS),
+    ("chats.js", include_bytes!("../../ui/chats.js"), JS),
+    ("messages.js", include_bytes!("../../ui/messages.js"), JS),
+    ("stream.js", include_bytes!("../../ui/stream.js"), JS),
     ("markdown.js", include_bytes!("../../ui/markdown.js"), JS),
     (
         "style.css",

@@ -36,6 +36,11 @@ pub(super) const SQLITE: Embedded = &[
         "answer event ids",
         include_str!("../../migrations/sqlite/0004_answer_event_ids.sql"),
     ),
+    (
+        5,
+        "search",
+        include_str!("../../migrations/sqlite/0005_search.sql"),
+    ),
 ];
 
 pub(super) const POSTGRES: Embedded = &[
@@ -48,6 +53,11 @@ pub(super) const POSTGRES: Embedded = &[
         2,
         "repeatable turns",
         include_str!("../../migrations/postgres/0002_repeatable_turns.sql"),
+    ),
+    (
+        3,
+        "search",
+        include_str!("../../migrations/postgres/0003_search.sql"),
     ),
 ];
 

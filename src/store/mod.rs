@@ -10,6 +10,7 @@
 mod migrations;
 mod postgres;
 mod rows;
+mod search;
 mod sqlite;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use postgres::PostgresStore;
+pub use search::{SearchHit, SearchTerms};
 pub use sqlite::SqliteStore;
 
 use crate::config::DatabaseConfig;
@@ -305,7 +307,33 @@ pub trait ChatStore: Send + Sync + 'static {
         &self,
         chat_id: &str,
         limit: u32,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        self.messages_before(chat_id, None, limit).await
+    }
+
+    /// Up to `limit` messages of a chat in conversation order: the last ones before
+    /// `before_seq` (the chat's last ones when `None`).
+    async fn messages_before(
+        &self,
+        chat_id: &str,
+        before_seq: Option<i64>,
+        limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError>;
+
+    /// Where a message of the chat stands (its `seq`); `None` when the chat has no such message.
+    async fn message_seq(&self, chat_id: &str, message_id: &str)
+    -> Result<Option<i64>, StoreError>;
+
+    /// The chats of `user_id` whose title or a finished message holds every term (each as a
+    /// word prefix), most recently active first, after `cursor` when given; each with the
+    /// chat's latest matching message.
+    async fn search_chats(
+        &self,
+        user_id: &str,
+        terms: &SearchTerms,
+        limit: u32,
+        cursor: Option<&ChatCursor>,
+    ) -> Result<Vec<SearchHit>, StoreError>;
 
     /// Stores the user's message and a `streaming` assistant placeholder, creating the chat when
     /// `turn.new_chat`. Fails with `ChatNotFound` when an existing chat is not `turn.user_id`'s,

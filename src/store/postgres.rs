@@ -21,8 +21,9 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::rows::{as_bigint, postgres_reads as reads};
+use super::search;
 use super::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
+    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn, SearchHit, SearchTerms,
     PartialAnswer, QuotaKind, RESERVED_EVENT_IDS, StoreError, migrations, now_ms, title_from,
 };
 use crate::config::DatabaseConfig;
@@ -232,13 +233,38 @@ impl ChatStore for PostgresStore {
         .await
     }
 
-    async fn recent_messages(
+    async fn messages_before(
         &self,
         chat_id: &str,
+        before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError> {
         self.retrying(|pool| async move {
-            reads::recent_messages(&pool, unavailable, chat_id, limit).await
+            reads::messages_before(&pool, unavailable, chat_id, before_seq, limit).await
+        })
+        .await
+    }
+
+    async fn message_seq(
+        &self,
+        chat_id: &str,
+        message_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        self.retrying(|pool| async move {
+            reads::message_seq(&pool, unavailable, chat_id, message_id).await
+        })
+        .await
+    }
+
+    async fn search_chats(
+        &self,
+        user_id: &str,
+        terms: &SearchTerms,
+        limit: u32,
+        cursor: Option<&ChatCursor>,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        self.retrying(|pool| async move {
+            search::search_postgres(&pool, unavailable, user_id, terms, limit, cursor).await
         })
         .await
     }

@@ -141,7 +141,7 @@ fn replay_from(row: &impl Columns) -> Result<Option<Replay>, StoreError> {
 
 /// The reads both databases run with the same SQL (`$N` placeholders, which SQLite takes too),
 /// generated once per pool type: `reads_for!(SqlitePool)` in a module gives its `get_chat`,
-/// `list_chats`, `list_messages`, `chat_history` and `recent_messages`, each taking the pool and
+/// `list_chats`, `list_messages`, `chat_history`, `messages_before` and `message_seq`, each taking the pool and
 /// how that backend names a failed query.
 macro_rules! reads_for {
     ($pool:ty) => {
@@ -229,17 +229,20 @@ macro_rules! reads_for {
             chat_history_from(&rows)
         }
 
-        pub async fn recent_messages(
+        /// The last `limit` messages before `before_seq` (of all when `None`), in order.
+        pub async fn messages_before(
             pool: &$pool,
             failed: Failed,
             chat_id: &str,
+            before_seq: Option<i64>,
             limit: u32,
         ) -> Result<Vec<MessageRecord>, StoreError> {
             let rows = sqlx::query(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 \
-                 ORDER BY seq DESC LIMIT $2"
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND seq < $2 \
+                 ORDER BY seq DESC LIMIT $3"
             ))
             .bind(chat_id)
+            .bind(before_seq.unwrap_or(i64::MAX))
             .bind(i64::from(limit))
             .fetch_all(pool)
             .await
@@ -250,6 +253,20 @@ macro_rules! reads_for {
                 .collect::<Result<Vec<_>, _>>()?;
             messages.reverse();
             Ok(messages)
+        }
+
+        pub async fn message_seq(
+            pool: &$pool,
+            failed: Failed,
+            chat_id: &str,
+            message_id: &str,
+        ) -> Result<Option<i64>, StoreError> {
+            sqlx::query_scalar("SELECT seq FROM messages WHERE chat_id = $1 AND id = $2")
+                .bind(chat_id)
+                .bind(message_id)
+                .fetch_optional(pool)
+                .await
+                .map_err(failed)
         }
     };
 }

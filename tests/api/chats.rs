@@ -241,3 +241,143 @@ async fn a_chat_cannot_be_rewound_while_its_answer_streams() {
     reader.collect().await;
     assert_eq!(app.settled_messages("alice", &chat_id).await.len(), 2);
 }
+
+/// Texts of a page of messages.
+fn texts(page: &serde_json::Value) -> Vec<String> {
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_long_chat_reads_backwards_from_its_newest_messages() {
+    let app = spawn_app().await;
+    let first = app
+        .chat("alice", json!({"bot_id": BOT, "message": "turn 1"}))
+        .await;
+    let chat_id = first[0].json()["chat_id"].as_str().unwrap().to_owned();
+    for n in 2..=6 {
+        app.chat(
+            "alice",
+            json!({"bot_id": BOT, "message": format!("turn {n}"), "chat_id": chat_id}),
+        )
+        .await;
+    }
+    let path = format!("/api/v1/chats/{chat_id}/messages");
+    let (status, newest) = app
+        .get_json("alice", &format!("{path}?before=latest&limit=4"))
+        .await;
+    assert_eq!(status, 200);
+    let shown = texts(&newest);
+    assert_eq!((shown[0].as_str(), shown[2].as_str()), ("turn 5", "turn 6"));
+    assert!(newest["next_cursor"].is_null(), "nothing is newer");
+
+    // Back page by page to the first message: every message once, in order.
+    let mut all = shown;
+    let mut before = newest["prev_cursor"].as_str().unwrap().to_owned();
+    loop {
+        let (_, page) = app
+            .get_json("alice", &format!("{path}?before={before}&limit=3"))
+            .await;
+        let mut older = texts(&page);
+        assert!(page["next_cursor"].is_string(), "newer ones exist");
+        older.append(&mut all);
+        all = older;
+        match page["prev_cursor"].as_str() {
+            Some(cursor) => before = cursor.to_owned(),
+            None => break,
+        }
+    }
+    let forwards: Vec<String> = app
+        .all_messages("alice", &chat_id)
+        .await
+        .iter()
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all, forwards);
+    assert_eq!(all.len(), 12);
+
+    // Before a message named by its id; an empty `before` is the newest.
+    let id = newest["messages"][0]["id"].as_str().unwrap();
+    let (_, page) = app
+        .get_json("alice", &format!("{path}?before={id}&limit=1"))
+        .await;
+    assert_eq!(texts(&page)[0], forwards[7]);
+    let (_, page) = app.get_json("alice", &format!("{path}?before=&limit=1")).await;
+    assert_eq!(texts(&page), [forwards[11].clone()]);
+
+    let (status, body) = app
+        .get_json("alice", &format!("{path}?before=msg-nope"))
+        .await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("message_not_found")));
+    let cursor = newest["prev_cursor"].as_str().unwrap();
+    let (status, body) = app
+        .get_json("alice", &format!("{path}?before=latest&cursor={cursor}"))
+        .await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_request")));
+    let (status, _) = app
+        .get_json("mallory", &format!("{path}?before=latest"))
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn search_finds_the_callers_chats_by_title_and_text_and_pages() {
+    let app = spawn_app().await;
+    for n in 0..3 {
+        app.chat(
+            "alice",
+            json!({"bot_id": BOT, "message": format!("packing list {n} for Lisbon")}),
+        )
+        .await;
+    }
+    app.chat("alice", json!({"bot_id": BOT, "message": "unrelated"}))
+        .await;
+    app.chat("bob", json!({"bot_id": BOT, "message": "Lisbon for bob"}))
+        .await;
+
+    let (status, page) = app
+        .get_json("alice", "/api/v1/chats/search?q=lisb&limit=2")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["terms"], json!(["lisb"]));
+    let results = page["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["chat"]["title"], "packing list 2 for Lisbon");
+    assert!(results[0]["message_id"].is_string());
+    assert_eq!(results[0]["snippet"], "packing list 2 for Lisbon");
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let (_, rest) = app
+        .get_json(
+            "alice",
+            &format!("/api/v1/chats/search?q=lisb&limit=2&cursor={cursor}"),
+        )
+        .await;
+    assert_eq!(rest["results"].as_array().unwrap().len(), 1);
+    assert!(rest["next_cursor"].is_null());
+    assert!(!format!("{page}{rest}").contains("bob"));
+
+    for bad in ["", "q=", "q=%20%3F!", &format!("q={}", "a".repeat(201))] {
+        let (status, body) = app
+            .get_json("alice", &format!("/api/v1/chats/search?{bad}"))
+            .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["code"], "invalid_request");
+    }
+}
+
+#[tokio::test]
+async fn the_limits_endpoint_tells_what_a_turn_is_checked_against() {
+    let app = super::helpers::spawn_app_with(|c| c.server.max_message_chars = 1234).await;
+    let (status, limits) = app.get_json("alice", "/api/v1/limits").await;
+    assert_eq!(status, 200);
+    assert_eq!(limits["max_message_chars"], 1234);
+    assert_eq!(limits["max_title_chars"], 200);
+    let response = app
+        .post_stream("alice", json!({"bot_id": BOT, "message": "x".repeat(1235)}))
+        .await;
+    assert_eq!(response.status(), 400);
+}

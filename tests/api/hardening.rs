@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use mangoo::store::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
-    PartialAnswer, SqliteStore, StoreError,
+    PartialAnswer, SearchHit, SearchTerms, SqliteStore, StoreError,
 };
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -250,12 +250,29 @@ impl ChatStore for PanickingStore {
     ) -> Result<Vec<MessageRecord>, StoreError> {
         self.inner.list_messages(chat_id, after_seq, limit).await
     }
-    async fn recent_messages(
+    async fn messages_before(
         &self,
         chat_id: &str,
+        before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        self.inner.recent_messages(chat_id, limit).await
+        self.inner.messages_before(chat_id, before_seq, limit).await
+    }
+    async fn message_seq(
+        &self,
+        chat_id: &str,
+        message_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        self.inner.message_seq(chat_id, message_id).await
+    }
+    async fn search_chats(
+        &self,
+        user_id: &str,
+        terms: &SearchTerms,
+        limit: u32,
+        cursor: Option<&ChatCursor>,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        self.inner.search_chats(user_id, terms, limit, cursor).await
     }
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
         self.inner.begin_turn(turn).await

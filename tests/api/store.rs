@@ -8,8 +8,8 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use mangoo::config::DatabaseConfig;
 use mangoo::store::{
-    ChatStore, FinishedTurn, MessageStatus, NewTurn, PartialAnswer, QuotaKind, Role, StorageQuota,
-    StoreError,
+    ChatStore, FinishedTurn, MessageStatus, NewTurn, PartialAnswer, QuotaKind, Role, SearchTerms,
+    StorageQuota, StoreError,
 };
 
 use super::services::TestDatabase;
@@ -120,6 +120,9 @@ conformance!(
     two_instances_racing_for_one_chat_start_exactly_one_answer,
     a_rewound_chat_loses_the_turn_and_what_follows_and_takes_a_new_one,
     a_turn_begun_or_finished_twice_is_stored_once,
+    message_pages_run_backwards_from_the_newest_or_from_a_message,
+    search_finds_titles_and_finished_messages_of_the_user_only,
+    search_follows_renames_rewinds_and_deletes_and_pages_by_recency,
 );
 
 /// What a retry after a lost reply does: the same call again, with the same ids.
@@ -466,6 +469,136 @@ async fn message_pages_follow_each_other_and_recent_messages_are_the_last(backen
     let recent = store.recent_messages("p", 2).await.unwrap();
     assert_eq!(recent[0].content, "question 5");
     assert_eq!(recent[1].role, Role::Assistant);
+}
+
+/// A chat of `turns` finished turns, `n`-th question "question n", answer "answer n".
+async fn chat_of(store: &Arc<dyn ChatStore>, chat_id: &str, user: &str, turns: usize) {
+    for n in 1..=turns {
+        store
+            .begin_turn(&turn(chat_id, user, n == 1, n))
+            .await
+            .unwrap();
+        store
+            .finish_turn(finished(chat_id, n, 2 * n as i64))
+            .await
+            .unwrap();
+    }
+}
+
+async fn message_pages_run_backwards_from_the_newest_or_from_a_message(backend: Backend) {
+    let store = backend.store;
+    chat_of(&store, "b", "alice", 6).await;
+    let newest = store.messages_before("b", None, 4).await.unwrap();
+    let texts: Vec<&str> = newest.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(texts, ["question 5", "answer 5", "question 6", "answer 6"]);
+    let older = store
+        .messages_before("b", Some(newest[0].seq), 100)
+        .await
+        .unwrap();
+    assert_eq!(older.len(), 8);
+    assert_eq!(older.last().unwrap().content, "answer 4");
+    assert!(older.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(
+        store.message_seq("b", "answer-b-4").await.unwrap(),
+        Some(older[7].seq)
+    );
+    assert_eq!(store.message_seq("b", "answer-x-4").await.unwrap(), None);
+    assert_eq!(store.message_seq("other", "answer-b-4").await.unwrap(), None);
+    assert!(store.messages_before("b", Some(1), 10).await.unwrap().is_empty());
+}
+
+fn terms(query: &str) -> SearchTerms {
+    SearchTerms::parse(query).unwrap()
+}
+
+async fn found(store: &Arc<dyn ChatStore>, user: &str, query: &str) -> Vec<String> {
+    let hits = store
+        .search_chats(user, &terms(query), 100, None)
+        .await
+        .unwrap();
+    hits.into_iter().map(|hit| hit.chat.id).collect()
+}
+
+async fn search_finds_titles_and_finished_messages_of_the_user_only(backend: Backend) {
+    let store = backend.store;
+    let mut lisbon = turn("trip", "alice", true, 1);
+    lisbon.message = "Three days in Lisbon, on foot".into();
+    store.begin_turn(&lisbon).await.unwrap();
+    let mut answer = finished("trip", 1, 2);
+    answer.content = "Start at the Alfama: trams, miradouros and pastéis de nata.".into();
+    store.finish_turn(answer).await.unwrap();
+    let mut other = turn("bob-trip", "bob", true, 1);
+    other.message = "Lisbon with kids".into();
+    store.begin_turn(&other).await.unwrap();
+    store.finish_turn(finished("bob-trip", 1, 2)).await.unwrap();
+
+    assert_eq!(found(&store, "alice", "lisbon").await, ["trip"]);
+    assert_eq!(found(&store, "bob", "LISBON").await, ["bob-trip"]);
+    // Word prefixes, all words required, in the answer's text as well as the question's.
+    assert_eq!(found(&store, "alice", "alfa tram").await, ["trip"]);
+    assert!(found(&store, "alice", "alfama kids").await.is_empty());
+    assert!(found(&store, "alice", "fama").await.is_empty());
+    let hit = &store
+        .search_chats("alice", &terms("miradouros"), 10, None)
+        .await
+        .unwrap()[0];
+    assert_eq!(hit.message_id.as_deref(), Some("answer-trip-1"));
+    assert!(hit.message_text.as_deref().unwrap().contains("Alfama"));
+
+    // An answer still streaming is not searchable yet; once it ends, it is.
+    let mut second = turn("trip", "alice", false, 2);
+    second.message = "and then?".into();
+    store.begin_turn(&second).await.unwrap();
+    store
+        .save_partial(PartialAnswer {
+            assistant_message_id: "answer-trip-2".into(),
+            chunks: vec!["Sintra by train".into()],
+            reserved_event_id: 10,
+        })
+        .await
+        .unwrap();
+    assert!(found(&store, "alice", "sintra").await.is_empty());
+    let mut done = finished("trip", 2, 12);
+    done.content = "Sintra by train, then Cascais.".into();
+    store.finish_turn(done).await.unwrap();
+    assert_eq!(found(&store, "alice", "sintra cascais").await, ["trip"]);
+    let hit = &store
+        .search_chats("alice", &terms("lisbon"), 10, None)
+        .await
+        .unwrap()[0];
+    assert_eq!(hit.message_id.as_deref(), Some("user-trip-1"));
+}
+
+async fn search_follows_renames_rewinds_and_deletes_and_pages_by_recency(backend: Backend) {
+    let store = backend.store;
+    for n in 1..=5 {
+        chat_of(&store, &format!("c{n}"), "alice", 1).await;
+    }
+    // Every chat holds "question 1": all match, newest activity first, a page at a time.
+    let first = store
+        .search_chats("alice", &terms("question"), 2, None)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = first.iter().map(|h| h.chat.id.as_str()).collect();
+    assert_eq!(ids, ["c5", "c4"]);
+    let cursor = mangoo::store::ChatCursor {
+        updated_at_ms: first[1].chat.updated_at_ms,
+        id: first[1].chat.id.clone(),
+    };
+    let rest = store
+        .search_chats("alice", &terms("question"), 10, Some(&cursor))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = rest.iter().map(|h| h.chat.id.as_str()).collect();
+    assert_eq!(ids, ["c3", "c2", "c1"]);
+
+    assert!(store.rename_chat("c2", "alice", "Budget for March").await.unwrap());
+    assert_eq!(found(&store, "alice", "budget").await, ["c2"]);
+    // Every word in one place: the title, or one message.
+    assert!(found(&store, "alice", "question budget").await.is_empty());
+    store.rewind_chat("c3", "alice", "user-c3-1").await.unwrap();
+    assert!(store.delete_chat("c4", "alice").await.unwrap());
+    assert_eq!(found(&store, "alice", "answer").await, ["c5", "c2", "c1"]);
 }
 
 async fn an_answer_is_concluded_once_and_the_first_conclusion_stands(backend: Backend) {

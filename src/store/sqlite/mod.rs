@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 use super::rows::sqlite_reads as reads;
 use super::{
     BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
-    PartialAnswer, StoreError, migrations,
+    PartialAnswer, SearchHit, SearchTerms, StoreError, migrations, search,
 };
 use writer::Writer;
 
@@ -92,12 +92,31 @@ impl ChatStore for SqliteStore {
         reads::chat_history(&self.pool, StoreError::from, chat_id, user_id, limit).await
     }
 
-    async fn recent_messages(
+    async fn messages_before(
         &self,
         chat_id: &str,
+        before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<MessageRecord>, StoreError> {
-        reads::recent_messages(&self.pool, StoreError::from, chat_id, limit).await
+        reads::messages_before(&self.pool, StoreError::from, chat_id, before_seq, limit).await
+    }
+
+    async fn message_seq(
+        &self,
+        chat_id: &str,
+        message_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        reads::message_seq(&self.pool, StoreError::from, chat_id, message_id).await
+    }
+
+    async fn search_chats(
+        &self,
+        user_id: &str,
+        terms: &SearchTerms,
+        limit: u32,
+        cursor: Option<&ChatCursor>,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        search::search_sqlite(&self.pool, user_id, terms, limit, cursor).await
     }
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
