@@ -70,11 +70,8 @@ function refused(s, status, problem) {
   showWelcome();
   returnToComposer(message);
   if (status === 401) return showSignIn(tokenProblem(problem.error));
-  const limit = problem.code === "message_too_long" && state.limits.max_message_chars;
-  const reason = limit
-    ? `Not sent: a message may have at most ${limit.toLocaleString()} characters. Your text is back in the box.`
-    : `Not sent: ${problem.error || `HTTP ${status}`}. Your text is back in the box.`;
-  showStatus(reason, true);
+  const why = (problem.error || `HTTP ${status}`).replace(/\.$/, "");
+  showStatus(`Not sent: ${why}. Your text is back in the box.`, true);
   $("message-input").focus();
 }
 

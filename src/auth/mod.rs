@@ -156,7 +156,7 @@ impl Authenticator {
 }
 
 /// Clock skew tolerated on `exp` and `nbf`.
-pub(crate) const LEEWAY_SECS: u64 = 30;
+pub const LEEWAY_SECS: u64 = 30;
 
 /// jsonwebtoken needs a process-wide crypto backend; installing twice is harmless.
 pub(crate) fn install_crypto_provider() {

@@ -30,6 +30,12 @@ async fn the_chat_page_works_in_a_real_browser() {
     let app = spawn_app_with(|c| c.streams.disconnect_grace_secs = 30).await;
     let short_grace = spawn_app_with(|c| c.streams.disconnect_grace_secs = 1).await;
     let proxy = IdleProxy::cuttable(app.addr, Duration::from_secs(3600), app.fake.cuts()).await;
+    let short_grace_proxy = IdleProxy::cuttable(
+        short_grace.addr,
+        Duration::from_secs(3600),
+        short_grace.fake.cuts(),
+    )
+    .await;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let artifacts = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -48,20 +54,28 @@ async fn the_chat_page_works_in_a_real_browser() {
         b"not the server's secret",
     );
 
+    // E2E_ONLY=<pattern> runs the tests whose names match (and the sign-in they need).
+    let mut args = vec![
+        "--test".to_owned(),
+        "--test-reporter=spec".to_owned(),
+        "--test-concurrency=1".to_owned(),
+    ];
+    if let Ok(only) = std::env::var("E2E_ONLY") {
+        args.push(format!("--test-name-pattern=printed link|{only}"));
+    }
+    args.push("chat.test.mjs".to_owned());
     let output = Command::new("node")
-        .args([
-            "--test",
-            "--test-reporter=spec",
-            "--test-concurrency=1",
-            "chat.test.mjs",
-        ])
+        .args(&args)
         .current_dir(root.join("e2e"))
         .env("APP_URL", proxy.url("/"))
         .env("TOKEN", app.token("alice"))
         .env("EXPIRED_TOKEN", expired)
         .env("FORGED_TOKEN", forged)
+        // For tokens the script mints itself (one that expires while the page is open).
+        .env("JWT_SECRET", SECRET)
+        .env("JWT_LEEWAY_SECS", mangoo::auth::LEEWAY_SECS.to_string())
         .env("CONTROL_URL", app.fake.url())
-        .env("SHORT_GRACE_URL", short_grace.url("/"))
+        .env("SHORT_GRACE_URL", short_grace_proxy.url("/"))
         .env("SHORT_GRACE_TOKEN", short_grace.token("carol"))
         .env("SHORT_GRACE_CONTROL_URL", short_grace.fake.url())
         .env("ARTIFACTS", &artifacts)
@@ -77,6 +91,9 @@ async fn the_chat_page_works_in_a_real_browser() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.status.success(), "browser tests failed:\n{report}");
+    if std::env::var_os("E2E_ONLY").is_some() {
+        return;
+    }
     assert!(artifacts.join("2-streaming.png").is_file());
     for shot in ["desktop-light", "desktop-dark", "phone-light", "phone-dark"] {
         let path = root.join(format!("docs/screenshots/{shot}.png"));

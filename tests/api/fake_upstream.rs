@@ -167,6 +167,7 @@ impl FakeUpstream {
                 "/control/outcome/{index}",
                 axum::routing::get(control_outcome),
             )
+            .route("/control/requests", axum::routing::get(control_requests))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -225,6 +226,12 @@ async fn control_release(State(inner): State<Arc<Inner>>, body: axum::Json<Value
         .gate
         .add_permits(body["n"].as_u64().unwrap_or(1) as usize);
     StatusCode::NO_CONTENT
+}
+
+/// How many requests the fake has had: the index the next one's outcome will have, once every
+/// earlier one has ended.
+async fn control_requests(State(inner): State<Arc<Inner>>) -> axum::Json<Value> {
+    axum::Json(json!({"count": inner.requests.lock().unwrap().len()}))
 }
 
 async fn control_cut(State(inner): State<Arc<Inner>>) -> StatusCode {
