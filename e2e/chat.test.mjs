@@ -400,7 +400,7 @@ test("an error shows its message and Retry asks again", async () => {
 
 // ---- Actions --------------------------------------------------------------------------------
 
-test("copy an answer, edit and resend the last message, regenerate the answer", async () => {
+test("copy an answer, edit and resend the last message, regenerate it and page its versions", async () => {
   await control("script", { tokens: ["First", " answer."] });
   await send("Original question");
   await waitIdle();
@@ -425,6 +425,32 @@ test("copy an answer, edit and resend the last message, regenerate the answer", 
   await waitIdle();
   messages = await stored(chatId);
   assert.deepEqual(messages.map((m) => m.content), ["Edited question", "Regenerated answer."]);
+  assert.deepEqual(messages[1].versions.map((v) => v.content), ["Edited answer."]);
+
+  // The answer it replaced is a version: ‹ 2 / 2 › steps back to it and forth again.
+  const versions = lastAnswer().locator(".versions");
+  await versions.waitFor();
+  assert.equal(await versions.locator(".version-count").innerText(), "2 / 2");
+  assert.equal(await versions.locator("button[aria-label='Next version']").isDisabled(), true);
+  await versions.locator("button[aria-label='Previous version']").click();
+  assert.equal(await answerText(), "Edited answer.");
+  assert.equal(await lastAnswer().locator(".version-count").innerText(), "1 / 2");
+  await lastAnswer().locator(".action-copy").click();
+  assert.equal(await page.evaluate(() => navigator.clipboard.readText()), "Edited answer.");
+  await lastAnswer().locator("button[aria-label='Next version']").click();
+  assert.equal(await answerText(), "Regenerated answer.");
+
+  // A third one, and after a reload all three are there, the newest shown.
+  await control("script", { tokens: ["Third", " take."] });
+  await lastAnswer().locator(".action-regenerate").click();
+  await waitForAnswer("Third take.");
+  await waitIdle();
+  await page.waitForFunction(() => document.querySelector("#messages li.assistant:last-child .version-count")?.textContent === "3 / 3");
+  await page.reload();
+  await page.waitForSelector("#messages li.assistant .version-count");
+  assert.equal(await lastAnswer().locator(".version-count").innerText(), "3 / 3");
+  assert.equal(await answerText(), "Third take.");
+  assert.equal(await page.locator("#messages li").count(), 2);
 });
 
 test("a chat is renamed from the header; delete asks first and can be undone", async () => {

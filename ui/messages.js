@@ -57,10 +57,59 @@ function showPage(page) {
 function storedMessage(message) {
   const el = messageElement(message.role, message.content, message.id);
   el.dataset.status = message.status;
-  if (message.role === "assistant" && !["complete", "streaming"].includes(message.status)) {
-    note(el, endingNote(message.status), message.status === "error");
+  if (message.versions?.length) {
+    // Earlier answers first; the stored message itself is the newest version, shown first.
+    el.versions = [...message.versions, { id: message.id, content: message.content, status: message.status }];
+    el.dataset.version = String(el.versions.length - 1);
   }
+  showEnding(el, message.status);
   return el;
+}
+
+/** The note under an answer that did not simply complete. */
+function showEnding(el, status) {
+  el.querySelector(".note")?.remove();
+  if (el.dataset.role === "assistant" && !["complete", "streaming"].includes(status)) {
+    note(el, endingNote(status), status === "error");
+  }
+}
+
+/** The text of the version on screen (the answer itself when it has no other). */
+function shownText(el) {
+  return el.versions ? el.versions[Number(el.dataset.version)].content : el.dataset.text;
+}
+
+/** Shows version `index` of a regenerated answer: ‹ and › step through them. */
+function showVersion(el, index) {
+  const version = el.versions[index];
+  el.dataset.version = String(index);
+  Markdown.render(el.querySelector(".body"), version.content);
+  showEnding(el, version.status);
+  refreshActions();
+  announce(`Version ${index + 1} of ${el.versions.length}`);
+}
+
+function versionPicker(el) {
+  const picker = document.createElement("span");
+  picker.className = "versions";
+  const index = Number(el.dataset.version);
+  const count = el.versions.length;
+  const step = (by, label, glyph) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "icon";
+    button.textContent = glyph;
+    button.setAttribute("aria-label", label);
+    button.title = label;
+    button.disabled = index + by < 0 || index + by >= count;
+    button.addEventListener("click", () => showVersion(el, index + by));
+    return button;
+  };
+  const where = document.createElement("span");
+  where.className = "version-count";
+  where.textContent = `${index + 1} / ${count}`;
+  picker.append(step(-1, "Previous version", "‹"), where, step(1, "Next version", "›"));
+  return picker;
 }
 
 function endingNote(status) {
@@ -218,8 +267,9 @@ function refreshActions() {
   for (const el of items) {
     const actions = document.createElement("div");
     actions.className = "actions";
-    if (el.dataset.role === "assistant" && el.dataset.text) {
-      actions.append(actionButton("copy", "Copy answer", () => copyText(el.dataset.text, "Answer copied")));
+    if (el.versions) actions.append(versionPicker(el));
+    if (el.dataset.role === "assistant" && shownText(el)) {
+      actions.append(actionButton("copy", "Copy answer", () => copyText(shownText(el), "Answer copied")));
     }
     if (el === lastQuestion && state.chatId) {
       actions.append(actionButton("edit", "Edit and resend", () => startEdit(el)));
@@ -250,7 +300,9 @@ function showWelcome() {
 
 /** Whether the page shows `message` as stored (a message sent from this page has no id yet). */
 function showsStored(el, message) {
+  const versions = el.versions ? el.versions.length - 1 : 0;
   return el.dataset.role === message.role &&
+    versions === (message.versions?.length || 0) &&
     (!el.dataset.id || el.dataset.id === message.id) &&
     (el.dataset.status || "complete") === message.status &&
     el.dataset.text === message.content;
@@ -315,8 +367,11 @@ function cancelEdit() {
   showComposerHint();
 }
 
-/** Asks a question again from `userEl` on: what follows it is removed, here and on the server. */
-async function resendFrom(userEl, message) {
+/**
+ * Asks a question again from `userEl` on: what follows it is removed, here and on the server
+ * (which keeps the answer as an earlier version when regenerating).
+ */
+async function resendFrom(userEl, message, { keepAnswer = false } = {}) {
   const chatId = state.chatId;
   let id = userEl.dataset.id;
   if (!id) {
@@ -324,15 +379,16 @@ async function resendFrom(userEl, message) {
     const { messages } = await api("GET", chatPath(chatId, "/messages?before=latest&limit=2"));
     id = messages.findLast((m) => m.role === "user")?.id;
   }
-  await api("DELETE", chatPath(chatId, `/messages/${encodeURIComponent(id)}`));
+  const keep = keepAnswer ? "?keep_answer=true" : "";
+  await api("DELETE", chatPath(chatId, `/messages/${encodeURIComponent(id)}${keep}`));
   while (userEl.nextElementSibling) userEl.nextElementSibling.remove();
   userEl.remove();
-  send(message, { chatId });
+  send(message, { chatId, regenerating: keepAnswer });
 }
 
 function regenerate() {
   const question = [...$("messages").children].findLast((el) => el.dataset.role === "user");
-  if (question) resendFrom(question, question.dataset.text).catch(handleError);
+  if (question) resendFrom(question, question.dataset.text, { keepAnswer: true }).catch(handleError);
 }
 
 function continueAnswer() {

@@ -9,7 +9,7 @@ const MAX_RECONNECTS = 8;
 
 // ---- Sending --------------------------------------------------------------------------------
 
-function send(message, { chatId = state.chatId } = {}) {
+function send(message, { chatId = state.chatId, regenerating = false } = {}) {
   if (state.streaming) return false;
   const botId = $("bot-picker").value;
   state.lastRequest = { message, botId, chatId };
@@ -21,7 +21,7 @@ function send(message, { chatId = state.chatId } = {}) {
   el.setAttribute("aria-busy", "true");
   scrollToBottom();
   beginStream(chatId, el, 0, "");
-  state.streaming.sent = { message, question, chatId };
+  state.streaming.sent = { message, question, chatId, regenerating };
   showStatus("");
   const body = { bot_id: botId, message, ...(chatId ? { chat_id: chatId } : {}) };
   read("POST", "api/v1/chat/stream", body);
@@ -285,6 +285,8 @@ function finish(s, remark) {
   showStatus("");
   announce(remark ? `Answer ${endingNote(remark).toLowerCase()}` : "Answer complete");
   loadChats().catch(() => {});
+  // A regenerated answer's earlier versions are in storage: show its ‹ 2 / 2 ›.
+  if (s.sent?.regenerating) syncOpenChat();
 }
 
 function fail(s, message, retryable, code) {
@@ -296,7 +298,7 @@ function fail(s, message, retryable, code) {
   showStatus(message, true, retryable !== false);
   // The answer may have gone on (or ended otherwise) where this page could not follow it: show
   // what is stored as soon as storage can be read.
-  if (!code) syncOpenChat();
+  if (!code || s.sent?.regenerating) syncOpenChat();
 }
 
 // Exponential backoff with full jitter, then resume from the last event seen. Offline, the page

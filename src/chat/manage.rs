@@ -4,7 +4,9 @@
 use super::control::StopCause;
 use super::{ChatError, ChatPage, ChatService, MESSAGE_PAGE_BYTES};
 use crate::auth::UserId;
-use crate::store::{ChatCursor, ChatRecord, MessageRecord, SearchHit, SearchTerms, StoreError};
+use crate::store::{
+    AnswerVersion, ChatCursor, ChatRecord, MessageRecord, SearchHit, SearchTerms, StoreError,
+};
 
 /// The longest title a chat may be given, in characters.
 pub const MAX_TITLE_CHARS: usize = 200;
@@ -27,6 +29,8 @@ pub enum PagePosition {
 pub struct MessagePage {
     pub chat: ChatRecord,
     pub messages: Vec<MessageRecord>,
+    /// Earlier versions of the page's answers, by place (`seq`), oldest first.
+    pub versions: Vec<AnswerVersion>,
     /// The `seq` to read on after (`PagePosition::After`) when later messages exist.
     pub newer: Option<i64>,
     /// The `seq` to read back from (`PagePosition::Before`) when earlier messages exist.
@@ -80,9 +84,11 @@ impl ChatService {
         let before = match position {
             PagePosition::After(after) => {
                 let (messages, newer, older) = self.messages_after(chat_id, after, limit).await?;
+                let versions = self.versions_of(chat_id, &messages).await?;
                 return Ok(MessagePage {
                     chat,
                     messages,
+                    versions,
                     newer,
                     older,
                 });
@@ -116,9 +122,25 @@ impl ChatService {
         Ok(MessagePage {
             older: older.then(|| messages.first().map(|m| m.seq)).flatten(),
             newer: before.map(|seq| messages.last().map_or(seq - 1, |m| m.seq)),
+            versions: self.versions_of(chat_id, &messages).await?,
             chat,
             messages,
         })
+    }
+
+    /// The earlier versions of the page's answers.
+    async fn versions_of(
+        &self,
+        chat_id: &str,
+        messages: &[MessageRecord],
+    ) -> Result<Vec<AnswerVersion>, ChatError> {
+        match (messages.first(), messages.last()) {
+            (Some(first), Some(last)) => Ok(self
+                .store
+                .answer_versions(chat_id, first.seq, last.seq)
+                .await?),
+            _ => Ok(Vec::new()),
+        }
     }
 
     async fn messages_after(
@@ -218,16 +240,18 @@ impl ChatService {
     }
 
     /// Removes a message of the caller's chat and everything after it, so that the turn can be
-    /// asked again: edited, or its answer regenerated. Refused while an answer streams.
+    /// asked again: edited, or its answer regenerated (`keep_answer`: the answer stays as an
+    /// earlier version of the next one). Refused while an answer streams.
     pub async fn rewind_chat(
         &self,
         user: &UserId,
         chat_id: &str,
         message_id: &str,
+        keep_answer: bool,
     ) -> Result<(), ChatError> {
         match self
             .store
-            .rewind_chat(chat_id, user.as_str(), message_id)
+            .rewind_chat(chat_id, user.as_str(), message_id, keep_answer)
             .await
         {
             Ok(()) => Ok(()),

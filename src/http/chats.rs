@@ -1,6 +1,8 @@
 //! The caller's chats: list (newest activity first, keyset-paginated), search, read (a page at
 //! a time, forwards or backwards), rename, rewind, delete.
 
+use std::collections::HashMap;
+
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
@@ -14,7 +16,7 @@ use super::AppState;
 use super::extract::{AuthUser, ChatIdParam, JsonBody, MessageParams, parse_query};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::chat::PagePosition;
-use crate::store::{ChatCursor, ChatRecord, MessageRecord};
+use crate::store::{AnswerVersion, ChatCursor, ChatRecord, MessageRecord};
 
 const DEFAULT_PAGE: u32 = 20;
 const MAX_PAGE: u32 = 100;
@@ -81,6 +83,32 @@ pub(super) struct MessageView {
     error_code: Option<String>,
     usage: Option<UsageView>,
     created_at: String,
+    /// Answers only, when it was regenerated: the answers it replaced, oldest first. The
+    /// message itself is the newest version, the one the chat goes on from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    versions: Vec<VersionView>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct VersionView {
+    id: String,
+    content: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<String>,
+    created_at: String,
+}
+
+impl From<AnswerVersion> for VersionView {
+    fn from(v: AnswerVersion) -> Self {
+        Self {
+            id: v.id,
+            content: v.content,
+            status: v.status.as_str(),
+            error_code: v.error_code,
+            created_at: rfc3339(v.created_at_ms),
+        }
+    }
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -103,8 +131,30 @@ impl From<MessageRecord> for MessageView {
                 output_tokens: u.output_tokens,
             }),
             created_at: rfc3339(m.created_at_ms),
+            versions: Vec::new(),
         }
     }
+}
+
+/// The page's messages, each answer with its earlier versions.
+fn message_views(messages: Vec<MessageRecord>, versions: Vec<AnswerVersion>) -> Vec<MessageView> {
+    let mut by_place: HashMap<i64, Vec<VersionView>> = HashMap::new();
+    for version in versions {
+        by_place
+            .entry(version.seq)
+            .or_default()
+            .push(VersionView::from(version));
+    }
+    messages
+        .into_iter()
+        .map(|m| {
+            let earlier = by_place.remove(&m.seq).unwrap_or_default();
+            MessageView {
+                versions: earlier,
+                ..MessageView::from(m)
+            }
+        })
+        .collect()
 }
 
 #[utoipa::path(get, path = "/api/v1/chats", tag = "chats",
@@ -183,7 +233,7 @@ pub async fn list_messages(
     let page = state.chat.messages(&user, &chat_id, position, limit).await?;
     Ok(Json(MessageList {
         chat_id: page.chat.id,
-        messages: page.messages.into_iter().map(MessageView::from).collect(),
+        messages: message_views(page.messages, page.versions),
         next_cursor: page.newer.map(encode_seq),
         prev_cursor: page.older.map(encode_seq),
     }))
@@ -331,8 +381,18 @@ pub async fn update_chat(
     Ok(Json(ChatView::from(chat)))
 }
 
+#[derive(Debug, Deserialize)]
+struct RewindQuery {
+    #[serde(default)]
+    keep_answer: bool,
+}
+
 #[utoipa::path(delete, path = "/api/v1/chats/{chat_id}/messages/{message_id}", tag = "chats",
-    params(("chat_id" = String, Path), ("message_id" = String, Path)),
+    params(
+        ("chat_id" = String, Path),
+        ("message_id" = String, Path),
+        ("keep_answer" = Option<bool>, Query, description = "When the message is a question: keep its answer as an earlier version of the next answer in its place (regenerate). Default false: every version from that place on goes too."),
+    ),
     responses(
         (status = 204, description = "The message and every later one removed: the turn can be asked again (edit, regenerate)"),
         (status = 401, description = "No valid token", body = ErrorBody),
@@ -345,10 +405,17 @@ pub async fn rewind_chat(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     params: MessageParams,
+    RawQuery(query): RawQuery,
 ) -> Result<StatusCode, ApiError> {
+    let query: RewindQuery = parse_query(query.as_deref())?;
     state
         .chat
-        .rewind_chat(&user, &params.chat_id, &params.message_id)
+        .rewind_chat(
+            &user,
+            &params.chat_id,
+            &params.message_id,
+            query.keep_answer,
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

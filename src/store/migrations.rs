@@ -41,6 +41,11 @@ pub(super) const SQLITE: Embedded = &[
         "search",
         include_str!("../../migrations/sqlite/0005_search.sql"),
     ),
+    (
+        6,
+        "answer versions",
+        include_str!("../../migrations/sqlite/0006_answer_versions.sql"),
+    ),
 ];
 
 pub(super) const POSTGRES: Embedded = &[
@@ -58,6 +63,11 @@ pub(super) const POSTGRES: Embedded = &[
         3,
         "search",
         include_str!("../../migrations/postgres/0003_search.sql"),
+    ),
+    (
+        4,
+        "answer versions",
+        include_str!("../../migrations/postgres/0004_answer_versions.sql"),
     ),
 ];
 

@@ -120,6 +120,21 @@ impl Replay {
     }
 }
 
+/// An answer that a regenerated one replaced, kept to be looked at again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnswerVersion {
+    pub id: String,
+    /// The place in the chat it held, which the current answer holds now.
+    pub seq: i64,
+    pub content: String,
+    pub status: MessageStatus,
+    pub error_code: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// Earlier versions kept per answer: a regenerated answer past this many drops its oldest.
+pub const MAX_ANSWER_VERSIONS: i64 = 9;
+
 /// What one user may store: checked when a turn begins, in the same transaction that writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StorageQuota {
@@ -363,14 +378,27 @@ pub trait ChatStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Removes a message of a chat of `user_id` and every later one, so that a turn can be asked
-    /// again (edited, or its answer regenerated). `ChatNotFound`, `MessageNotFound`, or
-    /// `ChatBusy` while an answer in the chat is streaming (nothing is removed then).
+    /// again (edited, or its answer regenerated). With `keep_answer`, when the message is a
+    /// question, its answer is kept as an earlier version of the next answer in its place (at
+    /// most [`MAX_ANSWER_VERSIONS`] are kept, the newest); every other version from the removed
+    /// places goes. `ChatNotFound`, `MessageNotFound`, or `ChatBusy` while an answer in the chat
+    /// is streaming (nothing is removed then).
     async fn rewind_chat(
         &self,
         chat_id: &str,
         user_id: &str,
         message_id: &str,
+        keep_answer: bool,
     ) -> Result<(), StoreError>;
+
+    /// The earlier versions of the answers at places `from_seq..=to_seq` of a chat, by place,
+    /// oldest first.
+    async fn answer_versions(
+        &self,
+        chat_id: &str,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> Result<Vec<AnswerVersion>, StoreError>;
 
     /// Marks answers left `streaming` by a process that died as `interrupted`, with the text
     /// they had saved. Only safe where one process owns the database: without shared state

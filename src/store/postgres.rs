@@ -20,10 +20,10 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::rows::{as_bigint, postgres_reads as reads};
+use super::rows::{DROP_VERSIONS, KEEP_ANSWER, TRIM_VERSIONS, as_bigint, postgres_reads as reads};
 use super::search;
 use super::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn, SearchHit, SearchTerms,
+    AnswerVersion, BegunTurn, MAX_ANSWER_VERSIONS, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn, SearchHit, SearchTerms,
     PartialAnswer, QuotaKind, RESERVED_EVENT_IDS, StoreError, migrations, now_ms, title_from,
 };
 use crate::config::DatabaseConfig;
@@ -392,9 +392,24 @@ impl ChatStore for PostgresStore {
         chat_id: &str,
         user_id: &str,
         message_id: &str,
+        keep_answer: bool,
     ) -> Result<(), StoreError> {
-        self.retrying(|pool| async move { rewind(&pool, chat_id, user_id, message_id).await })
-            .await
+        self.retrying(|pool| async move {
+            rewind(&pool, chat_id, user_id, message_id, keep_answer).await
+        })
+        .await
+    }
+
+    async fn answer_versions(
+        &self,
+        chat_id: &str,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> Result<Vec<AnswerVersion>, StoreError> {
+        self.retrying(|pool| async move {
+            reads::answer_versions(&pool, unavailable, chat_id, from_seq, to_seq).await
+        })
+        .await
     }
 
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
@@ -437,6 +452,7 @@ async fn rewind(
     chat_id: &str,
     user_id: &str,
     message_id: &str,
+    keep_answer: bool,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(unavailable)?;
     let owned = sqlx::query("SELECT 1 FROM chats WHERE id = $1 AND user_id = $2 FOR UPDATE")
@@ -461,6 +477,28 @@ async fn rewind(
     if busy {
         return Err(StoreError::ChatBusy);
     }
+    let now = now_ms();
+    if keep_answer {
+        let place = seq + 1;
+        let steps = [
+            sqlx::query(DROP_VERSIONS).bind(chat_id).bind(place + 1),
+            sqlx::query(KEEP_ANSWER).bind(chat_id).bind(place).bind(now),
+            sqlx::query(TRIM_VERSIONS)
+                .bind(chat_id)
+                .bind(place)
+                .bind(MAX_ANSWER_VERSIONS),
+        ];
+        for step in steps {
+            step.execute(&mut *tx).await.map_err(unavailable)?;
+        }
+    } else {
+        sqlx::query(DROP_VERSIONS)
+            .bind(chat_id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+    }
     sqlx::query("DELETE FROM messages WHERE chat_id = $1 AND seq >= $2")
         .bind(chat_id)
         .bind(seq)
@@ -469,7 +507,7 @@ async fn rewind(
         .map_err(unavailable)?;
     sqlx::query("UPDATE chats SET updated_at = $2 WHERE id = $1")
         .bind(chat_id)
-        .bind(now_ms())
+        .bind(now)
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;

@@ -5,7 +5,9 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 
-use super::{ChatRecord, MessageRecord, MessageStatus, Replay, Role, StoreError, TokenUsage};
+use super::{
+    AnswerVersion, ChatRecord, MessageRecord, MessageStatus, Replay, Role, StoreError, TokenUsage,
+};
 
 /// The chat columns every chat query selects, in this order.
 pub(super) const CHAT_COLUMNS: &str =
@@ -27,6 +29,20 @@ pub(super) const CHAT_HISTORY: &str = "SELECT c.id AS c_id, c.user_id AS c_user_
     FROM chats c LEFT JOIN messages m ON m.chat_id = c.id \
     AND m.seq > (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE chat_id = $1) - $3 \
     WHERE c.id = $1 AND c.user_id = $2 ORDER BY m.seq";
+
+/// A rewind from place `$2` on removes the versions kept there.
+pub(super) const DROP_VERSIONS: &str =
+    "DELETE FROM answer_versions WHERE chat_id = $1 AND seq >= $2";
+/// The answer at place `$2` (after a question) becomes an earlier version, replaced at `$3`.
+pub(super) const KEEP_ANSWER: &str = "INSERT INTO answer_versions \
+    (id, chat_id, seq, content, status, error_code, created_at, replaced_at) \
+    SELECT a.id, a.chat_id, a.seq, a.content, a.status, a.error_code, a.created_at, $3 \
+    FROM messages a JOIN messages q ON q.chat_id = a.chat_id AND q.seq = a.seq - 1 \
+    WHERE a.chat_id = $1 AND a.seq = $2 AND a.role = 'assistant' AND q.role = 'user'";
+/// Of the versions at place `$2`, only the newest `$3` stay.
+pub(super) const TRIM_VERSIONS: &str = "DELETE FROM answer_versions \
+    WHERE chat_id = $1 AND seq = $2 AND id NOT IN (SELECT id FROM answer_versions \
+    WHERE chat_id = $1 AND seq = $2 ORDER BY replaced_at DESC, id DESC LIMIT $3)";
 
 /// The rows of [`CHAT_HISTORY`] as the chat and its messages.
 pub(super) fn chat_history_from<R: Columns>(
@@ -94,6 +110,17 @@ pub(super) fn chat_from(row: &impl Columns, prefix: &str) -> Result<ChatRecord, 
     })
 }
 
+pub(super) fn version_from(row: &impl Columns) -> Result<AnswerVersion, StoreError> {
+    Ok(AnswerVersion {
+        id: row.text("id")?,
+        seq: row.int("seq")?,
+        content: row.text("content")?,
+        status: MessageStatus::parse(&row.text("status")?)?,
+        error_code: row.opt_text("error_code")?,
+        created_at_ms: row.int("created_at")?,
+    })
+}
+
 pub(super) fn message_from(row: &impl Columns) -> Result<MessageRecord, StoreError> {
     let usage = match (row.opt_int("input_tokens")?, row.opt_int("output_tokens")?) {
         (None, None) => None,
@@ -147,8 +174,9 @@ macro_rules! reads_for {
     ($pool:ty) => {
         use $crate::store::rows::{
             CHAT_COLUMNS, CHAT_HISTORY, MESSAGE_COLUMNS, chat_from, chat_history_from, message_from,
+            version_from,
         };
-        use $crate::store::{ChatCursor, ChatRecord, MessageRecord, StoreError};
+        use $crate::store::{AnswerVersion, ChatCursor, ChatRecord, MessageRecord, StoreError};
 
         type Failed = fn(sqlx::Error) -> StoreError;
 
@@ -253,6 +281,27 @@ macro_rules! reads_for {
                 .collect::<Result<Vec<_>, _>>()?;
             messages.reverse();
             Ok(messages)
+        }
+
+        pub async fn answer_versions(
+            pool: &$pool,
+            failed: Failed,
+            chat_id: &str,
+            from_seq: i64,
+            to_seq: i64,
+        ) -> Result<Vec<AnswerVersion>, StoreError> {
+            let rows = sqlx::query(
+                "SELECT id, seq, content, status, error_code, created_at FROM answer_versions \
+                 WHERE chat_id = $1 AND seq >= $2 AND seq <= $3 \
+                 ORDER BY seq, replaced_at, id",
+            )
+            .bind(chat_id)
+            .bind(from_seq)
+            .bind(to_seq)
+            .fetch_all(pool)
+            .await
+            .map_err(failed)?;
+            rows.iter().map(version_from).collect()
         }
 
         pub async fn message_seq(

@@ -381,3 +381,58 @@ async fn the_limits_endpoint_tells_what_a_turn_is_checked_against() {
         .await;
     assert_eq!(response.status(), 400);
 }
+
+#[tokio::test]
+async fn a_regenerated_answer_lists_the_answers_it_replaced() {
+    let app = spawn_app().await;
+    let first = app
+        .chat("alice", json!({"bot_id": BOT, "message": "pick a number"}))
+        .await;
+    let chat_id = first[0].json()["chat_id"].as_str().unwrap().to_owned();
+    for (n, tokens) in [["seven"], ["eleven"]].iter().enumerate() {
+        let messages = app.settled_messages("alice", &chat_id).await;
+        let question = messages[0]["id"].as_str().unwrap();
+        let response = app
+            .client
+            .delete(app.url(&format!(
+                "/api/v1/chats/{chat_id}/messages/{question}?keep_answer=true"
+            )))
+            .bearer_auth(app.token("alice"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204, "regeneration {n}");
+        app.fake.push(Script::tokens(tokens));
+        app.chat(
+            "alice",
+            json!({"bot_id": BOT, "message": "pick a number", "chat_id": chat_id}),
+        )
+        .await;
+    }
+    let messages = app.settled_messages("alice", &chat_id).await;
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[1]["content"], "eleven");
+    let versions: Vec<&str> = messages[1]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["Hello, world!", "seven"]);
+    assert!(messages[0].get("versions").is_none(), "questions have none");
+    assert_eq!(messages[1]["versions"][0]["status"], "complete");
+    // The model was asked the question once each time, with no earlier answer in its history.
+    let last = app.fake.requests().pop().unwrap();
+    assert!(!last.body.to_string().contains("seven"), "{}", last.body);
+
+    let response = app
+        .client
+        .delete(app.url(&format!(
+            "/api/v1/chats/{chat_id}/messages/x?keep_answer=maybe"
+        )))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}

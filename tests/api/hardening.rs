@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use mangoo::store::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
+    AnswerVersion, BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
     PartialAnswer, SearchHit, SearchTerms, SqliteStore, StoreError,
 };
 use reqwest::Method;
@@ -310,8 +310,19 @@ impl ChatStore for PanickingStore {
         chat_id: &str,
         user_id: &str,
         message: &str,
+        keep_answer: bool,
     ) -> Result<(), StoreError> {
-        self.inner.rewind_chat(chat_id, user_id, message).await
+        self.inner
+            .rewind_chat(chat_id, user_id, message, keep_answer)
+            .await
+    }
+    async fn answer_versions(
+        &self,
+        chat_id: &str,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> Result<Vec<AnswerVersion>, StoreError> {
+        self.inner.answer_versions(chat_id, from_seq, to_seq).await
     }
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
         self.inner.recover_abandoned_turns().await

@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 
 use super::rows::sqlite_reads as reads;
 use super::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
+    AnswerVersion, BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
     PartialAnswer, SearchHit, SearchTerms, StoreError, migrations, search,
 };
 use writer::Writer;
@@ -162,12 +162,24 @@ impl ChatStore for SqliteStore {
         chat_id: &str,
         user_id: &str,
         message_id: &str,
+        keep_answer: bool,
     ) -> Result<(), StoreError> {
         let (chat_id, user_id) = (chat_id.to_owned(), user_id.to_owned());
         let message_id = message_id.to_owned();
         self.writer
-            .write(move |conn| writer::rewind_chat(conn, &chat_id, &user_id, &message_id))
+            .write(move |conn| {
+                writer::rewind_chat(conn, &chat_id, &user_id, &message_id, keep_answer)
+            })
             .await
+    }
+
+    async fn answer_versions(
+        &self,
+        chat_id: &str,
+        from_seq: i64,
+        to_seq: i64,
+    ) -> Result<Vec<AnswerVersion>, StoreError> {
+        reads::answer_versions(&self.pool, StoreError::from, chat_id, from_seq, to_seq).await
     }
 
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {

@@ -18,9 +18,10 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::store::rows::{DROP_VERSIONS, KEEP_ANSWER, TRIM_VERSIONS};
 use crate::store::{
-    BegunTurn, FinishedTurn, NewTurn, PartialAnswer, QuotaKind, RESERVED_EVENT_IDS, StoreError,
-    now_ms, title_from,
+    BegunTurn, FinishedTurn, MAX_ANSWER_VERSIONS, NewTurn, PartialAnswer, QuotaKind,
+    RESERVED_EVENT_IDS, StoreError, now_ms, title_from,
 };
 
 /// Writes waiting for the writer; senders wait when it is full.
@@ -368,6 +369,7 @@ pub(super) fn rewind_chat(
     chat_id: &str,
     user_id: &str,
     message_id: &str,
+    keep_answer: bool,
 ) -> Result<(), StoreError> {
     let owned = conn
         .prepare_cached("SELECT 1 FROM chats WHERE id = ?1 AND user_id = ?2")?
@@ -386,10 +388,24 @@ pub(super) fn rewind_chat(
     if busy {
         return Err(StoreError::ChatBusy);
     }
+    let now = now_ms();
+    // The statements are PostgreSQL's too; `?N` binds by number here whatever the order.
+    let sql = |shared: &str| shared.replace('$', "?");
+    if keep_answer {
+        conn.prepare_cached(&sql(DROP_VERSIONS))?
+            .execute(params![chat_id, seq + 2])?;
+        conn.prepare_cached(&sql(KEEP_ANSWER))?
+            .execute(params![chat_id, seq + 1, now])?;
+        conn.prepare_cached(&sql(TRIM_VERSIONS))?
+            .execute(params![chat_id, seq + 1, MAX_ANSWER_VERSIONS])?;
+    } else {
+        conn.prepare_cached(&sql(DROP_VERSIONS))?
+            .execute(params![chat_id, seq])?;
+    }
     conn.prepare_cached("DELETE FROM messages WHERE chat_id = ?1 AND seq >= ?2")?
         .execute(params![chat_id, seq])?;
     conn.prepare_cached("UPDATE chats SET updated_at = ?2 WHERE id = ?1")?
-        .execute(params![chat_id, now_ms()])?;
+        .execute(params![chat_id, now])?;
     Ok(())
 }
 
