@@ -7,11 +7,13 @@ const MESSAGE_PAGE = 60;
 const NEAR_BOTTOM_PX = 48;
 /** A user message taller than this is folded behind "Show more". */
 const FOLD_PX = 320;
+const SYNC_RETRY_MS = 15_000;
 
 const chatView = {
   older: null, // `prev_cursor` of the oldest page shown
   loadingOlder: false,
   syncing: false,
+  retrySync: 0, // the timer of syncWhenReachable
 };
 
 // ---- Opening a chat -------------------------------------------------------------------------
@@ -315,15 +317,15 @@ function showsStored(el, message) {
  */
 async function syncOpenChat() {
   const chatId = state.chatId;
-  if (!chatId || state.streaming || chatView.syncing || !state.token) return;
+  if (!chatId || state.streaming || chatView.syncing || !state.token) return true;
   chatView.syncing = true;
   try {
     const page = await api("GET", chatPath(chatId, `/messages?before=latest&limit=${MESSAGE_PAGE}`));
-    if (state.chatId !== chatId || state.streaming) return;
+    if (state.chatId !== chatId || state.streaming) return true;
     const shown = [...$("messages").children].slice(-page.messages.length);
     const same = shown.length === page.messages.length &&
       shown.every((el, i) => showsStored(el, page.messages[i]));
-    if (same) return;
+    if (same) return true;
     const reading = !state.stickToBottom;
     const scrollTop = $("scroller").scrollTop;
     showPage(page);
@@ -332,11 +334,25 @@ async function syncOpenChat() {
       onScroll();
     }
     loadChats().catch(() => {});
+    return true;
   } catch (e) {
     if (e instanceof SignInError) showSignIn(e.message);
-    // Otherwise still unreachable: the next focus or `online` tries again.
+    return e instanceof SignInError;
   } finally {
     chatView.syncing = false;
+  }
+}
+
+/**
+ * After a stream the page gave up on: reads the stored answer now, and again every
+ * SYNC_RETRY_MS until storage can be read (the network may still be away, with the browser
+ * none the wiser), unless another chat is opened meanwhile.
+ */
+async function syncWhenReachable() {
+  clearTimeout(chatView.retrySync);
+  const chatId = state.chatId;
+  if (!(await syncOpenChat()) && state.chatId === chatId) {
+    chatView.retrySync = setTimeout(syncWhenReachable, SYNC_RETRY_MS);
   }
 }
 

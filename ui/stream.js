@@ -181,7 +181,7 @@ function nothingRunning(s) {
     return refused(s, 0, { error: "the connection was lost before the server took the message" });
   }
   finish(s, null);
-  syncOpenChat();
+  syncWhenReachable();
 }
 
 /** A response that is not a stream: a refused message, or a resume the server turned down. */
@@ -298,7 +298,7 @@ function fail(s, message, retryable, code) {
   showStatus(message, true, retryable !== false);
   // The answer may have gone on (or ended otherwise) where this page could not follow it: show
   // what is stored as soon as storage can be read.
-  if (!code || s.sent?.regenerating) syncOpenChat();
+  if (!code || s.sent?.regenerating) syncWhenReachable();
 }
 
 // Exponential backoff with full jitter, then resume from the last event seen. Offline, the page
