@@ -628,7 +628,7 @@ test("both themes meet WCAG AA contrast; the toggle overrides the system and is 
     "body", "#chat-title", "#new-chat", "#send", "#chat-list .title", "#chat-list .when",
     "#composer-hint", "#message-input", ".msg.user .body", ".msg.assistant .body",
     ".code-lang", ".copy-code", ".hljs-keyword", ".hljs-string", ".hljs-title", "#sign-out",
-    "#settings summary",
+    "#settings summary", "#chat-list li.group", "#chat-search",
   ];
   for (const scheme of ["light", "dark"]) {
     await page.evaluate(() => localStorage.removeItem("mangoo.theme"));

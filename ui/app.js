@@ -169,6 +169,13 @@ function draftKey(chatId = state.chatId) {
   return `mangoo.draft.${state.user}.${chatId || "new"}`;
 }
 
+/** Signing out on purpose takes this user's drafts off the device too. */
+function clearDrafts() {
+  for (const key of Object.keys(localStorage)) {
+    if (key.startsWith(`mangoo.draft.${state.user}.`)) localStorage.removeItem(key);
+  }
+}
+
 function hasDrafts() {
   return Object.keys(localStorage).some((key) => key.startsWith(`mangoo.draft.${state.user}.`));
 }
@@ -355,7 +362,10 @@ $("signin-form").addEventListener("submit", (e) => {
 window.addEventListener("hashchange", () => {
   if (takeTokenFromUrl()) start();
 });
-$("sign-out").addEventListener("click", () => showSignIn(null));
+$("sign-out").addEventListener("click", () => {
+  clearDrafts();
+  showSignIn(null);
+});
 $("new-chat").addEventListener("click", newChat);
 $("api-base").addEventListener("change", (e) => {
   localStorage.setItem("mangoo.apiBase", e.target.value.trim());

@@ -276,6 +276,7 @@ async function undoDelete(chatId) {
 async function commitDelete(chatId, { keepalive = false } = {}) {
   if (!chatList.pendingDeletes.has(chatId)) return;
   forgetPendingDelete(chatId);
+  localStorage.removeItem(draftKey(chatId));
   try {
     await api("DELETE", chatPath(chatId), null, { keepalive });
   } catch (e) {
