@@ -37,7 +37,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&admin)
             .await?;
-        let url = format!("{}/{name}", base.rsplit_once('/').map_or(&*base, |(b, _)| b));
+        let url = format!(
+            "{}/{name}",
+            base.rsplit_once('/').map_or(&*base, |(b, _)| b)
+        );
         let result = run("PostgreSQL", &url, users, chats, turns).await;
         sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
             .execute(&admin)
@@ -62,7 +65,13 @@ async fn run(
     let started = Instant::now();
     for user in 0..users {
         for chat in 0..chats {
-            write_chat(&store, &format!("u{user}"), &format!("c{user}-{chat}"), turns).await?;
+            write_chat(
+                &store,
+                &format!("u{user}"),
+                &format!("c{user}-{chat}"),
+                turns,
+            )
+            .await?;
         }
     }
     write_chat(&store, "u0", "long", 500).await?;
@@ -72,9 +81,11 @@ async fn run(
         started.elapsed().as_secs_f64()
     );
 
-    time("newest 60 messages of a 1,000-message chat", 200, || async {
-        store.messages_before("long", None, 61).await.map(drop)
-    })
+    time(
+        "newest 60 messages of a 1,000-message chat",
+        200,
+        || async { store.messages_before("long", None, 61).await.map(drop) },
+    )
     .await?;
     time("60 messages before the middle of it", 200, || async {
         store.messages_before("long", Some(500), 61).await.map(drop)
@@ -87,9 +98,11 @@ async fn run(
     for query in ["lisbon", "tram budget", "gard", "nomatchatall"] {
         let terms = SearchTerms::parse(query).expect("words");
         let hits = store.search_chats("u1", &terms, 31, None).await?.len();
-        time(&format!("search \"{query}\" ({hits} chats)"), 100, || async {
-            store.search_chats("u1", &terms, 31, None).await.map(drop)
-        })
+        time(
+            &format!("search \"{query}\" ({hits} chats)"),
+            100,
+            || async { store.search_chats("u1", &terms, 31, None).await.map(drop) },
+        )
         .await?;
     }
     store.close().await;

@@ -39,8 +39,8 @@ use crate::stream_log::{
     AnswerSignals, Audience, Claim, ClaimError, EventLog, LogError, StopOutcome,
 };
 pub use control::StopCause;
-pub use manage::{MAX_SEARCH_CHARS, MAX_TITLE_CHARS, MessagePage, PagePosition, SearchPage};
 use control::{ActiveAnswer, ActiveAnswers};
+pub use manage::{MAX_SEARCH_CHARS, MAX_TITLE_CHARS, MessagePage, PagePosition, SearchPage};
 
 /// The events a client receives: a new answer, or the rest of one it reconnects to.
 pub type EventStream = BoxStream<'static, StreamEvent>;

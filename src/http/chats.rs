@@ -14,8 +14,8 @@ use time::format_description::well_known::Rfc3339;
 
 use super::AppState;
 use super::extract::{AuthUser, ChatIdParam, JsonBody, MessageParams, parse_query};
-use crate::http::error::{ApiError, ErrorBody};
 use crate::chat::PagePosition;
+use crate::http::error::{ApiError, ErrorBody};
 use crate::store::{AnswerVersion, ChatCursor, ChatRecord, MessageRecord};
 
 const DEFAULT_PAGE: u32 = 20;
@@ -230,7 +230,10 @@ pub async fn list_messages(
             Err(_) => PagePosition::BeforeMessage(before),
         },
     };
-    let page = state.chat.messages(&user, &chat_id, position, limit).await?;
+    let page = state
+        .chat
+        .messages(&user, &chat_id, position, limit)
+        .await?;
     Ok(Json(MessageList {
         chat_id: page.chat.id,
         messages: message_views(page.messages, page.versions),

@@ -23,8 +23,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use super::rows::{DROP_VERSIONS, KEEP_ANSWER, TRIM_VERSIONS, as_bigint, postgres_reads as reads};
 use super::search;
 use super::{
-    AnswerVersion, BegunTurn, MAX_ANSWER_VERSIONS, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn, SearchHit, SearchTerms,
-    PartialAnswer, QuotaKind, RESERVED_EVENT_IDS, StoreError, migrations, now_ms, title_from,
+    AnswerVersion, BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MAX_ANSWER_VERSIONS,
+    MessageRecord, NewTurn, PartialAnswer, QuotaKind, RESERVED_EVENT_IDS, SearchHit, SearchTerms,
+    StoreError, migrations, now_ms, title_from,
 };
 use crate::config::DatabaseConfig;
 

@@ -173,8 +173,8 @@ fn replay_from(row: &impl Columns) -> Result<Option<Replay>, StoreError> {
 macro_rules! reads_for {
     ($pool:ty) => {
         use $crate::store::rows::{
-            CHAT_COLUMNS, CHAT_HISTORY, MESSAGE_COLUMNS, chat_from, chat_history_from, message_from,
-            version_from,
+            CHAT_COLUMNS, CHAT_HISTORY, MESSAGE_COLUMNS, chat_from, chat_history_from,
+            message_from, version_from,
         };
         use $crate::store::{AnswerVersion, ChatCursor, ChatRecord, MessageRecord, StoreError};
 

@@ -51,8 +51,16 @@ impl SearchTerms {
     pub fn snippet(&self, text: &str) -> String {
         const BEFORE: usize = 30;
         const TOTAL: usize = 140;
-        let flat: Vec<char> = text.split_whitespace().collect::<Vec<_>>().join(" ").chars().collect();
-        let lower: Vec<char> = flat.iter().map(|c| c.to_lowercase().next().unwrap_or(*c)).collect();
+        let flat: Vec<char> = text
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .collect();
+        let lower: Vec<char> = flat
+            .iter()
+            .map(|c| c.to_lowercase().next().unwrap_or(*c))
+            .collect();
         let found = self
             .0
             .iter()
@@ -75,9 +83,8 @@ impl SearchTerms {
 /// Where `term` starts a word of `text` (both lower-cased), in characters.
 fn find_word_start(text: &[char], term: &str) -> Option<usize> {
     let term: Vec<char> = term.chars().collect();
-    (0..text.len().saturating_sub(term.len() - 1)).find(|&at| {
-        (at == 0 || !text[at - 1].is_alphanumeric()) && text[at..].starts_with(&term)
-    })
+    (0..text.len().saturating_sub(term.len() - 1))
+        .find(|&at| (at == 0 || !text[at - 1].is_alphanumeric()) && text[at..].starts_with(&term))
 }
 
 /// A chat that matched, with its latest matching message when a message (not only the title)
@@ -188,7 +195,10 @@ mod tests {
     #[test]
     fn a_query_is_its_words_and_nothing_a_query_language_could_read() {
         let terms = SearchTerms::parse("  Rust's \"borrow\" NEAR(checker) -x* ").unwrap();
-        assert_eq!(terms.terms(), ["rust", "s", "borrow", "near", "checker", "x"]);
+        assert_eq!(
+            terms.terms(),
+            ["rust", "s", "borrow", "near", "checker", "x"]
+        );
         assert_eq!(
             terms.fts5_query(),
             "\"rust\"* \"s\"* \"borrow\"* \"near\"* \"checker\"* \"x\"*"
@@ -198,16 +208,25 @@ mod tests {
             "'café':* & '42':*"
         );
         assert_eq!(SearchTerms::parse(" ?! - "), None);
-        assert_eq!(SearchTerms::parse(&"w ".repeat(20)).unwrap().terms().len(), 8);
+        assert_eq!(
+            SearchTerms::parse(&"w ".repeat(20)).unwrap().terms().len(),
+            8
+        );
     }
 
     #[test]
     fn a_snippet_shows_the_first_match_in_context() {
         let terms = SearchTerms::parse("lisbon").unwrap();
-        let text = format!("{} Three days in Lisbon:\n\nfirst the tram", "word ".repeat(40));
+        let text = format!(
+            "{} Three days in Lisbon:\n\nfirst the tram",
+            "word ".repeat(40)
+        );
         let snippet = terms.snippet(&text);
         assert!(snippet.starts_with('…'), "{snippet}");
-        assert!(snippet.contains("Three days in Lisbon: first the tram"), "{snippet}");
+        assert!(
+            snippet.contains("Three days in Lisbon: first the tram"),
+            "{snippet}"
+        );
         assert_eq!(terms.snippet("short Lisbon"), "short Lisbon");
         // Not inside a word: "unlisbon" is no match, so the line starts at the text's start.
         assert_eq!(terms.snippet("unlisbon x"), "unlisbon x");

@@ -1,6 +1,7 @@
-//! The web chat page end to end in a real headless Chromium: `e2e/chat.test.mjs` (node's test
-//! runner + playwright-core) drives the page served by a real Mangoo, through a proxy that can
-//! cut connections, against the test upstream, which the script controls over HTTP.
+//! The web chat page end to end in a real headless Chromium: `e2e/chat.test.mjs` and
+//! `e2e/daily.test.mjs` (node's test runner + playwright-core, one after the other) drive the
+//! page served by a real Mangoo, through a proxy that can cut connections, against the test
+//! upstream, which the scripts control over HTTP.
 //!
 //! Two servers: the main one with the default disconnect policy (cancel after a 30 s grace
 //! period, long enough for any reload to come back), and one whose grace is 1 s, for the test
@@ -63,7 +64,7 @@ async fn the_chat_page_works_in_a_real_browser() {
     if let Ok(only) = std::env::var("E2E_ONLY") {
         args.push(format!("--test-name-pattern=printed link|{only}"));
     }
-    args.push("chat.test.mjs".to_owned());
+    args.extend(["chat.test.mjs".to_owned(), "daily.test.mjs".to_owned()]);
     let output = Command::new("node")
         .args(&args)
         .current_dir(root.join("e2e"))
@@ -94,6 +95,9 @@ async fn the_chat_page_works_in_a_real_browser() {
     if std::env::var_os("E2E_ONLY").is_some() {
         return;
     }
+    // One test of each file passed: both ran.
+    assert!(report.contains("✔ a 105-turn chat"), "{report}");
+    assert!(report.contains("✔ the printed link signs in"), "{report}");
     assert!(artifacts.join("2-streaming.png").is_file());
     for shot in ["desktop-light", "desktop-dark", "phone-light", "phone-dark"] {
         let path = root.join(format!("docs/screenshots/{shot}.png"));

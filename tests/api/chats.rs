@@ -306,18 +306,26 @@ async fn a_long_chat_reads_backwards_from_its_newest_messages() {
         .get_json("alice", &format!("{path}?before={id}&limit=1"))
         .await;
     assert_eq!(texts(&page)[0], forwards[7]);
-    let (_, page) = app.get_json("alice", &format!("{path}?before=&limit=1")).await;
+    let (_, page) = app
+        .get_json("alice", &format!("{path}?before=&limit=1"))
+        .await;
     assert_eq!(texts(&page), [forwards[11].clone()]);
 
     let (status, body) = app
         .get_json("alice", &format!("{path}?before=msg-nope"))
         .await;
-    assert_eq!((status, body["code"].as_str()), (404, Some("message_not_found")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("message_not_found"))
+    );
     let cursor = newest["prev_cursor"].as_str().unwrap();
     let (status, body) = app
         .get_json("alice", &format!("{path}?before=latest&cursor={cursor}"))
         .await;
-    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
     let (status, _) = app
         .get_json("mallory", &format!("{path}?before=latest"))
         .await;

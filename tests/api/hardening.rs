@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use mangoo::store::{
-    AnswerVersion, BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
-    PartialAnswer, SearchHit, SearchTerms, SqliteStore, StoreError,
+    AnswerVersion, BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord,
+    NewTurn, PartialAnswer, SearchHit, SearchTerms, SqliteStore, StoreError,
 };
 use reqwest::Method;
 use serde_json::{Value, json};

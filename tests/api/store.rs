@@ -206,11 +206,16 @@ async fn a_rewound_chat_loses_the_turn_and_what_follows_and_takes_a_new_one(back
         Err(StoreError::ChatNotFound)
     ));
     assert!(matches!(
-        store.rewind_chat("r", "alice", "user-elsewhere", false).await,
+        store
+            .rewind_chat("r", "alice", "user-elsewhere", false)
+            .await,
         Err(StoreError::MessageNotFound)
     ));
 
-    store.rewind_chat("r", "alice", "user-r-2", false).await.unwrap();
+    store
+        .rewind_chat("r", "alice", "user-r-2", false)
+        .await
+        .unwrap();
     let left = store.list_messages("r", None, 10).await.unwrap();
     let ids: Vec<&str> = left.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["user-r-1", "answer-r-1"]);
@@ -504,8 +509,17 @@ async fn message_pages_run_backwards_from_the_newest_or_from_a_message(backend: 
         Some(older[7].seq)
     );
     assert_eq!(store.message_seq("b", "answer-x-4").await.unwrap(), None);
-    assert_eq!(store.message_seq("other", "answer-b-4").await.unwrap(), None);
-    assert!(store.messages_before("b", Some(1), 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.message_seq("other", "answer-b-4").await.unwrap(),
+        None
+    );
+    assert!(
+        store
+            .messages_before("b", Some(1), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 fn terms(query: &str) -> SearchTerms {
@@ -593,11 +607,19 @@ async fn search_follows_renames_rewinds_and_deletes_and_pages_by_recency(backend
     let ids: Vec<&str> = rest.iter().map(|h| h.chat.id.as_str()).collect();
     assert_eq!(ids, ["c3", "c2", "c1"]);
 
-    assert!(store.rename_chat("c2", "alice", "Budget for March").await.unwrap());
+    assert!(
+        store
+            .rename_chat("c2", "alice", "Budget for March")
+            .await
+            .unwrap()
+    );
     assert_eq!(found(&store, "alice", "budget").await, ["c2"]);
     // Every word in one place: the title, or one message.
     assert!(found(&store, "alice", "question budget").await.is_empty());
-    store.rewind_chat("c3", "alice", "user-c3-1", false).await.unwrap();
+    store
+        .rewind_chat("c3", "alice", "user-c3-1", false)
+        .await
+        .unwrap();
     assert!(store.delete_chat("c4", "alice").await.unwrap());
     assert_eq!(found(&store, "alice", "answer").await, ["c5", "c2", "c1"]);
 }
@@ -780,7 +802,10 @@ async fn a_regenerated_answer_keeps_the_ones_it_replaced_until_its_place_is_rewo
     // Regenerate turn 2 three times: ask again after a rewind that keeps the answer.
     for (n, answer) in [(3, "second try"), (4, "third try"), (5, "fourth try")] {
         let question = format!("user-v-{}", n - 1);
-        store.rewind_chat("v", "alice", &question, true).await.unwrap();
+        store
+            .rewind_chat("v", "alice", &question, true)
+            .await
+            .unwrap();
         let mut again = turn("v", "alice", false, n);
         again.message = "question 2".into();
         store.begin_turn(&again).await.unwrap();
@@ -790,19 +815,37 @@ async fn a_regenerated_answer_keeps_the_ones_it_replaced_until_its_place_is_rewo
     }
     let messages = store.list_messages("v", None, 100).await.unwrap();
     let texts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-    assert_eq!(texts, ["question 1", "answer 1", "question 2", "fourth try"]);
+    assert_eq!(
+        texts,
+        ["question 1", "answer 1", "question 2", "fourth try"]
+    );
     let versions = store.answer_versions("v", 1, 4).await.unwrap();
-    let earlier: Vec<(&str, i64)> = versions.iter().map(|v| (v.content.as_str(), v.seq)).collect();
-    assert_eq!(earlier, [("answer 2", 4), ("second try", 4), ("third try", 4)]);
+    let earlier: Vec<(&str, i64)> = versions
+        .iter()
+        .map(|v| (v.content.as_str(), v.seq))
+        .collect();
+    assert_eq!(
+        earlier,
+        [("answer 2", 4), ("second try", 4), ("third try", 4)]
+    );
     assert_eq!(versions[0].id, "answer-v-2");
     assert_eq!(versions[0].status, MessageStatus::Complete);
     assert!(store.answer_versions("v", 1, 3).await.unwrap().is_empty());
 
     // Only the newest are kept.
     for n in 6..20 {
-        store.rewind_chat("v", "alice", &format!("user-v-{}", n - 1), true).await.unwrap();
-        store.begin_turn(&turn("v", "alice", false, n)).await.unwrap();
-        store.finish_turn(finished("v", n, 10 * n as i64)).await.unwrap();
+        store
+            .rewind_chat("v", "alice", &format!("user-v-{}", n - 1), true)
+            .await
+            .unwrap();
+        store
+            .begin_turn(&turn("v", "alice", false, n))
+            .await
+            .unwrap();
+        store
+            .finish_turn(finished("v", n, 10 * n as i64))
+            .await
+            .unwrap();
     }
     let versions = store.answer_versions("v", 4, 4).await.unwrap();
     assert_eq!(versions.len() as i64, mangoo::store::MAX_ANSWER_VERSIONS);
@@ -810,10 +853,16 @@ async fn a_regenerated_answer_keeps_the_ones_it_replaced_until_its_place_is_rewo
 
     // An edit (a rewind that keeps nothing) takes that place's versions with it; deleting the
     // chat takes the rest.
-    store.rewind_chat("v", "alice", "user-v-19", false).await.unwrap();
+    store
+        .rewind_chat("v", "alice", "user-v-19", false)
+        .await
+        .unwrap();
     assert!(store.answer_versions("v", 0, 100).await.unwrap().is_empty());
     chat_of(&store, "w", "alice", 1).await;
-    store.rewind_chat("w", "alice", "user-w-1", true).await.unwrap();
+    store
+        .rewind_chat("w", "alice", "user-w-1", true)
+        .await
+        .unwrap();
     assert_eq!(store.answer_versions("w", 0, 100).await.unwrap().len(), 1);
     assert!(store.delete_chat("w", "alice").await.unwrap());
     assert!(store.answer_versions("w", 0, 100).await.unwrap().is_empty());

@@ -15,8 +15,8 @@ use sqlx::sqlite::{
 
 use super::rows::sqlite_reads as reads;
 use super::{
-    AnswerVersion, BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord, NewTurn,
-    PartialAnswer, SearchHit, SearchTerms, StoreError, migrations, search,
+    AnswerVersion, BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MessageRecord,
+    NewTurn, PartialAnswer, SearchHit, SearchTerms, StoreError, migrations, search,
 };
 use writer::Writer;
 

@@ -396,8 +396,11 @@ pub(super) fn rewind_chat(
             .execute(params![chat_id, seq + 2])?;
         conn.prepare_cached(&sql(KEEP_ANSWER))?
             .execute(params![chat_id, seq + 1, now])?;
-        conn.prepare_cached(&sql(TRIM_VERSIONS))?
-            .execute(params![chat_id, seq + 1, MAX_ANSWER_VERSIONS])?;
+        conn.prepare_cached(&sql(TRIM_VERSIONS))?.execute(params![
+            chat_id,
+            seq + 1,
+            MAX_ANSWER_VERSIONS
+        ])?;
     } else {
         conn.prepare_cached(&sql(DROP_VERSIONS))?
             .execute(params![chat_id, seq])?;
