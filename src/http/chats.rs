@@ -28,6 +28,7 @@ const MAX_MESSAGE_PAGE: u32 = 1000;
 struct ListQuery {
     limit: Option<u32>,
     cursor: Option<String>,
+    q: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -46,6 +47,12 @@ pub(super) struct ChatView {
     created_at: String,
     updated_at: String,
     last_event_id: i64,
+    /// Listed with `?q=`: a line around the match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snippet: Option<String>,
+    /// Listed with `?q=`: the chat's latest matching message (none when only the title matched).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    matched_message_id: Option<String>,
 }
 
 impl From<ChatRecord> for ChatView {
@@ -58,6 +65,8 @@ impl From<ChatRecord> for ChatView {
             created_at: rfc3339(chat.created_at_ms),
             updated_at: rfc3339(chat.updated_at_ms),
             last_event_id: chat.last_event_id,
+            snippet: None,
+            matched_message_id: None,
         }
     }
 }
@@ -161,10 +170,11 @@ fn message_views(messages: Vec<MessageRecord>, versions: Vec<AnswerVersion>) -> 
     params(
         ("limit" = Option<u32>, Query, description = "1 to 100, default 20"),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("q" = Option<String>, Query, description = "Only the chats that match these words, as `/api/v1/chats/search` finds them (each with `snippet` and `matched_message_id`)"),
     ),
     responses(
         (status = 200, description = "The caller's chats, most recently active first", body = ChatList),
-        (status = 400, description = "Bad limit or cursor", body = ErrorBody),
+        (status = 400, description = "Bad limit or cursor, or a `q` with no word", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "Rate limited", body = ErrorBody),
     ),
@@ -177,6 +187,18 @@ pub async fn list_chats(
     let query: ListQuery = parse_query(query.as_deref())?;
     let limit = page_size(query.limit, DEFAULT_PAGE, MAX_PAGE)?;
     let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    if let Some(words) = &query.q {
+        let (_, results, next_cursor) = search(&state, &user, words, limit, cursor).await?;
+        let chats = results
+            .into_iter()
+            .map(|r| ChatView {
+                snippet: Some(r.snippet),
+                matched_message_id: r.message_id,
+                ..r.chat
+            })
+            .collect();
+        return Ok(Json(ChatList { chats, next_cursor }));
+    }
     let page = state.chat.list_chats(&user, limit, cursor.as_ref()).await?;
     Ok(Json(ChatList {
         chats: page.chats.into_iter().map(ChatView::from).collect(),
@@ -288,9 +310,25 @@ pub async fn search_chats(
     let query: SearchQuery = parse_query(query.as_deref())?;
     let limit = page_size(query.limit, DEFAULT_PAGE, MAX_PAGE)?;
     let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let (terms, results, next_cursor) = search(&state, &user, &query.q, limit, cursor).await?;
+    Ok(Json(SearchResults {
+        terms,
+        results,
+        next_cursor,
+    }))
+}
+
+/// A page of the caller's chats matching `words`: the terms, the results, the next cursor.
+async fn search(
+    state: &AppState,
+    user: &crate::auth::UserId,
+    words: &str,
+    limit: u32,
+    cursor: Option<ChatCursor>,
+) -> Result<(Vec<String>, Vec<SearchResult>, Option<String>), ApiError> {
     let page = state
         .chat
-        .search_chats(&user, &query.q, limit, cursor.as_ref())
+        .search_chats(user, words, limit, cursor.as_ref())
         .await?;
     let results = page
         .hits
@@ -303,11 +341,8 @@ pub async fn search_chats(
             chat: ChatView::from(hit.chat),
         })
         .collect();
-    Ok(Json(SearchResults {
-        terms: page.terms.terms().to_vec(),
-        results,
-        next_cursor: page.next.as_ref().map(encode_cursor),
-    }))
+    let next_cursor = page.next.as_ref().map(encode_cursor);
+    Ok((page.terms.terms().to_vec(), results, next_cursor))
 }
 
 fn page_size(asked: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {

@@ -368,6 +368,17 @@ async fn search_finds_the_callers_chats_by_title_and_text_and_pages() {
     assert!(rest["next_cursor"].is_null());
     assert!(!format!("{page}{rest}").contains("bob"));
 
+    // The chat list takes the same words, in its own shape.
+    let (status, listed) = app.get_json("alice", "/api/v1/chats?q=lisb&limit=5").await;
+    assert_eq!(status, 200);
+    let chats = listed["chats"].as_array().unwrap();
+    assert_eq!(chats.len(), 3);
+    assert_eq!(chats[0]["title"], "packing list 2 for Lisbon");
+    assert_eq!(chats[0]["snippet"], "packing list 2 for Lisbon");
+    assert!(chats[0]["matched_message_id"].is_string());
+    let (_, plain) = app.get_json("alice", "/api/v1/chats").await;
+    assert!(plain["chats"][0].get("snippet").is_none());
+
     for bad in ["", "q=", "q=%20%3F!", &format!("q={}", "a".repeat(201))] {
         let (status, body) = app
             .get_json("alice", &format!("/api/v1/chats/search?{bad}"))
