@@ -357,6 +357,7 @@ test("copy an answer, edit and resend the last message, regenerate it and page i
   await versions.locator("button[aria-label='Previous version']").click();
   assert.equal(await answerText(), "Edited answer.");
   assert.equal(await lastAnswer().locator(".version-count").innerText(), "1 / 2");
+  await page.screenshot({ path: `${ARTIFACTS}/versions.png` });
   await lastAnswer().locator(".action-copy").click();
   assert.equal(await page.evaluate(() => navigator.clipboard.readText()), "Edited answer.");
   await lastAnswer().locator("button[aria-label='Next version']").click();

@@ -11,6 +11,7 @@ import {
   session,
   env,
   APP_URL,
+  ARTIFACTS,
   TOKEN,
   control,
   upstreamCalls,
@@ -101,6 +102,7 @@ test("150 chats: the list pages on scroll, groups by day, and search finds title
   const listed = () => page.locator("#chat-list li[data-chat-id]").count();
   assert.ok((await listed()) < 150, "the first page only");
   assert.deepEqual(await page.locator("#chat-list li.group").allInnerTexts(), ["TODAY"]);
+  await page.screenshot({ path: `${ARTIFACTS}/daily-list.png` });
   while (await page.locator("#chat-list-more").isVisible()) {
     const count = await listed();
     await page.locator("#chat-list-nav").evaluate((nav) => nav.scrollTo(0, nav.scrollHeight));
@@ -122,6 +124,7 @@ test("150 chats: the list pages on scroll, groups by day, and search finds title
   assert.equal(await results.count(), 1);
   assert.equal(await results.locator(".title").innerText(), "Chat 42 of many.");
   assert.equal(await results.locator("mark").innerText(), "zebra42");
+  await page.screenshot({ path: `${ARTIFACTS}/daily-search.png` });
   // Prefixes of words, every word required; results page on scroll too.
   await page.fill("#chat-search", "many zebr");
   await page.waitForFunction(() => document.querySelectorAll("#search-results li[data-chat-id]").length >= 30);
@@ -165,6 +168,7 @@ test("a session that expires: Send shows the sign-in, keeps the message, and sen
   await p.waitForSelector("#signin:not([hidden])");
   assert.match(await p.locator("#signin-error").innerText(), /session has expired/);
   assert.equal(await p.locator("#signin-kept").isVisible(), true);
+  await p.screenshot({ path: `${ARTIFACTS}/daily-expired.png` });
 
   // A fresh link in the same tab signs in again; the message is back in the box, unsent.
   await p.goto(`${APP_URL}#token=${TOKEN}`);
@@ -222,6 +226,7 @@ test("a refused 40,000-character message stays in the box; the counter shows the
   assert.equal(await page.locator("#char-count").isVisible(), true);
   assert.match(await page.locator("#char-count").innerText(), /40,000 \/ 32,768 characters: 7,232 too many/);
   assert.equal(await page.locator("#send").isDisabled(), true);
+  await page.screenshot({ path: `${ARTIFACTS}/daily-counter.png` });
   await page.press("#message-input", "Enter");
   assert.match(await page.locator("#status").innerText(), /32,768 characters/);
   assert.equal((await page.inputValue("#message-input")).length, 40_000);
@@ -290,6 +295,7 @@ test("a 10,000-character message folds behind Show more", async () => {
   const bubble = page.locator("#messages li.user").last();
   const folded = (await bubble.locator(".body").boundingBox()).height;
   assert.ok(folded < 400, `folded: ${folded}px`);
+  await page.screenshot({ path: `${ARTIFACTS}/daily-folded.png` });
   await bubble.locator("button.fold").click();
   assert.equal(await bubble.locator("button.fold").innerText(), "Show less");
   const open = (await bubble.locator(".body").boundingBox()).height;

@@ -329,6 +329,7 @@ async function syncOpenChat() {
     const reading = !state.stickToBottom;
     const scrollTop = $("scroller").scrollTop;
     showPage(page);
+    showStatus(""); // what went wrong before is what storage now shows
     if (reading) {
       $("scroller").scrollTop = scrollTop;
       onScroll();
