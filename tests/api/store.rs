@@ -622,6 +622,18 @@ async fn search_follows_renames_rewinds_and_deletes_and_pages_by_recency(backend
         .unwrap();
     assert!(store.delete_chat("c4", "alice").await.unwrap());
     assert_eq!(found(&store, "alice", "answer").await, ["c5", "c2", "c1"]);
+
+    // The newest messages deleted, their row ids are taken again: the index forgot the old
+    // words, so the new chat matches only its own.
+    assert!(store.delete_chat("c5", "alice").await.unwrap());
+    let mut fresh = turn("c7", "alice", true, 1);
+    fresh.message = "fresh start".into();
+    store.begin_turn(&fresh).await.unwrap();
+    let mut reply = finished("c7", 1, 2);
+    reply.content = "brand new".into();
+    store.finish_turn(reply).await.unwrap();
+    assert_eq!(found(&store, "alice", "answer").await, ["c2", "c1"]);
+    assert_eq!(found(&store, "alice", "brand").await, ["c7"]);
 }
 
 async fn an_answer_is_concluded_once_and_the_first_conclusion_stands(backend: Backend) {
