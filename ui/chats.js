@@ -33,8 +33,8 @@ async function loadChats() {
   } else {
     // Chats beyond the first page stay where they were, without the ones that moved up.
     const ids = new Set(first.map((c) => c.chat_id));
-    const oldest = first[first.length - 1].updated_at;
-    const rest = state.chats.filter((c) => !ids.has(c.chat_id) && c.updated_at <= oldest);
+    const oldest = Date.parse(first[first.length - 1].updated_at);
+    const rest = state.chats.filter((c) => !ids.has(c.chat_id) && Date.parse(c.updated_at) <= oldest);
     state.chats = [...first, ...rest];
     if (!page.next_cursor) chatList.next = null;
     else if (!rest.length) chatList.next = page.next_cursor;
