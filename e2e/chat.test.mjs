@@ -32,6 +32,7 @@ import {
   waitIdle,
   apiGet,
   stored,
+  settled,
   currentChatId,
   send,
 } from "./support.mjs";
@@ -209,7 +210,7 @@ test("nobody back within the grace period: the answer is cancelled upstream, the
 
   assert.equal(await upstreamOutcome(0, controlUrl), "cancelled");
   const { chats } = await apiGet("api/v1/chats", token, base);
-  const messages = await stored(chats[0].chat_id, token, base);
+  const messages = await settled(chats[0].chat_id, token, base);
   assert.equal(messages[1].status, "interrupted");
   assert.equal(messages[1].content, "Cut");
 

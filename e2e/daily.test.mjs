@@ -24,6 +24,7 @@ import {
   waitIdle,
   apiGet,
   stored,
+  settled,
   currentChatId,
   send,
   mint,
@@ -155,15 +156,15 @@ test("150 chats: the list pages on scroll, groups by day, and search finds title
 test("a session that expires: Send shows the sign-in, keeps the message, and sends it after", async () => {
   const leeway = Number(env.JWT_LEEWAY_SECS);
   const now = Math.floor(Date.now() / 1000);
-  // Valid for the server for 3 more seconds (its leeway included).
-  const soon = mint({ sub: "alice", exp: now - leeway + 3 });
+  // Valid for the server for 6 more seconds (its leeway included): time to sign in.
+  const soon = mint({ sub: "alice", exp: now - leeway + 6 });
   const p = await newPage(undefined, /status of 401/);
   await p.goto(`${APP_URL}#token=${soon}`);
   await p.waitForSelector("#app:not([hidden])");
   await p.click("#new-chat");
   const draft = "Written while the session ran out";
   await p.fill("#message-input", draft);
-  await p.waitForFunction((deadline) => Date.now() > deadline, (now + 4) * 1000, { polling: 250 });
+  await p.waitForFunction((deadline) => Date.now() > deadline, (now + 7) * 1000, { polling: 250 });
   await p.click("#send");
   await p.waitForSelector("#signin:not([hidden])");
   assert.match(await p.locator("#signin-error").innerText(), /session has expired/);
@@ -207,7 +208,7 @@ test("offline past the grace period: back online, the page shows the stored answ
   await control("release", { n: 6 }, controlUrl); // generated with nobody listening
   assert.equal(await upstreamOutcome(call, controlUrl), "cancelled"); // the grace period passed
   const chatId = await currentChatId(p);
-  const answer = (await stored(chatId, token, base))[1];
+  const answer = (await settled(chatId, token, base))[1];
   assert.equal(answer.status, "interrupted");
   assert.ok(answer.content.length > shownBefore.length, `${answer.content} > ${shownBefore}`);
 

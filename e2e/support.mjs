@@ -71,6 +71,14 @@ export const waitIdle = (p = session.page) => p.waitForSelector("#send:not([hidd
 export const apiGet = async (path, token = TOKEN, base = APP_URL) =>
   (await session.page.request.get(new URL(path, base).href, { headers: { Authorization: `Bearer ${token}` } })).json();
 export const stored = async (chatId, token, base) => (await apiGet(`api/v1/chats/${chatId}/messages`, token, base)).messages;
+/** The chat's messages once none is streaming any more (an answer being concluded). */
+export async function settled(chatId, token, base) {
+  for (let tries = 0; ; tries++) {
+    const messages = await stored(chatId, token, base);
+    if (!messages.some((m) => m.status === "streaming") || tries === 100) return messages;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
 export const currentChatId = (p = session.page) => p.evaluate(() => document.querySelector("#chat-list li.current")?.dataset.chatId);
 
 /** Sends `message` in a new chat. */
