@@ -25,13 +25,13 @@ fi
 # scripts/chaos.sh reuse these very artifacts instead of building the dependencies twice.
 cargo test --release --locked --all-targets --no-run
 "$CARGO_TARGET_DIR/release/mangoo" model fetch
-echo "== the proxies the tests run (Debian haproxy and nginx-light)"
-if ! command -v haproxy >/dev/null || [ ! -x /usr/sbin/nginx ]; then
+echo "== the proxies the tests run (Debian haproxy and nginx-light), and ss (iproute2)"
+if ! command -v haproxy >/dev/null || [ ! -x /usr/sbin/nginx ] || ! command -v ss >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light iproute2 >/dev/null
   else
-    echo "haproxy or nginx is missing: install Debian's haproxy and nginx-light packages" >&2
+    echo "haproxy, nginx or ss is missing: install Debian's haproxy, nginx-light and iproute2" >&2
     exit 1
   fi
 fi

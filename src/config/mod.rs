@@ -115,6 +115,10 @@ pub struct ServerConfig {
     pub max_connections_per_address: usize,
     /// A connection with no request in flight (an open stream counts) is closed after this.
     pub idle_timeout_secs: u64,
+    /// Connections the kernel may queue before they are accepted: a burst of clients connecting
+    /// at once waits here instead of retrying its SYN (a second later). Linux caps it at
+    /// `net.core.somaxconn`.
+    pub listen_backlog: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +145,7 @@ impl Default for ServerConfig {
             // Longer than load balancers' own idle timeout (60 s on ALB), so it is always the
             // balancer that closes a pooled connection, never Mangoo under a request in transit.
             idle_timeout_secs: 75,
+            listen_backlog: 4096,
         }
     }
 }

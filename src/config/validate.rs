@@ -21,6 +21,9 @@ impl Config {
         if self.server.max_message_chars == 0 {
             return Err(invalid("server.max_message_chars", "must be at least 1"));
         }
+        if self.server.listen_backlog == 0 {
+            return Err(invalid("server.listen_backlog", "must be at least 1"));
+        }
         self.validate_limits()?;
         self.auth.validate()?;
         for (i, origin) in self.cors.allowed_origins.iter().enumerate() {

@@ -205,8 +205,7 @@ impl Application {
             None => None,
         };
         let addr = config.server.bind_addr()?;
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = listen(addr, config.server.listen_backlog)
             .map_err(|source| StartupError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()
@@ -510,6 +509,19 @@ fn app_state(
         metrics_token: config.metrics.bearer_token.clone(),
         metrics,
     }
+}
+
+/// The main listener, with room in its accept queue for a burst of connections (tokio's `bind`
+/// asks for 1,024). SO_REUSEADDR as `bind` sets it: a restart does not wait out TIME_WAIT.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, StartupError> {

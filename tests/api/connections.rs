@@ -118,3 +118,29 @@ async fn an_idle_keep_alive_connection_is_closed_but_a_quiet_stream_is_not() {
     assert_eq!(super::helpers::answer_text(&events), "slow answer");
     assert_eq!(events.last().unwrap().event, "done");
 }
+
+/// The kernel's accept queue of the main listener is as long as `server.listen_backlog` asks
+/// (`ss` shows a listening socket's backlog as its Send-Q).
+#[tokio::test]
+async fn the_listener_queues_as_many_connections_as_configured() {
+    for backlog in [77u32, 4096] {
+        let app = spawn_app_with(|c| c.server.listen_backlog = backlog).await;
+        let output = tokio::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{}", app.addr.port())])
+            .output()
+            .await
+            .expect("ss runs (iproute2; scripts/test.sh installs it)");
+        let line = String::from_utf8_lossy(&output.stdout).to_string();
+        let send_q: u32 = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a listening socket in: {line}"));
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(send_q, backlog.min(somaxconn), "{line}");
+    }
+}
