@@ -217,7 +217,14 @@ function returnToComposer(message) {
 // ---- Limits ---------------------------------------------------------------------------------
 
 async function loadLimits() {
-  state.limits = await api("GET", "api/v1/limits");
+  try {
+    state.limits = await api("GET", "api/v1/limits");
+  } catch (e) {
+    // A Mangoo from before the limits endpoint (Settings → API base URL): no counter, the
+    // server's refusal still keeps the text.
+    if (e instanceof SignInError) throw e;
+    state.limits = { max_message_chars: null };
+  }
 }
 
 /** The server counts characters (code points), as `[...text]` does. */
