@@ -58,15 +58,7 @@ impl ChatService {
             .store
             .list_chats(user.as_str(), limit + 1, cursor)
             .await?;
-        let next = if chats.len() > limit as usize {
-            chats.truncate(limit as usize);
-            chats.last().map(|c| ChatCursor {
-                updated_at_ms: c.updated_at_ms,
-                id: c.id.clone(),
-            })
-        } else {
-            None
-        };
+        let next = cut_page(&mut chats, limit, |chat| chat);
         Ok(ChatPage { chats, next })
     }
 
@@ -81,50 +73,24 @@ impl ChatService {
         limit: u32,
     ) -> Result<MessagePage, ChatError> {
         let chat = self.owned_chat(user, chat_id).await?;
-        let before = match position {
-            PagePosition::After(after) => {
-                let (messages, newer, older) = self.messages_after(chat_id, after, limit).await?;
-                let versions = self.versions_of(chat_id, &messages).await?;
-                return Ok(MessagePage {
-                    chat,
-                    messages,
-                    versions,
-                    newer,
-                    older,
-                });
-            }
-            PagePosition::Before(before) => before,
-            PagePosition::BeforeMessage(message_id) => Some(
-                self.store
+        let (messages, newer, older) = match position {
+            PagePosition::After(after) => self.messages_after(chat_id, after, limit).await?,
+            PagePosition::Before(before) => self.messages_before(chat_id, before, limit).await?,
+            PagePosition::BeforeMessage(message_id) => {
+                let seq = self
+                    .store
                     .message_seq(chat_id, &message_id)
                     .await?
-                    .ok_or(ChatError::MessageNotFound)?,
-            ),
+                    .ok_or(ChatError::MessageNotFound)?;
+                self.messages_before(chat_id, Some(seq), limit).await?
+            }
         };
-        let mut messages = self
-            .store
-            .messages_before(chat_id, before, limit + 1)
-            .await?;
-        let mut older = messages.len() > limit as usize;
-        if older {
-            messages.remove(0);
-        }
-        // Past the byte budget, keep the newest: they are the ones asked for.
-        let mut bytes = 0;
-        if let Some(cut) = messages.iter().rev().position(|m| {
-            bytes += m.content.len();
-            bytes > MESSAGE_PAGE_BYTES
-        }) {
-            let keep = cut.max(1);
-            older |= keep < messages.len();
-            messages.drain(..messages.len() - keep);
-        }
         Ok(MessagePage {
-            older: older.then(|| messages.first().map(|m| m.seq)).flatten(),
-            newer: before.map(|seq| messages.last().map_or(seq - 1, |m| m.seq)),
             versions: self.versions_of(chat_id, &messages).await?,
             chat,
             messages,
+            newer,
+            older,
         })
     }
 
@@ -152,17 +118,38 @@ impl ChatService {
         let mut messages = self.store.list_messages(chat_id, after, limit + 1).await?;
         let mut more = messages.len() > limit as usize;
         messages.truncate(limit as usize);
-        let mut bytes = 0;
-        if let Some(cut) = messages.iter().position(|m| {
-            bytes += m.content.len();
-            bytes > MESSAGE_PAGE_BYTES
-        }) {
-            let keep = cut.max(1);
+        if let Some(keep) = within_page_bytes(messages.iter()) {
             more |= keep < messages.len();
             messages.truncate(keep);
         }
         let newer = more.then(|| messages.last().map(|m| m.seq)).flatten();
         let older = after.map(|seq| messages.first().map_or(seq + 1, |m| m.seq));
+        Ok((messages, newer, older))
+    }
+
+    /// The last messages before `before` (the newest when `None`), with where the pages after
+    /// and before them start.
+    async fn messages_before(
+        &self,
+        chat_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(Vec<MessageRecord>, Option<i64>, Option<i64>), ChatError> {
+        let mut messages = self
+            .store
+            .messages_before(chat_id, before, limit + 1)
+            .await?;
+        let mut more = messages.len() > limit as usize;
+        if more {
+            messages.remove(0);
+        }
+        // Past the byte budget, keep the newest: they are the ones asked for.
+        if let Some(keep) = within_page_bytes(messages.iter().rev()) {
+            more |= keep < messages.len();
+            messages.drain(..messages.len() - keep);
+        }
+        let newer = before.map(|seq| messages.last().map_or(seq - 1, |m| m.seq));
+        let older = more.then(|| messages.first().map(|m| m.seq)).flatten();
         Ok((messages, newer, older))
     }
 
@@ -189,15 +176,7 @@ impl ChatService {
             .store
             .search_chats(user.as_str(), &terms, limit + 1, cursor)
             .await?;
-        let next = if hits.len() > limit as usize {
-            hits.truncate(limit as usize);
-            hits.last().map(|hit| ChatCursor {
-                updated_at_ms: hit.chat.updated_at_ms,
-                id: hit.chat.id.clone(),
-            })
-        } else {
-            None
-        };
+        let next = cut_page(&mut hits, limit, |hit| &hit.chat);
         Ok(SearchPage { terms, hits, next })
     }
 
@@ -261,4 +240,30 @@ impl ChatService {
             Err(other) => Err(ChatError::Store(other)),
         }
     }
+}
+
+/// Past `limit`, drops the extra item fetched to tell whether another page exists, and says
+/// where that page starts (after the last chat kept).
+fn cut_page<T>(
+    items: &mut Vec<T>,
+    limit: u32,
+    chat_of: impl Fn(&T) -> &ChatRecord,
+) -> Option<ChatCursor> {
+    if items.len() <= limit as usize {
+        return None;
+    }
+    items.truncate(limit as usize);
+    items.last().map(|item| ChatCursor::after(chat_of(item)))
+}
+
+/// How many of `messages`, in the order given, fit in [`MESSAGE_PAGE_BYTES`] of text (at least
+/// one); `None` when they all do.
+fn within_page_bytes<'a>(mut messages: impl Iterator<Item = &'a MessageRecord>) -> Option<usize> {
+    let mut bytes = 0;
+    messages
+        .position(|m| {
+            bytes += m.content.len();
+            bytes > MESSAGE_PAGE_BYTES
+        })
+        .map(|cut| cut.max(1))
 }

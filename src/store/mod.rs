@@ -252,6 +252,22 @@ pub struct ChatCursor {
     pub id: String,
 }
 
+impl ChatCursor {
+    /// The position after `chat` in a list ordered by last activity.
+    pub fn after(chat: &ChatRecord) -> Self {
+        Self {
+            updated_at_ms: chat.updated_at_ms,
+            id: chat.id.clone(),
+        }
+    }
+
+    /// The keyset a query continues after. With no cursor, start past any real row: `i64::MAX`
+    /// sorts after every timestamp.
+    pub(crate) fn keyset(cursor: Option<&ChatCursor>) -> (i64, &str) {
+        cursor.map_or((i64::MAX, ""), |c| (c.updated_at_ms, c.id.as_str()))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("chat not found")]

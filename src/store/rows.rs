@@ -200,11 +200,7 @@ macro_rules! reads_for {
             limit: u32,
             cursor: Option<&ChatCursor>,
         ) -> Result<Vec<ChatRecord>, StoreError> {
-            // With no cursor, start past any real row: i64::MAX sorts after every timestamp.
-            let (after_time, after_id) = match cursor {
-                Some(c) => (c.updated_at_ms, c.id.as_str()),
-                None => (i64::MAX, ""),
-            };
+            let (after_time, after_id) = ChatCursor::keyset(cursor);
             let rows = sqlx::query(&format!(
                 "SELECT {CHAT_COLUMNS} FROM chats WHERE user_id = $1 \
                  AND (updated_at < $2 OR (updated_at = $2 AND id < $3)) \

@@ -104,11 +104,6 @@ fn hit_from(row: &impl Columns) -> Result<SearchHit, StoreError> {
     })
 }
 
-/// With no cursor, start past any real row: `i64::MAX` sorts after every timestamp.
-fn keyset(cursor: Option<&ChatCursor>) -> (i64, &str) {
-    cursor.map_or((i64::MAX, ""), |c| (c.updated_at_ms, c.id.as_str()))
-}
-
 pub(super) async fn search_sqlite(
     pool: &SqlitePool,
     user_id: &str,
@@ -132,7 +127,7 @@ pub(super) async fn search_sqlite(
          ORDER BY c.updated_at DESC, c.id DESC LIMIT $5",
         chat = prefixed_chat_columns()
     );
-    let (after_time, after_id) = keyset(cursor);
+    let (after_time, after_id) = ChatCursor::keyset(cursor);
     let rows = sqlx::query(&sql)
         .bind(terms.fts5_query())
         .bind(user_id)
@@ -169,7 +164,7 @@ pub(super) async fn search_postgres(
          ORDER BY c.updated_at DESC, c.id DESC LIMIT $5",
         chat = prefixed_chat_columns()
     );
-    let (after_time, after_id) = keyset(cursor);
+    let (after_time, after_id) = ChatCursor::keyset(cursor);
     let rows = sqlx::query(&sql)
         .bind(terms.tsquery())
         .bind(user_id)
