@@ -64,10 +64,15 @@ function visibleChats(chats) {
   return chats.filter((c) => !chatList.pendingDeletes.has(c.chat_id));
 }
 
+/** Calendar days between `iso` and today, in local time (0: today). */
+function daysAgo(iso) {
+  return Math.round((new Date().setHours(0, 0, 0, 0) - new Date(iso).setHours(0, 0, 0, 0)) / 86_400_000);
+}
+
 /** Today, Yesterday, Previous 7 days, Previous 30 days, then by month. */
 function dayGroup(iso) {
   const then = new Date(iso);
-  const days = Math.round((new Date().setHours(0, 0, 0, 0) - new Date(iso).setHours(0, 0, 0, 0)) / 86_400_000);
+  const days = daysAgo(iso);
   if (days <= 0) return "Today";
   if (days === 1) return "Yesterday";
   if (days <= 7) return "Previous 7 days";
@@ -77,7 +82,7 @@ function dayGroup(iso) {
 
 function relativeDay(iso) {
   const then = new Date(iso);
-  const days = Math.round((new Date().setHours(0, 0, 0, 0) - new Date(iso).setHours(0, 0, 0, 0)) / 86_400_000);
+  const days = daysAgo(iso);
   const time = then.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
   if (days <= 0) return `Today ${time}`;
   if (days === 1) return `Yesterday ${time}`;

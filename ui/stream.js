@@ -175,10 +175,15 @@ async function read(method, path, body, extraHeaders = {}) {
   if (!ended && state.streaming === s) reconnect(s);
 }
 
+/** The connection went before the server's `start`: the message goes back like a refusal. */
+function lostBeforeTaken(s) {
+  return refused(s, 0, { error: "the connection was lost before the server took the message" });
+}
+
 /** A resume found no answer running: ended already, or the message never reached the server. */
 function nothingRunning(s) {
   if (s.sent && !s.sent.accepted) {
-    return refused(s, 0, { error: "the connection was lost before the server took the message" });
+    return lostBeforeTaken(s);
   }
   finish(s, null);
   syncWhenReachable();
@@ -305,7 +310,7 @@ function fail(s, message, retryable, code) {
 // waits for the network instead of spending its attempts on it.
 function reconnect(s) {
   if (!s.chatId) {
-    if (s.sent && !s.sent.accepted) return refused(s, 0, { error: "the connection was lost before the server took the message" });
+    if (s.sent && !s.sent.accepted) return lostBeforeTaken(s);
     return fail(s, "the connection was lost before the answer started", true);
   }
   if (!navigator.onLine) {
