@@ -24,6 +24,8 @@ pub struct LocalConfig {
     pub model_path: Option<PathBuf>,
     /// Answers decoded at once, each on its own thread.
     pub concurrency: usize,
+    /// Threads one answer's matrix products are split across; 0 means one per core.
+    pub threads: usize,
     /// Answers that may wait for a decoding thread; beyond that, 503 with Retry-After.
     pub queue_size: usize,
     /// Places (decoding or waiting) one user may hold at once.
@@ -38,6 +40,7 @@ impl Default for LocalConfig {
         Self {
             model_path: None,
             concurrency: 1,
+            threads: 0,
             queue_size: 8,
             max_queued_per_user: 2,
             // ~8,000 characters of English: a few seconds of prefill on one core.

@@ -8,7 +8,10 @@
 
 use super::error::ModelError;
 use super::gguf::GgufFile;
-use super::quant::{BLOCK, Matrix, Q8};
+use rayon::prelude::*;
+
+use super::matmul::{Matrix, Q8};
+use super::quant::BLOCK;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -305,26 +308,29 @@ impl Session {
             self.keys[index].extend_from_slice(&qkv[dim..dim + kv_dim]);
             self.values[index].extend_from_slice(&qkv[dim + kv_dim..]);
         }
-        let scale = 1.0 / (hd as f32).sqrt();
-        let group = w.heads / w.kv_heads;
+        let head = HeadShape {
+            dim: hd,
+            kv_dim,
+            group: w.heads / w.kv_heads,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
         let (keys, values) = (&self.keys[index], &self.values[index]);
-        for row in 0..m {
-            let visible = self.len + row + 1;
-            resize(&mut self.scores, visible);
-            for head in 0..w.heads {
-                let q = &self.qkv[row * width + head * hd..row * width + (head + 1) * hd];
-                let kv_offset = (head / group) * hd;
-                for (t, score) in self.scores.iter_mut().enumerate() {
-                    let k = &keys[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
-                    *score = dot(q, k) * scale;
-                }
-                softmax(&mut self.scores);
-                let out = &mut self.attn[row * dim + head * hd..row * dim + (head + 1) * hd];
-                out.fill(0.0);
-                for (t, p) in self.scores.iter().enumerate() {
-                    let v = &values[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
-                    out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
-                }
+        let (qkv, len, heads) = (&self.qkv, self.len, w.heads);
+        // Every (row, head) pair is independent; with a long context they are most of a token's
+        // work outside the products, so they are split across the threads too.
+        let attend = |pair: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+            let (row, h) = (pair / heads, pair % heads);
+            let q = &qkv[row * width + h * hd..row * width + (h + 1) * hd];
+            head.attend(h, q, keys, values, len + row + 1, scores, out);
+        };
+        let attn = &mut self.attn[..m * dim];
+        if rayon::current_num_threads() > 1 && (len + m) * m >= PARALLEL_ATTENTION_MIN {
+            attn.par_chunks_mut(hd)
+                .enumerate()
+                .for_each_init(Vec::new, |scores, (pair, out)| attend(pair, out, scores));
+        } else {
+            for (pair, out) in attn.chunks_mut(hd).enumerate() {
+                attend(pair, out, &mut self.scores);
             }
         }
         project(&mut self.quantized, &layer.out, &self.attn, &mut self.proj);
@@ -361,6 +367,47 @@ impl Session {
     }
 }
 
+/// Below this many (position, row) pairs a layer's attention runs on the calling thread.
+const PARALLEL_ATTENTION_MIN: usize = 256;
+
+/// The sizes one attention head works with.
+struct HeadShape {
+    dim: usize,
+    kv_dim: usize,
+    /// Query heads per key/value head (grouped-query attention).
+    group: usize,
+    scale: f32,
+}
+
+impl HeadShape {
+    /// Query head `h` against the first `visible` cached positions, into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        h: usize,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        visible: usize,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let (hd, kv_dim) = (self.dim, self.kv_dim);
+        let kv_offset = (h / self.group) * hd;
+        resize(scores, visible);
+        for (t, score) in scores.iter_mut().enumerate() {
+            let k = &keys[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
+            *score = dot(q, k) * self.scale;
+        }
+        softmax(scores);
+        out.fill(0.0);
+        for (t, p) in scores.iter().enumerate() {
+            let v = &values[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
+            out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+        }
+    }
+}
+
 /// `out = x · matrixᵀ` for every row of `x`, through `scratch` (the rows quantised).
 fn project(scratch: &mut Q8, matrix: &Matrix, x: &[f32], out: &mut [f32]) {
     scratch.quantize_from(x);
@@ -388,8 +435,23 @@ fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// In eight lanes, so the compiler can keep them in one SIMD register: a plain sum must add in
+/// order, one float at a time, and attention over a long context is mostly these sums.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for lane in 0..8 {
+            lanes[lane] += x[lane] * y[lane];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 fn softmax(values: &mut [f32]) {

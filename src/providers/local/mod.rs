@@ -10,6 +10,7 @@ pub mod error;
 pub mod fetch;
 pub mod gguf;
 pub mod llama;
+pub mod matmul;
 pub mod model;
 pub mod quant;
 pub mod sampling;
@@ -193,6 +194,7 @@ fn start_engine(
     let queue = Arc::new(Mutex::new(queue));
     let path = path.to_owned();
     let workers = settings.concurrency;
+    let pool = Arc::new(matmul_pool(settings.threads)?);
     std::thread::Builder::new()
         .name("mangoo-model-0".into())
         .spawn(move || {
@@ -214,24 +216,40 @@ fn start_engine(
             let model = Arc::new(model);
             for n in 1..workers {
                 let (queue, model, limits) = (queue.clone(), model.clone(), limits.clone());
+                let pool = pool.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("mangoo-model-{n}"))
-                    .spawn(move || work(&queue, &model, &limits));
+                    .spawn(move || work(&queue, &model, &limits, &pool));
                 if let Err(e) = spawned {
                     tracing::error!("could not start local model worker {n}: {e}");
                 }
             }
-            work(&queue, &model, &limits);
+            work(&queue, &model, &limits, &pool);
         })?;
     Ok(jobs)
 }
 
-fn work(queue: &Mutex<std_mpsc::Receiver<Job>>, model: &LocalModel, limits: &WorkerLimits) {
+/// The threads every answer's matrix products are split across (shared by the workers, so
+/// `concurrency` answers at once never run more threads than cores). They end with the engine.
+fn matmul_pool(threads: usize) -> std::io::Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|n| format!("mangoo-matmul-{n}"))
+        .build()
+        .map_err(std::io::Error::other)
+}
+
+fn work(
+    queue: &Mutex<std_mpsc::Receiver<Job>>,
+    model: &LocalModel,
+    limits: &WorkerLimits,
+    pool: &rayon::ThreadPool,
+) {
     let mut session = Session::new(&model.weights);
     // Compute the default system prompt once now, so even the first answer only pays for the
     // user's own words (the session reuses any shared prefix).
     if let Ok(prefix) = model.tokenizer.system_prefix(None)
-        && let Err(e) = session.prefill(&model.weights, &prefix)
+        && let Err(e) = pool.install(|| session.prefill(&model.weights, &prefix))
     {
         tracing::warn!("could not warm the local model: {e}");
     }
@@ -243,7 +261,8 @@ fn work(queue: &Mutex<std_mpsc::Receiver<Job>>, model: &LocalModel, limits: &Wor
         if job.events.is_closed() {
             continue; // the client left while the job waited
         }
-        if let Err(err) = answer(model, &mut session, &job, limits) {
+        // Inside the pool, the products of this answer are split across its threads.
+        if let Err(err) = pool.install(|| answer(model, &mut session, &job, limits)) {
             let _ = job.events.blocking_send(Err(err));
         }
     }

@@ -1,15 +1,5 @@
-//! Quantised numbers: reading the block formats GGUF stores weights in, and the one kernel the
-//! forward pass spends its time in — a matrix of 8-bit weights times a batch of activations.
-//!
-//! Weights are kept as Q8_0 (blocks of 32 `i8` sharing one scale): the file's Q4_1 is re-quantised
-//! at load, because an 8-bit integer dot product is what CPUs do fast, and 135M parameters at
-//! 8 bits still fit in ~150 MB. Activations are quantised the same way per matmul, so a block's
-//! dot product is integer arithmetic followed by one multiply by the two scales — llama.cpp's
-//! `Q8_0 × Q8_0`.
-//!
-//! Speed comes from the compiler, not from hand-written intrinsics: the loops are plain Rust over
-//! fixed 32-element blocks, which LLVM turns into SIMD. Built once for the baseline x86-64 (SSE2)
-//! and once for AVX2, chosen at run time — the only `unsafe` in Mangoo is that choice.
+//! Reading the block formats GGUF stores weights in; the products over them, and the formats
+//! weights are kept in while serving, are in [`super::matmul`].
 
 use super::error::ModelError;
 
@@ -122,145 +112,6 @@ fn unpack_nibbles(packed: &[u8], values: &mut [f32], decode: impl Fn(u8) -> f32)
     }
 }
 
-/// Numbers quantised to Q8_0: each block of 32 is `scale × i8`, the scale chosen so the block's
-/// largest magnitude maps to 127. Scales stay `f32` (GGUF stores them as `f16`).
-#[derive(Debug, Clone, Default)]
-pub struct Q8 {
-    pub quants: Vec<i8>,
-    pub scales: Vec<f32>,
-}
-
-impl Q8 {
-    /// Replaces the contents with `values` quantised (`values.len()` a multiple of 32).
-    pub fn quantize_from(&mut self, values: &[f32]) {
-        self.quants.resize(values.len(), 0);
-        self.scales.resize(values.len() / BLOCK, 0.0);
-        for ((block, quants), scale) in values
-            .chunks_exact(BLOCK)
-            .zip(self.quants.chunks_exact_mut(BLOCK))
-            .zip(&mut self.scales)
-        {
-            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            *scale = max / 127.0;
-            let inverse = if max > 0.0 { 127.0 / max } else { 0.0 };
-            for (q, v) in quants.iter_mut().zip(block) {
-                *q = (v * inverse).round() as i8;
-            }
-        }
-    }
-
-    pub fn from_f32(values: &[f32]) -> Self {
-        let mut q = Self::default();
-        q.quantize_from(values);
-        q
-    }
-}
-
-/// A weight matrix, `rows` output features × `cols` inputs, quantised row by row.
-pub struct Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    weights: Q8,
-}
-
-impl Matrix {
-    pub fn from_f32(values: &[f32], rows: usize, cols: usize) -> Result<Self, ModelError> {
-        if values.len() != rows * cols || !cols.is_multiple_of(BLOCK) {
-            return Err(ModelError::Format(format!(
-                "a {rows}×{cols} matrix cannot hold {} values in blocks of {BLOCK}",
-                values.len()
-            )));
-        }
-        Ok(Self {
-            rows,
-            cols,
-            weights: Q8::from_f32(values),
-        })
-    }
-
-    /// One row, decoded (an embedding lookup).
-    pub fn row(&self, index: usize, out: &mut [f32]) {
-        let quants = &self.weights.quants[index * self.cols..(index + 1) * self.cols];
-        let scales =
-            &self.weights.scales[index * self.cols / BLOCK..(index + 1) * self.cols / BLOCK];
-        for ((values, block), scale) in out
-            .chunks_exact_mut(BLOCK)
-            .zip(quants.chunks_exact(BLOCK))
-            .zip(scales)
-        {
-            for (v, q) in values.iter_mut().zip(block) {
-                *v = f32::from(*q) * scale;
-            }
-        }
-    }
-
-    /// `out[m × rows] = x[m × cols] · selfᵀ`, with `x` already quantised by [`Q8::quantize_from`].
-    pub fn apply(&self, x: &Q8, m: usize, out: &mut [f32]) {
-        assert_eq!(
-            x.quants.len(),
-            m * self.cols,
-            "activations of the wrong width"
-        );
-        let out = &mut out[..m * self.rows];
-        matmul(&self.weights, self.rows, self.cols, x, out);
-    }
-}
-
-/// Picks the widest instruction set this CPU has for [`matmul_portable`]'s loops.
-#[allow(unsafe_code)]
-fn matmul(w: &Q8, rows: usize, cols: usize, x: &Q8, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: `matmul_avx2` only differs from `matmul_portable` in the instructions the
-        // compiler may use, and this CPU has them: both features were detected just above.
-        return unsafe { matmul_avx2(w, rows, cols, x, out) };
-    }
-    matmul_portable(w, rows, cols, x, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn matmul_avx2(w: &Q8, rows: usize, cols: usize, x: &Q8, out: &mut [f32]) {
-    matmul_portable(w, rows, cols, x, out)
-}
-
-/// Each weight row is read once and met by every activation row while it is in L1.
-#[inline(always)]
-fn matmul_portable(w: &Q8, rows: usize, cols: usize, x: &Q8, out: &mut [f32]) {
-    let blocks = cols / BLOCK;
-    for row in 0..rows {
-        let wq = &w.quants[row * cols..(row + 1) * cols];
-        let ws = &w.scales[row * blocks..(row + 1) * blocks];
-        for (i, (xq, xs)) in x
-            .quants
-            .chunks_exact(cols)
-            .zip(x.scales.chunks_exact(blocks))
-            .enumerate()
-        {
-            out[i * rows + row] = row_dot(wq, ws, xq, xs);
-        }
-    }
-}
-
-#[inline(always)]
-fn row_dot(wq: &[i8], ws: &[f32], xq: &[i8], xs: &[f32]) -> f32 {
-    let mut sum = 0f32;
-    for ((wb, xb), (sw, sx)) in wq
-        .chunks_exact(BLOCK)
-        .zip(xq.chunks_exact(BLOCK))
-        .zip(ws.iter().zip(xs))
-    {
-        // i8 × i8 always fits an i16: written so, the products pair up into `pmaddwd`.
-        let dot: i32 = wb
-            .iter()
-            .zip(xb)
-            .map(|(a, b)| i32::from(i16::from(*a) * i16::from(*b)))
-            .sum();
-        sum += dot as f32 * (sw * sx);
-    }
-    sum
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,51 +147,10 @@ mod tests {
         assert_eq!((values[0], values[16]), (-4.0, 3.5));
     }
 
-    fn dequantized(q: &Q8) -> Vec<f64> {
-        q.quants
-            .iter()
-            .enumerate()
-            .map(|(i, v)| f64::from(*v) * f64::from(q.scales[i / BLOCK]))
-            .collect()
-    }
-
-    #[test]
-    fn the_matmul_is_the_dot_product_of_the_quantised_values() {
-        let (rows, cols, m) = (37, 96, 3);
-        let wave = |i: usize, f: f32| ((i as f32) * f).sin();
-        let weights: Vec<f32> = (0..rows * cols).map(|i| wave(i, 0.37)).collect();
-        let x: Vec<f32> = (0..m * cols).map(|i| wave(i, 1.3) * 4.0).collect();
-        let matrix = Matrix::from_f32(&weights, rows, cols).unwrap();
-        let x = Q8::from_f32(&x);
-        let mut out = vec![0f32; m * rows];
-        matrix.apply(&x, m, &mut out);
-        let (wd, xd) = (dequantized(&matrix.weights), dequantized(&x));
-        for i in 0..m {
-            for r in 0..rows {
-                let exact: f64 = (0..cols).map(|c| xd[i * cols + c] * wd[r * cols + c]).sum();
-                let got = f64::from(out[i * rows + r]);
-                assert!(
-                    (got - exact).abs() < 1e-4 * (1.0 + exact.abs()),
-                    "{got} vs {exact}"
-                );
-            }
-        }
-        // Quantising loses at most half a step of 1/127 of each block's largest magnitude.
-        let round_trip = dequantized(&Q8::from_f32(&weights));
-        for (a, b) in round_trip.iter().zip(&weights) {
-            assert!((a - f64::from(*b)).abs() <= 0.5 / 127.0 + 1e-6);
-        }
-        // The portable loops and the dispatched ones agree exactly (same integer maths).
-        let mut portable = vec![0f32; m * rows];
-        matmul_portable(&matrix.weights, rows, cols, &x, &mut portable);
-        assert_eq!(out, portable);
-    }
-
     #[test]
     fn sizes_must_fill_whole_blocks() {
         assert_eq!(Kind::Q4_1.bytes_for(64), Some(40));
         assert_eq!(Kind::Q8_0.bytes_for(33), None);
         assert_eq!(Kind::F16.bytes_for(3), Some(6));
-        assert!(Matrix::from_f32(&[0.0; 30], 1, 30).is_err());
     }
 }
