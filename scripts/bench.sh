@@ -10,7 +10,8 @@
 #
 # Every run verifies every stream; a run with errors exits non-zero and is not a result.
 # MANGOO_CPUS / CLIENT_CPUS (taskset lists, e.g. 0 and 1) pin Mangoo and the client + stand-in;
-# MANGOO_WORKERS sets the number of Mangoo runtime threads; MANGOO_PROFILE the cargo profile.
+# MANGOO_WORKERS sets the number of Mangoo runtime threads; MANGOO_PROFILE the cargo profile;
+# MANGOO_WRAP a command Mangoo runs under (e.g. "heaptrack -o /tmp/mangoo": memory per stream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mangoo-target}"
@@ -60,7 +61,8 @@ TOML
 [ -n "${MANGOO_WORKERS:-}" ] && export_workers=(env TOKIO_WORKER_THREADS="$MANGOO_WORKERS") || export_workers=()
 start_mangoo() { # start_mangoo CONFIG: starts Mangoo, waits for /healthz; sets mangoo_pid
   start_ns=$(date +%s%N)
-  MANGOO_LOG=warn pin "${MANGOO_CPUS:-}" "${export_workers[@]}" "$bin/mangoo" serve --config "$1" \
+  # shellcheck disable=SC2086 # MANGOO_WRAP is a command line, split on purpose
+  MANGOO_LOG=warn pin "${MANGOO_CPUS:-}" "${export_workers[@]}" ${MANGOO_WRAP:-} "$bin/mangoo" serve --config "$1" \
     >"$work/mangoo.out" 2>>"$work/mangoo.log" &
   mangoo_pid=$!
   until curl -sf http://127.0.0.1:9201/healthz >/dev/null; do
