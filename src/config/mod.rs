@@ -613,6 +613,21 @@ mod tests {
     }
 
     #[test]
+    fn the_local_models_thread_count_is_bounded() {
+        let secret = "[auth]\njwt_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        let check = |threads: usize| {
+            let toml = format!("{secret}[providers.local]\nthreads = {threads}\n");
+            let config = Config::from_toml(&toml).unwrap();
+            assert_eq!(config.providers.local.threads, threads);
+            config.validate()
+        };
+        check(0).unwrap();
+        check(2).unwrap();
+        let err = check(100_000).unwrap_err().to_string();
+        assert!(err.starts_with("providers.local.threads:"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let err = Config::from_toml("[server]\nbindd = \"x\"\n").unwrap_err();
         assert!(err.contains("bindd"), "{err}");

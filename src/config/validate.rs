@@ -145,6 +145,7 @@ impl Config {
     }
 
     fn validate_providers(&self) -> Result<(), ConfigError> {
+        const MAX_LOCAL_THREADS: usize = 256;
         let local = &self.providers.local;
         for (key, value) in [
             ("providers.local.concurrency", local.concurrency),
@@ -157,6 +158,13 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        // Each is an OS thread, started when the model loads.
+        if local.threads > MAX_LOCAL_THREADS {
+            return Err(invalid(
+                "providers.local.threads",
+                format!("must be at most {MAX_LOCAL_THREADS} (0 means one per core)"),
+            ));
         }
         let urls = [
             (
