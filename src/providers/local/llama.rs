@@ -308,20 +308,21 @@ impl Session {
             self.keys[index].extend_from_slice(&qkv[dim..dim + kv_dim]);
             self.values[index].extend_from_slice(&qkv[dim + kv_dim..]);
         }
-        let head = HeadShape {
-            dim: hd,
+        let cache = LayerCache {
+            keys: &self.keys[index],
+            values: &self.values[index],
+            head_dim: hd,
             kv_dim,
             group: w.heads / w.kv_heads,
             scale: 1.0 / (hd as f32).sqrt(),
         };
-        let (keys, values) = (&self.keys[index], &self.values[index]);
         let (qkv, len, heads) = (&self.qkv, self.len, w.heads);
         // Every (row, head) pair is independent; with a long context they are most of a token's
         // work outside the products, so they are split across the threads too.
         let attend = |pair: usize, out: &mut [f32], scores: &mut Vec<f32>| {
             let (row, h) = (pair / heads, pair % heads);
             let q = &qkv[row * width + h * hd..row * width + (h + 1) * hd];
-            head.attend(h, q, keys, values, len + row + 1, scores, out);
+            cache.attend(h, q, len + row + 1, scores, out);
         };
         let attn = &mut self.attn[..m * dim];
         if rayon::current_num_threads() > 1 && (len + m) * m >= PARALLEL_ATTENTION_MIN {
@@ -370,39 +371,31 @@ impl Session {
 /// Below this many (position, row) pairs a layer's attention runs on the calling thread.
 const PARALLEL_ATTENTION_MIN: usize = 256;
 
-/// The sizes one attention head works with.
-struct HeadShape {
-    dim: usize,
+/// One layer's cached keys and values, and the shape of its heads.
+struct LayerCache<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    head_dim: usize,
     kv_dim: usize,
     /// Query heads per key/value head (grouped-query attention).
     group: usize,
     scale: f32,
 }
 
-impl HeadShape {
+impl LayerCache<'_> {
     /// Query head `h` against the first `visible` cached positions, into `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &self,
-        h: usize,
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        visible: usize,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
-        let (hd, kv_dim) = (self.dim, self.kv_dim);
+    fn attend(&self, h: usize, q: &[f32], visible: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let (hd, kv_dim) = (self.head_dim, self.kv_dim);
         let kv_offset = (h / self.group) * hd;
         resize(scores, visible);
         for (t, score) in scores.iter_mut().enumerate() {
-            let k = &keys[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
+            let k = &self.keys[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
             *score = dot(q, k) * self.scale;
         }
         softmax(scores);
         out.fill(0.0);
         for (t, p) in scores.iter().enumerate() {
-            let v = &values[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
+            let v = &self.values[t * kv_dim + kv_offset..t * kv_dim + kv_offset + hd];
             out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
         }
     }

@@ -126,18 +126,23 @@ impl Matrix {
         let chunk = self
             .rows
             .div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD);
-        let span_of = |index: usize, stride: usize| RowSpan {
-            first: index * chunk,
-            rows: chunk.min(self.rows - index * chunk),
-            cols: self.cols,
-            stride,
+        // A task's results are laid out by activation row, `rows` apart: its own part of `out`
+        // when there is one row, its own buffer otherwise.
+        let span_of = |index: usize| {
+            let rows = chunk.min(self.rows - index * chunk);
+            RowSpan {
+                first: index * chunk,
+                rows,
+                cols: self.cols,
+                stride: rows,
+            }
         };
         if m == 1 {
             // One activation row: the output features are contiguous, so each task writes its
             // own slice of `out`.
             out.par_chunks_mut(chunk)
                 .enumerate()
-                .for_each(|(index, part)| matmul(&self.weights, span_of(index, chunk), x, part));
+                .for_each(|(index, part)| matmul(&self.weights, span_of(index), x, part));
             return;
         }
         // Several rows (a prompt): each task fills a buffer of its own, laid out by activation
@@ -145,7 +150,7 @@ impl Matrix {
         let parts: Vec<(RowSpan, Vec<f32>)> = (0..self.rows.div_ceil(chunk))
             .into_par_iter()
             .map(|index| {
-                let span = span_of(index, chunk.min(self.rows - index * chunk));
+                let span = span_of(index);
                 let mut part = vec![0f32; m * span.rows];
                 matmul(&self.weights, span, x, &mut part);
                 (span, part)
