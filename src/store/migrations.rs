@@ -69,6 +69,11 @@ pub(super) const POSTGRES: Embedded = &[
         "answer versions",
         include_str!("../../migrations/postgres/0004_answer_versions.sql"),
     ),
+    (
+        5,
+        "batched turns",
+        include_str!("../../migrations/postgres/0005_batched_turns.sql"),
+    ),
 ];
 
 #[derive(Debug)]

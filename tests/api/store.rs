@@ -124,6 +124,7 @@ conformance!(
     search_finds_titles_and_finished_messages_of_the_user_only,
     search_follows_renames_rewinds_and_deletes_and_pages_by_recency,
     a_regenerated_answer_keeps_the_ones_it_replaced_until_its_place_is_rewound,
+    starts_arriving_together_pass_a_quota_exactly_and_a_dropped_caller_leaves_no_half_turn,
 );
 
 /// What a retry after a lost reply does: the same call again, with the same ids.
@@ -352,6 +353,76 @@ async fn writes_arriving_together_each_stay_whole_and_a_failing_one_leaves_no_tr
         assert_eq!(messages[1].status, MessageStatus::Complete);
         let chat = store.get_chat(&chat_id).await.unwrap().unwrap();
         assert_eq!(chat.last_event_id, 3);
+    }
+}
+
+/// Starts that arrive together are begun together (SQLite's group commit, PostgreSQL's batched
+/// function): one user's quota still lets exactly as many through as it allows, and a caller
+/// that goes away mid-start (its client disconnected) neither halves its own turn nor holds up
+/// the others begun with it.
+async fn starts_arriving_together_pass_a_quota_exactly_and_a_dropped_caller_leaves_no_half_turn(
+    backend: Backend,
+) {
+    let store = backend.store.clone();
+    let quota = StorageQuota {
+        max_chats: 25,
+        ..StorageQuota::NONE
+    };
+    let starts: Vec<_> = (0..100)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut new = turn(&format!("q-{n}"), "carol", true, n);
+                new.quota = quota;
+                store.begin_turn(&new).await.map(|_| ())
+            })
+        })
+        .collect();
+    let mut begun = 0;
+    for start in join_all(starts).await {
+        match start.unwrap() {
+            Ok(()) => begun += 1,
+            Err(StoreError::QuotaExceeded(QuotaKind::Chats)) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(begun, 25, "the chat quota let exactly its 25 chats through");
+    let chats = store.list_chats("carol", 1_000, None).await.unwrap();
+    assert_eq!(chats.len(), 25);
+
+    // Half of 60 callers are dropped while their starts are in flight.
+    let starts: Vec<_> = (0..60)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .begin_turn(&turn(&format!("d-{n}"), "dave", true, n))
+                    .await
+                    .map(|begun| begun.last_event_id)
+            })
+        })
+        .collect();
+    for start in starts.iter().step_by(2) {
+        start.abort();
+    }
+    for (n, start) in join_all(starts).await.into_iter().enumerate() {
+        match start {
+            Ok(begun) => assert_eq!(begun.unwrap(), 0, "d-{n}"),
+            Err(e) => assert!(e.is_cancelled() && n % 2 == 0, "d-{n}: {e:?}"),
+        }
+    }
+    for n in 0..60 {
+        let messages = store
+            .list_messages(&format!("d-{n}"), None, 10)
+            .await
+            .unwrap();
+        assert!(
+            messages.is_empty() || messages.len() == 2,
+            "d-{n} is whole or absent: {messages:?}"
+        );
+        if n % 2 == 1 {
+            assert_eq!(messages.len(), 2, "d-{n} was not dropped");
+        }
     }
 }
 

@@ -192,24 +192,8 @@ impl EventLog for RedisLog {
         first_id: i64,
         audience: &Arc<Audience>,
     ) -> Result<AnswerSignals, LogError> {
+        // Opened by the writer's first batch, in the same call that logs the first event.
         let keys = self.redis.chat_keys(chat_id);
-        let opened: i64 = self
-            .scripts
-            .open
-            .key(&keys.answer)
-            .key(&keys.lease)
-            .arg(claim.fence)
-            .arg(message_id)
-            .arg(first_id)
-            .invoke_async(&mut self.redis.conn())
-            .await
-            .map_err(unavailable)?;
-        if opened != 0 {
-            return Err(LogError(
-                "the claim was lost before the answer opened".into(),
-            ));
-        }
-        self.live.mark(chat_id).await;
         self.local.start(chat_id);
         let signals = AnswerSignals::default();
         let (queue, commands) = mpsc::channel(QUEUE);

@@ -62,26 +62,28 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return fence
 ";
 
-const OPEN: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
-redis.call('HSET', KEYS[1], 'state', 'live', 'message_id', ARGV[2], 'first_id', ARGV[3])
-return 0
-";
-
 /// ARGV: fence, log expiry (`0`: leave it; the first batch sets it), message id, the id the log
-/// should end with (`0`: empty), then `(id, field, value)` per event. Returns `0` written, `2`
-/// already there (a repeat whose reply was lost), each `+1` when a stop is asked for; `-1`
-/// fenced, `-2` lost, `-3` the log does not end where it should.
+/// should end with (`0`: empty), the answer's first event id when this batch opens it (`0`: it is
+/// open), then `(id, field, value)` per event. Returns `0` written, `2` already there (a repeat
+/// whose reply was lost), each `+1` when a stop is asked for; `-1` fenced, `-2` lost, `-3` the
+/// log does not end where it should.
+///
+/// The first batch opens the answer (the claimed hash becomes live, with its message and first
+/// id) in the same call that logs the answer's first event: a stream start pays no round trip of
+/// its own for opening.
 const APPEND: &str = r"
 local owned = owner(ARGV[1], ARGV[3])
 if owned ~= 0 then return owned end
 local top = top_id()
 local outcome = 0
+if ARGV[5] ~= '0' then
+  redis.call('HSET', KEYS[1], 'state', 'live', 'message_id', ARGV[3], 'first_id', ARGV[5])
+end
 if top ~= tonumber(ARGV[4]) then
   if top ~= tonumber(ARGV[#ARGV - 2]) then return -3 end
   outcome = 2
 else
-  for i = 5, #ARGV, 3 do
+  for i = 6, #ARGV, 3 do
     redis.call('XADD', KEYS[3], ARGV[i] .. '-0', ARGV[i + 1], ARGV[i + 2])
   end
   if ARGV[2] ~= '0' then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
@@ -196,7 +198,6 @@ return {tostring(fence), redis.call('HGET', KEYS[1], 'message_id'),
 /// know — after a restart, say — from the text the first time).
 pub(super) struct Scripts {
     pub claim: Script,
-    pub open: Script,
     pub append: Script,
     pub renew: Script,
     pub present: Script,
@@ -215,7 +216,6 @@ impl Default for Scripts {
             |body: &str| Script::new(&format!("local LEASE_MS = {lease_ms}\n{OWNER}{body}"));
         Self {
             claim: Script::new(CLAIM),
-            open: Script::new(OPEN),
             append: owning(APPEND),
             renew: owning(RENEW),
             present: owning(PRESENT),

@@ -183,7 +183,18 @@ impl WriterTask {
         let mut failing_since = None;
         let mut backoff = RETRY_BACKOFF.0;
         loop {
-            let sent = self.append(events, self.expected_top()).await;
+            let sent = match self.delivered {
+                // The sweep's index learns of the answer in the same moment its log begins, not
+                // one round trip before the asker's first event.
+                None => {
+                    let (sent, ()) = tokio::join!(
+                        self.append(events, self.expected_top()),
+                        self.live.mark(&self.chat_id)
+                    );
+                    sent
+                }
+                Some(top) => self.append(events, top).await,
+            };
             let error = match sent {
                 Ok(Verdict::Written { stop }) => {
                     self.delivered = events.last().map(|e| e.id).or(self.delivered);
@@ -238,7 +249,12 @@ impl WriterTask {
                 _ => 0,
             })
             .arg(&self.message_id)
-            .arg(expected_top);
+            .arg(expected_top)
+            // The first batch opens the answer; RESEED opens one Redis lost.
+            .arg(match expected_top {
+                0 => self.first_id,
+                _ => 0,
+            });
         entry_args(events, &mut invocation);
         let code: i64 = invocation.invoke_async(&mut self.redis.conn()).await?;
         Ok(verdict(code))

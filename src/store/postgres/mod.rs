@@ -2,9 +2,9 @@
 //!
 //! Each half of a turn is one round trip: `begin_turn` calls `mangoo_begin_turn` (a function in
 //! the schema that checks ownership, the streaming answer and the quotas under row locks and
-//! writes both messages), `finish_turn` is one statement. A stream start is therefore two round
-//! trips for an existing chat ([`ChatStore::chat_history`], then the function) and one for a new
-//! one. Connections come from a bounded pool; running out of them is `Unavailable`, not a hang.
+//! writes both messages) for every turn starting at that moment, in one transaction
+//! ([`batch`]); `finish_turn` is one statement. A stream start is therefore two round trips for
+//! an existing chat ([`ChatStore::chat_history`], then the function) and one for a new one. Connections come from a bounded pool; running out of them is `Unavailable`, not a hang.
 //!
 //! Connections die: Aurora and RDS failovers, RDS Proxy and NAT idle timeouts, an operator's
 //! `pg_terminate_backend`. The pool pings an idle connection before handing it out (a dead one is
@@ -12,6 +12,8 @@
 //! run again on a fresh one within [`RETRY_BUDGET`]. Every statement is safe to repeat: reads,
 //! and writes keyed by the ids the caller minted (a repeated `begin_turn` finds its own turn, a
 //! repeated `finish_turn` finds the answer already as it would leave it).
+
+mod batch;
 
 use std::future::Future;
 use std::str::FromStr;
@@ -24,8 +26,7 @@ use super::rows::{DROP_VERSIONS, KEEP_ANSWER, TRIM_VERSIONS, as_bigint, postgres
 use super::search;
 use super::{
     AnswerVersion, BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, MAX_ANSWER_VERSIONS,
-    MessageRecord, NewTurn, PartialAnswer, QuotaKind, RESERVED_EVENT_IDS, SearchHit, SearchTerms,
-    StoreError, migrations, now_ms, title_from,
+    MessageRecord, NewTurn, PartialAnswer, SearchHit, SearchTerms, StoreError, migrations, now_ms,
 };
 use crate::config::DatabaseConfig;
 
@@ -35,6 +36,7 @@ pub struct PostgresStore {
     /// (one at a time), so a server that started while PostgreSQL was down catches up by itself.
     migrated: AtomicBool,
     migrating: tokio::sync::Mutex<()>,
+    begins: batch::BeginQueue,
 }
 
 impl PostgresStore {
@@ -58,6 +60,7 @@ impl PostgresStore {
             pool,
             migrated: AtomicBool::new(false),
             migrating: tokio::sync::Mutex::new(()),
+            begins: batch::BeginQueue::default(),
         };
         // A database that does not answer at once is not waited for here (the start must not
         // hang on it): the first request after it comes back migrates.
@@ -151,8 +154,10 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connection-level failures are the database being away, not a fault in the data: the pool
 /// (I/O, TLS, protocol, no connection in time) and the SQLSTATEs of a connection that is going
 /// or gone — class 08 (connection exception), 57P01–57P03 (terminated by an administrator or a
-/// shutdown, or the server is starting up), 53300 (too many connections) and 25006 (a read-only
-/// transaction: after a failover, a stale DNS answer led to the demoted primary).
+/// shutdown, or the server is starting up), 53300 (too many connections), 25006 (a read-only
+/// transaction: after a failover, a stale DNS answer led to the demoted primary), and 40P01 and
+/// 40001 (a deadlock or serialization failure, which PostgreSQL resolves by aborting one side:
+/// that side's statement is to be run again).
 fn unavailable(e: sqlx::Error) -> StoreError {
     let connection_fault = match &e {
         sqlx::Error::PoolClosed => return StoreError::Closed,
@@ -163,31 +168,16 @@ fn unavailable(e: sqlx::Error) -> StoreError {
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             code.starts_with("08")
-                || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "25006")
+                || matches!(
+                    &*code,
+                    "57P01" | "57P02" | "57P03" | "53300" | "25006" | "40P01" | "40001"
+                )
         }),
         _ => false,
     };
     match connection_fault {
         true => StoreError::Unavailable(e.to_string()),
         false => StoreError::Database(e),
-    }
-}
-
-/// `mangoo_begin_turn`'s refusals, by the SQLSTATE it raises them with.
-fn refusal(e: sqlx::Error) -> StoreError {
-    let code = match &e {
-        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-        _ => None,
-    };
-    match code.as_deref() {
-        Some("MG001") => StoreError::ChatNotFound,
-        Some("MG002") => StoreError::ChatBusy,
-        Some("MG003") => StoreError::QuotaExceeded(QuotaKind::Chats),
-        Some("MG004") => StoreError::QuotaExceeded(QuotaKind::Bytes),
-        Some("MG005") => StoreError::QuotaExceeded(QuotaKind::Turns),
-        // Two instances creating the same chat id: it is somebody else's now.
-        Some("23505") => StoreError::ChatNotFound,
-        _ => unavailable(e),
     }
 }
 
@@ -271,31 +261,7 @@ impl ChatStore for PostgresStore {
     }
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
-        // Repeatable: a call whose reply was lost already wrote the turn, and the function,
-        // called again with the same message ids, returns what it returned then.
-        let now = now_ms();
-        let begin = |pool: PgPool| async move {
-            sqlx::query_scalar(
-                "SELECT mangoo_begin_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            )
-            .bind(&turn.chat_id)
-            .bind(&turn.user_id)
-            .bind(turn.new_chat)
-            .bind(&turn.bot_id)
-            .bind(title_from(&turn.message))
-            .bind(&turn.user_message_id)
-            .bind(&turn.assistant_message_id)
-            .bind(&turn.message)
-            .bind(now)
-            .bind(as_bigint(turn.quota.max_chats))
-            .bind(as_bigint(turn.quota.max_bytes))
-            .bind(as_bigint(turn.quota.max_turns))
-            .bind(RESERVED_EVENT_IDS)
-            .fetch_one(&pool)
-            .await
-            .map_err(refusal)
-        };
-        let last_event_id: i64 = self.retrying(begin).await?;
+        let last_event_id = self.begin_in_batch(turn).await?;
         Ok(BegunTurn { last_event_id })
     }
 
