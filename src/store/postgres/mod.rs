@@ -4,7 +4,8 @@
 //! the schema that checks ownership, the streaming answer and the quotas under row locks and
 //! writes both messages) for every turn starting at that moment, in one transaction
 //! ([`batch`]); `finish_turn` is one statement. A stream start is therefore two round trips for
-//! an existing chat ([`ChatStore::chat_history`], then the function) and one for a new one. Connections come from a bounded pool; running out of them is `Unavailable`, not a hang.
+//! an existing chat ([`ChatStore::chat_history`], then the function) and one for a new one.
+//! Connections come from a bounded pool; running out of them is `Unavailable`, not a hang.
 //!
 //! Connections die: Aurora and RDS failovers, RDS Proxy and NAT idle timeouts, an operator's
 //! `pg_terminate_backend`. The pool pings an idle connection before handing it out (a dead one is

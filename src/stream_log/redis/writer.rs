@@ -1,7 +1,8 @@
 //! The writer of one answer produced here: takes the producer's events from a bounded queue,
-//! sends whatever queued up in one script call, and only then hands them to this process's
-//! listeners, so a listener here never sees an event a listener elsewhere could miss. It renews
-//! the answer's lease and notices a stop asked for on another instance.
+//! sends whatever queued up in one script call (the first one also opens the answer), and only
+//! then hands them to this process's listeners, so a listener here never sees an event a
+//! listener elsewhere could miss. It renews the answer's lease and notices a stop asked for on
+//! another instance.
 //!
 //! Redis failing is expected, not fatal. A call that fails is sent again (the append script
 //! recognises a batch it already holds) for up to [`WRITE_PATIENCE`]: a restart or a failover
