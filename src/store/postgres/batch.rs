@@ -75,10 +75,19 @@ impl PostgresStore {
                     Err(_) => answer = self.begins.push(turn.clone()),
                 },
                 permit = self.begins.leaders.acquire() => {
-                    let _permit = permit.map_err(|_| StoreError::Closed)?;
+                    let permit = permit.map_err(|_| StoreError::Closed)?;
                     let batch = self.begins.take_batch();
                     if !batch.is_empty() {
                         self.run_batch(batch).await;
+                        continue;
+                    }
+                    // Nothing queued: this turn is in a batch the other leader runs, and its
+                    // reply is all there is to wait for (a free slot would be taken again and
+                    // again, a busy loop, until that batch is done).
+                    drop(permit);
+                    match (&mut answer).await {
+                        Ok(result) => return result,
+                        Err(_) => answer = self.begins.push(turn.clone()),
                     }
                 }
             }
