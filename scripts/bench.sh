@@ -21,7 +21,7 @@ profile="${MANGOO_PROFILE:-release}"
 cargo build --profile "$profile" --locked --bin mangoo --bin mangoo-bench >&2
 bin="$CARGO_TARGET_DIR/$profile"
 work="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'stop_mangoo 2>/dev/null; kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 pin() { # pin CPUS command...: runs the command on those CPUs when a list is given
@@ -71,7 +71,9 @@ start_mangoo() { # start_mangoo CONFIG: starts Mangoo, waits for /healthz; sets 
   done
   startup_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
 }
-stop_mangoo() { kill "$mangoo_pid"; wait "$mangoo_pid" 2>/dev/null || true; }
+# Under MANGOO_WRAP (e.g. heaptrack's script) Mangoo is the wrapper's child: stop both, or the
+# server outlives the run and the next run's /healthz check answers from the stale one.
+stop_mangoo() { [ -n "${mangoo_pid:-}" ] || return 0; pkill -P "$mangoo_pid" 2>/dev/null || true; kill "$mangoo_pid" 2>/dev/null || true; wait "$mangoo_pid" 2>/dev/null || true; }
 start_mangoo "$work/mangoo.toml"
 sleep 1
 idle_rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$mangoo_pid/status)
@@ -121,7 +123,7 @@ PY
     redis_url="${BENCH_REDIS_URL:-redis://127.0.0.1:6379/0}"
     db="mangoo_bench_$$"; prefix="mangoo-bench-$$"
     psql "$pg_admin" -qc "CREATE DATABASE $db"
-    trap 'kill $(jobs -p) 2>/dev/null || true; psql "$pg_admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true; redis-cli -u "$redis_url" --scan --pattern "$prefix:*" | xargs -r redis-cli -u "$redis_url" del >/dev/null; rm -rf "$work"' EXIT
+    trap 'stop_mangoo 2>/dev/null; kill $(jobs -p) 2>/dev/null || true; psql "$pg_admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true; redis-cli -u "$redis_url" --scan --pattern "$prefix:*" | xargs -r redis-cli -u "$redis_url" del >/dev/null; rm -rf "$work"' EXIT
     sed -e "s|^url = \"sqlite://.*|url = \"${pg_admin%/*}/$db\"\nmax_connections = 32|" "$work/mangoo.toml" >"$work/shared.toml"
     printf '[redis]\nurl = "%s"\nkey_prefix = "%s"\n' "$redis_url" "$prefix" >>"$work/shared.toml"
     start_mangoo "$work/shared.toml"
