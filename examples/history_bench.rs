@@ -125,6 +125,7 @@ async fn write_chat(
             user_message_id: format!("q-{chat_id}-{n}"),
             assistant_message_id: format!("a-{chat_id}-{n}"),
             message: format!("Tell me about {} and {} please", word(0), word(1)),
+            earlier: Vec::new(),
             quota: StorageQuota::NONE,
         };
         store.begin_turn(&turn).await?;

@@ -2,7 +2,7 @@
 
 use crate::domain::Role;
 use crate::providers::ModelMessage;
-use crate::store::MessageRecord;
+use crate::store::{EarlierMessage, MessageRecord};
 
 /// The earlier turns a model sees: each user message with its answer. A question whose answer
 /// failed empty is left out, because providers require user and assistant to alternate.
@@ -29,6 +29,44 @@ pub(super) fn model_history(messages: &[MessageRecord]) -> Vec<ModelMessage> {
         }
     }
     history
+}
+
+/// A conversation a client brought whole (the OpenAI and AI SDK protocols send every message
+/// each time): its last user message is the question, and what came before becomes question and
+/// answer pairs, as a chat stores them. Consecutive messages of one role are joined, empty ones
+/// dropped, and an assistant message before any question (a greeting) is left out: providers
+/// need the conversation to start with the user and alternate. `None` when it does not end with
+/// the user's message.
+pub fn split_conversation(
+    messages: impl IntoIterator<Item = (Role, String)>,
+) -> Option<(Vec<EarlierMessage>, String)> {
+    let mut joined: Vec<EarlierMessage> = Vec::new();
+    for (role, content) in messages {
+        if content.trim().is_empty() {
+            continue;
+        }
+        match joined.last_mut() {
+            Some(last) if last.role == role => {
+                last.content.push_str("\n\n");
+                last.content.push_str(&content);
+            }
+            None if role == Role::Assistant => {}
+            _ => joined.push(EarlierMessage { role, content }),
+        }
+    }
+    let question = joined.pop().filter(|m| m.role == Role::User)?;
+    Some((joined, question.content))
+}
+
+/// A new chat's history as its client brought it: whole question and answer pairs (as stored).
+pub(super) fn brought_history(earlier: &[EarlierMessage]) -> Vec<ModelMessage> {
+    earlier[..earlier.len() / 2 * 2]
+        .iter()
+        .map(|m| ModelMessage {
+            role: m.role,
+            content: m.content.clone(),
+        })
+        .collect()
 }
 
 /// The most recent turns whose text fits in `max_chars` (whole turns: a question with its
@@ -68,6 +106,29 @@ mod tests {
             seq: 0,
             replay: None,
         }
+    }
+
+    #[test]
+    fn a_brought_conversation_becomes_pairs_and_a_question() {
+        let (earlier, question) = split_conversation([
+            (Role::Assistant, "Hi, how can I help?".to_owned()),
+            (Role::User, "one".to_owned()),
+            (Role::User, "more".to_owned()),
+            (Role::Assistant, "1".to_owned()),
+            (Role::User, " ".to_owned()),
+            (Role::User, "two".to_owned()),
+        ])
+        .expect("ends with the user");
+        let texts: Vec<_> = earlier.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["one\n\nmore", "1"]);
+        assert_eq!(earlier[0].role, Role::User);
+        assert_eq!(question, "two");
+        let last_is_the_model = [
+            (Role::User, "q".to_owned()),
+            (Role::Assistant, "a".to_owned()),
+        ];
+        assert!(split_conversation(last_is_the_model).is_none());
+        assert!(split_conversation([]).is_none());
     }
 
     #[test]

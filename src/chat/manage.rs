@@ -47,6 +47,24 @@ pub struct SearchPage {
 }
 
 impl ChatService {
+    /// The caller's chat and its latest answer (streaming or stored), if it has one: what a
+    /// resumed stream in another protocol names its completion by.
+    pub async fn latest_answer(
+        &self,
+        user: &UserId,
+        chat_id: &str,
+    ) -> Result<(ChatRecord, Option<MessageRecord>), ChatError> {
+        let chat = self.owned_chat(user, chat_id).await?;
+        let mut recent = self.store.recent_messages(chat_id, 2).await?;
+        recent.retain(|m| m.role == crate::domain::Role::Assistant);
+        Ok((chat, recent.pop()))
+    }
+
+    /// The most tokens an answer of `bot_id` may have.
+    pub fn max_tokens_of(&self, bot_id: &str) -> Option<u32> {
+        self.bots.get(bot_id).map(|bot| bot.max_tokens)
+    }
+
     pub async fn list_chats(
         &self,
         user: &UserId,

@@ -10,6 +10,7 @@ mod history;
 mod manage;
 mod recovery;
 mod replay;
+mod stops;
 mod turn;
 
 use std::collections::HashMap;
@@ -32,14 +33,15 @@ use crate::providers::{
 };
 use crate::rate_limit::StreamPlace;
 use crate::store::{
-    BegunTurn, ChatCursor, ChatRecord, ChatStore, FinishedTurn, NewTurn, QuotaKind, StorageQuota,
-    StoreError,
+    BegunTurn, ChatCursor, ChatRecord, ChatStore, EarlierMessage, FinishedTurn, NewTurn, QuotaKind,
+    StorageQuota, StoreError,
 };
 use crate::stream_log::{
     AnswerSignals, Audience, Claim, ClaimError, EventLog, LogError, StopOutcome,
 };
 pub use control::StopCause;
 use control::{ActiveAnswer, ActiveAnswers};
+pub use history::split_conversation;
 pub use manage::{MAX_SEARCH_CHARS, MAX_TITLE_CHARS, MessagePage, PagePosition, SearchPage};
 
 /// The events a client receives: a new answer, or the rest of one it reconnects to.
@@ -52,6 +54,45 @@ pub struct TurnRequest {
     pub message: String,
     /// Continue this chat; `None` starts a new one.
     pub chat_id: Option<String>,
+    /// A new chat's history, brought by the client (question and answer pairs, in order): stored
+    /// before `message` and sent to the model with it. Ignored when `chat_id` continues a chat.
+    pub earlier: Vec<EarlierMessage>,
+    pub options: TurnOptions,
+}
+
+impl TurnRequest {
+    /// A message for a bot, in a new chat or the next turn of `chat_id`, with the bot's settings.
+    pub fn new(bot_id: String, message: String, chat_id: Option<String>) -> Self {
+        Self {
+            bot_id,
+            message,
+            chat_id,
+            earlier: Vec::new(),
+            options: TurnOptions::default(),
+        }
+    }
+}
+
+/// What a request may change of its bot's settings for one answer (the OpenAI API's parameters).
+/// The bot's values are the defaults and `max_tokens` its ceiling.
+#[derive(Debug, Clone, Default)]
+pub struct TurnOptions {
+    /// The request's own instructions, sent after the bot's system prompt (not stored).
+    pub instructions: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// The answer ends before the first of these (see [`stops`]).
+    pub stop: Vec<String>,
+}
+
+/// A new answer: the chat and message it is stored as, and its events.
+pub struct StartedTurn {
+    pub chat_id: String,
+    pub message_id: String,
+    /// The most tokens the answer may have (the request's or the bot's).
+    pub max_tokens: u32,
+    pub events: EventStream,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,7 +297,7 @@ impl ChatService {
         user: &UserId,
         request: TurnRequest,
         slot: StreamPlace,
-    ) -> Result<EventStream, ChatError> {
+    ) -> Result<StartedTurn, ChatError> {
         self.check_message(&request.message)?;
         let bot = self
             .bots
@@ -276,6 +317,7 @@ impl ChatService {
         let messages = self.conversation(user, &request).await?;
         // Admission comes before anything is stored: a refused request leaves no trace.
         let (start, admission) = admit_first(&targets, user.as_str())?;
+        let options = request.options;
         let new_turn = NewTurn {
             new_chat: request.chat_id.is_none(),
             chat_id: request.chat_id.unwrap_or_else(|| new_id("chat")),
@@ -284,6 +326,7 @@ impl ChatService {
             user_message_id: new_id("msg"),
             assistant_message_id: new_id("msg"),
             message: request.message,
+            earlier: request.earlier,
             quota: self.limits.quota,
         };
         let claim = self.claim(&new_turn.chat_id).await?;
@@ -316,6 +359,14 @@ impl ChatService {
             false => events,
         };
         let listener = answer.audience.listen(events);
+        let started = StartedTurn {
+            chat_id: new_turn.chat_id.clone(),
+            message_id: new_turn.assistant_message_id.clone(),
+            max_tokens: options
+                .max_tokens
+                .map_or(bot.max_tokens, |m| m.min(bot.max_tokens)),
+            events: Box::pin(listener),
+        };
         let progress = turn::Progress::new(begun.last_event_id);
         let aftermath = turn::Aftermath {
             chat_id: new_turn.chat_id.clone(),
@@ -335,12 +386,13 @@ impl ChatService {
             admission,
             request: ModelRequest {
                 model: String::new(),
-                system_prompt: bot.system_prompt.clone(),
+                system_prompt: system_prompt(bot.system_prompt.as_deref(), options.instructions),
                 messages,
-                temperature: bot.temperature,
-                top_p: bot.top_p,
-                max_tokens: bot.max_tokens,
+                temperature: options.temperature.or(bot.temperature),
+                top_p: options.top_p.or(bot.top_p),
+                max_tokens: started.max_tokens,
             },
+            stops: options.stop,
             timeouts: self.limits.timeouts,
             store: self.store.clone(),
             log: self.log.clone(),
@@ -354,7 +406,7 @@ impl ChatService {
             _slot: slot,
         };
         self.spawn_producer(producer, aftermath);
-        Ok(Box::pin(listener))
+        Ok(started)
     }
 
     /// What the model sees: the chat's earlier turns (after checking the caller owns it), then
@@ -376,7 +428,10 @@ impl ChatService {
                     self.limits.max_history_chars,
                 )
             }
-            None => Vec::new(),
+            None => history::within_budget(
+                history::brought_history(&request.earlier),
+                self.limits.max_history_chars,
+            ),
         };
         messages.push(ModelMessage {
             role: Role::User,
@@ -654,6 +709,14 @@ fn admit_first(targets: &[Target], user: &str) -> Result<(usize, Admission), Cha
         }
     }
     Err(ChatError::Refused(refusal.expect("targets is not empty")))
+}
+
+/// The bot's system prompt, then the request's own instructions.
+fn system_prompt(bot: Option<&str>, request: Option<String>) -> Option<String> {
+    match (bot, request) {
+        (Some(bot), Some(request)) => Some(format!("{bot}\n\n{request}")),
+        (bot, request) => request.or(bot.map(str::to_owned)),
+    }
 }
 
 fn quota_message(kind: QuotaKind) -> &'static str {

@@ -44,6 +44,8 @@ pub(super) struct Turn {
     pub admission: Admission,
     /// The conversation; `model` is filled in per target.
     pub request: ModelRequest,
+    /// The answer ends before the first of these.
+    pub stops: Vec<String>,
     pub timeouts: StreamTimeouts,
     pub store: Arc<dyn ChatStore>,
     pub log: Arc<dyn EventLog>,
@@ -329,7 +331,8 @@ impl Turn {
         request.model = target.model.clone();
         let called = Instant::now();
         let first_text = async {
-            let mut upstream = target.provider.stream(request, admission).await?;
+            let upstream = target.provider.stream(request, admission).await?;
+            let mut upstream = super::stops::cut_at_stops(upstream, &self.stops);
             self.upstream_histogram(&self.metrics.upstream_latency, target)
                 .observe(called.elapsed().as_secs_f64());
             loop {

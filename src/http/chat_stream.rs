@@ -51,11 +51,7 @@ impl StreamRequest {
             }
             other => other,
         };
-        Ok(TurnRequest {
-            bot_id: self.bot_id,
-            message: self.message,
-            chat_id,
-        })
+        Ok(TurnRequest::new(self.bot_id, self.message, chat_id))
     }
 }
 
@@ -130,7 +126,10 @@ async fn answer(
             Some(events) => (events, Some(slot)),
             None => return Ok(StatusCode::NO_CONTENT.into_response()),
         },
-        None => (state.chat.start_turn(user, request, slot).await?, None),
+        None => (
+            state.chat.start_turn(user, request, slot).await?.events,
+            None,
+        ),
     };
     Ok(stream_response(
         events,

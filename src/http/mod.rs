@@ -18,6 +18,7 @@ mod diagnostics;
 pub mod error;
 pub mod extract;
 pub mod limits;
+mod openai;
 mod openapi;
 pub mod sse;
 mod ui;
@@ -96,7 +97,21 @@ pub fn router(
             state.clone(),
             limits::rate_limit,
         ));
-    let mut api = Router::new().merge(api);
+    // The OpenAI-compatible API: the same limits, its errors in OpenAI's shape.
+    let openai = Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route(
+            "/v1/chats/{chat_id}/completions/stream",
+            get(openai::resume_completion).head(head_starts_nothing),
+        )
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{chat_id}", get(openai::get_model))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::rate_limit,
+        ))
+        .route_layer(axum::middleware::from_fn(openai::openai_errors));
+    let mut api = Router::new().merge(api).merge(openai);
     if metrics_on_main {
         api = api.route("/metrics", get(metrics));
     }
@@ -202,11 +217,14 @@ fn cors_layer(allowed_origins: &[String]) -> Option<(CorsLayer, Vec<HeaderValue>
             header::CONTENT_TYPE,
             header::ACCEPT,
             HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("x-mangoo-chat-id"),
         ])
         .expose_headers([
             header::RETRY_AFTER,
             header::CONTENT_TYPE,
             HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("x-mangoo-chat-id"),
+            HeaderName::from_static("x-mangoo-message-id"),
         ])
         .allow_credentials(true)
         .max_age(Duration::from_secs(600));

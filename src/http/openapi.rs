@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{chat_stream, chats, diagnostics, sse};
+use super::{chat_stream, chats, diagnostics, openai, sse};
 use crate::http::error::ErrorBody;
 
 #[derive(OpenApi)]
@@ -29,6 +29,10 @@ use crate::http::error::ErrorBody;
         chats::list_bots,
         chats::limits,
         diagnostics::diagnostics_stream,
+        openai::chat_completions,
+        openai::resume_completion,
+        openai::list_models,
+        openai::get_model,
         super::healthz,
         super::readyz,
     ),
@@ -45,6 +49,7 @@ use crate::http::error::ErrorBody;
         (name = "chat", description = "Asking, streaming, resuming and stopping answers"),
         (name = "chats", description = "The caller's chats and bots"),
         (name = "health", description = "Load-balancer checks"),
+        (name = "openai", description = "The OpenAI-compatible Chat Completions API (`base_url` = …/v1)"),
         (name = "diagnostics", description = "What `mangoo probe` measures the path with"),
     )
 )]

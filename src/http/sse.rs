@@ -36,17 +36,46 @@ const COALESCE_BYTES: usize = 16 * 1024;
 /// A frame's bytes besides its text: field names, id, JSON keys.
 const FRAME_OVERHEAD: usize = 96;
 
-/// Streams events. The body has no length, so HTTP/1.1 sends it chunked and each event leaves as
-/// soon as it is produced; a quiet stream gets a heartbeat comment so no proxy or load balancer
-/// between here and the browser takes it for dead.
+/// How events become bytes on the wire: the contract's frames here, or another protocol's (the
+/// OpenAI API's chunks, the AI SDK's parts). Everything else about a stream — heartbeats,
+/// coalescing ready events into one write, the stream's place — is the same for all of them.
+pub trait Framing: Send + Unpin + 'static {
+    /// Appends `event`'s frames to `out`; `retry_ms` is set on the stream's first event.
+    fn encode(&mut self, out: &mut Vec<u8>, event: &StreamEvent, retry_ms: Option<u64>);
+}
+
+/// The public contract's frames: `start`, `message`, `done`, `error`, each with its id.
+pub struct ContractFraming;
+
+impl Framing for ContractFraming {
+    fn encode(&mut self, out: &mut Vec<u8>, event: &StreamEvent, retry_ms: Option<u64>) {
+        encode_into(out, event, retry_ms);
+    }
+}
+
+/// Streams events in the contract's frames (see [`framed_response`]).
 pub fn stream_response(
     events: impl Stream<Item = StreamEvent> + Send + 'static,
     version: Version,
     settings: SseSettings,
     slot: Option<StreamPlace>,
 ) -> Response {
+    framed_response(events, version, settings, slot, ContractFraming)
+}
+
+/// Streams events. The body has no length, so HTTP/1.1 sends it chunked and each event leaves as
+/// soon as it is produced; a quiet stream gets a heartbeat comment so no proxy or load balancer
+/// between here and the browser takes it for dead.
+pub fn framed_response(
+    events: impl Stream<Item = StreamEvent> + Send + 'static,
+    version: Version,
+    settings: SseSettings,
+    slot: Option<StreamPlace>,
+    framing: impl Framing,
+) -> Response {
     settings.metrics.streams_open.inc();
     let body = Body::from_stream(SseBody {
+        framing,
         metrics: settings.metrics.clone(),
         _slot: slot,
         // Fused: the coalescing loop may see the end before the body does.
@@ -78,7 +107,8 @@ pub fn stream_response(
 }
 
 /// Encodes events and interleaves heartbeats whenever nothing was written for the interval.
-struct SseBody {
+struct SseBody<F> {
+    framing: F,
     metrics: Arc<Metrics>,
     /// The caller's place among their concurrent streams, given back when the body is dropped.
     /// A resumed stream's place among the user's streams (a new answer's is its producer's).
@@ -93,7 +123,7 @@ struct SseBody {
     ended: bool,
 }
 
-impl Stream for SseBody {
+impl<F: Framing> Stream for SseBody<F> {
     type Item = Result<Bytes, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -111,7 +141,8 @@ impl Stream for SseBody {
                     timer.as_mut().reset(Instant::now() + *every);
                 }
                 let mut frames = Vec::with_capacity(FRAME_OVERHEAD + event.kind.text_len());
-                encode_into(&mut frames, &event, this.retry_ms.take());
+                this.framing
+                    .encode(&mut frames, &event, this.retry_ms.take());
                 this.ended = event.kind.is_terminal();
                 this.gather(&mut frames, cx);
                 if this.ended || frames.len() >= COALESCE_BYTES {
@@ -140,20 +171,20 @@ impl Stream for SseBody {
     }
 }
 
-impl SseBody {
+impl<F: Framing> SseBody<F> {
     /// Appends the events already waiting, up to the coalescing limit or the terminal event.
     fn gather(&mut self, frames: &mut Vec<u8>, cx: &mut Context<'_>) {
         while !self.ended && frames.len() < COALESCE_BYTES {
             let Poll::Ready(Some(next)) = self.events.as_mut().poll_next(cx) else {
                 break;
             };
-            encode_into(frames, &next, None);
+            self.framing.encode(frames, &next, None);
             self.ended = next.kind.is_terminal();
         }
     }
 }
 
-impl Drop for SseBody {
+impl<F> Drop for SseBody<F> {
     fn drop(&mut self) {
         self.metrics.streams_open.dec();
     }

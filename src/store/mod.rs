@@ -173,7 +173,41 @@ pub struct NewTurn {
     pub user_message_id: String,
     pub assistant_message_id: String,
     pub message: String,
+    /// A new chat's history, stored before `message` as complete messages: question and answer
+    /// pairs, in order (a client that brings its own conversation, like the OpenAI API's). Empty
+    /// for a chat that exists; ignored then.
+    pub earlier: Vec<EarlierMessage>,
     pub quota: StorageQuota,
+}
+
+/// One message of the history a new chat starts with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlierMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl NewTurn {
+    /// The earlier messages this turn stores: a new chat's history, whole pairs only (a stored
+    /// chat counts two messages per turn).
+    pub fn stored_earlier(&self) -> &[EarlierMessage] {
+        match self.new_chat {
+            true => &self.earlier[..self.earlier.len() / 2 * 2],
+            false => &[],
+        }
+    }
+
+    /// Bytes of text this turn adds to its user's storage.
+    pub fn bytes(&self) -> u64 {
+        let earlier: usize = self.stored_earlier().iter().map(|m| m.content.len()).sum();
+        (earlier + self.message.len()) as u64
+    }
+
+    /// The new chat's title: from its first question.
+    pub fn title(&self) -> String {
+        let first = self.stored_earlier().first();
+        title_from(first.map_or(&self.message, |m| &m.content))
+    }
 }
 
 /// What `begin_turn` reserved.

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use mangoo::config::DatabaseConfig;
 use mangoo::store::{
-    ChatStore, FinishedTurn, MessageStatus, NewTurn, PartialAnswer, QuotaKind, Role, SearchTerms,
-    StorageQuota, StoreError,
+    ChatStore, EarlierMessage, FinishedTurn, MessageStatus, NewTurn, PartialAnswer, QuotaKind,
+    Role, SearchTerms, StorageQuota, StoreError,
 };
 
 use super::services::TestDatabase;
@@ -23,6 +23,7 @@ fn turn(chat_id: &str, user: &str, new_chat: bool, n: usize) -> NewTurn {
         user_message_id: format!("user-{chat_id}-{n}"),
         assistant_message_id: format!("answer-{chat_id}-{n}"),
         message: format!("question {n}"),
+        earlier: Vec::new(),
         quota: StorageQuota::NONE,
     }
 }
@@ -125,7 +126,114 @@ conformance!(
     search_follows_renames_rewinds_and_deletes_and_pages_by_recency,
     a_regenerated_answer_keeps_the_ones_it_replaced_until_its_place_is_rewound,
     starts_arriving_together_pass_a_quota_exactly_and_a_dropped_caller_leaves_no_half_turn,
+    a_new_chat_with_a_brought_history_stores_it_whole_within_the_quotas,
 );
+
+/// The OpenAI and AI SDK protocols bring the conversation: a new chat stores it before its
+/// question, in one write with the turn, counted by the quotas, repeatable like any begin.
+async fn a_new_chat_with_a_brought_history_stores_it_whole_within_the_quotas(backend: Backend) {
+    let store = backend.store;
+    let earlier = |texts: &[&str]| -> Vec<EarlierMessage> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| EarlierMessage {
+                role: if i % 2 == 0 {
+                    Role::User
+                } else {
+                    Role::Assistant
+                },
+                content: (*text).into(),
+            })
+            .collect()
+    };
+    let mut seeded = turn("seeded", "alice", true, 1);
+    seeded.earlier = earlier(&["first question", "first answer", "second", "2"]);
+    let begun = store.begin_turn(&seeded).await.unwrap();
+    let again = store.begin_turn(&seeded).await.unwrap();
+    assert_eq!(begun.last_event_id, again.last_event_id, "repeatable");
+    let messages = store.list_messages("seeded", None, 10).await.unwrap();
+    let texts: Vec<_> = messages.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "first question",
+            "first answer",
+            "second",
+            "2",
+            "question 1",
+            ""
+        ]
+    );
+    let roles: Vec<_> = messages.iter().map(|m| m.role).collect();
+    assert_eq!(
+        roles[..4],
+        [Role::User, Role::Assistant, Role::User, Role::Assistant]
+    );
+    assert!(
+        messages[..5]
+            .iter()
+            .all(|m| m.status == MessageStatus::Complete)
+    );
+    assert_eq!(messages[5].status, MessageStatus::Streaming);
+    let chat = store.get_chat("seeded").await.unwrap().unwrap();
+    assert_eq!(chat.title, "first question", "titled by its first question");
+    store
+        .finish_turn(finished("seeded", 1, begun.last_event_id + 2))
+        .await
+        .unwrap();
+    let next = store
+        .begin_turn(&turn("seeded", "alice", false, 2))
+        .await
+        .unwrap();
+    assert_eq!(next.last_event_id, begun.last_event_id + 2);
+
+    // Quotas count the history: its turns, and its bytes.
+    let quota = StorageQuota {
+        max_chats: 10,
+        max_bytes: 10_000,
+        max_turns: 2,
+    };
+    let mut too_long = turn("too-long", "bob", true, 1);
+    too_long.quota = quota;
+    too_long.earlier = earlier(&["a", "b", "c", "d"]);
+    assert!(matches!(
+        store.begin_turn(&too_long).await,
+        Err(StoreError::QuotaExceeded(QuotaKind::Turns))
+    ));
+    let mut too_big = turn("too-big", "bob", true, 1);
+    too_big.quota = quota;
+    too_big.earlier = earlier(&[&"x".repeat(9_990), "y"]);
+    assert!(matches!(
+        store.begin_turn(&too_big).await,
+        Err(StoreError::QuotaExceeded(QuotaKind::Bytes))
+    ));
+    for refused in ["too-long", "too-big"] {
+        assert!(
+            store.get_chat(refused).await.unwrap().is_none(),
+            "no trace of {refused}"
+        );
+    }
+    let mut fits = turn("fits", "bob", true, 1);
+    fits.quota = quota;
+    fits.earlier = earlier(&["a", "b"]);
+    store.begin_turn(&fits).await.unwrap();
+    assert_eq!(
+        store.list_messages("fits", None, 10).await.unwrap().len(),
+        4
+    );
+    let mut taken = turn("fits", "mallory", true, 1);
+    taken.earlier = earlier(&["a", "b"]);
+    taken.user_message_id = "other-user".into();
+    taken.assistant_message_id = "other-answer".into();
+    assert!(
+        matches!(
+            store.begin_turn(&taken).await,
+            Err(StoreError::ChatNotFound)
+        ),
+        "another user's chat id is nobody's to take"
+    );
+}
 
 /// What a retry after a lost reply does: the same call again, with the same ids.
 async fn a_turn_begun_or_finished_twice_is_stored_once(backend: Backend) {

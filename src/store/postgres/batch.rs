@@ -18,9 +18,7 @@ use sqlx::PgPool;
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{PostgresStore, unavailable};
-use crate::store::{
-    NewTurn, QuotaKind, RESERVED_EVENT_IDS, StoreError, now_ms, rows::as_bigint, title_from,
-};
+use crate::store::{NewTurn, QuotaKind, RESERVED_EVENT_IDS, StoreError, now_ms, rows::as_bigint};
 
 /// Turns per call at most. Each runs in a PL/pgSQL block of its own (a subtransaction), and a
 /// backend keeps 64 subtransactions in its shared cache before every snapshot gets slower.
@@ -152,7 +150,7 @@ impl Columns {
             user: each(|t| t.user_id.clone()),
             new_chat: turns.iter().map(|t| t.new_chat).collect(),
             bot: each(|t| t.bot_id.clone()),
-            title: each(|t| title_from(&t.message)),
+            title: each(NewTurn::title),
             user_message: each(|t| t.user_message_id.clone()),
             answer: each(|t| t.assistant_message_id.clone()),
             message: each(|t| t.message.clone()),
@@ -188,7 +186,10 @@ impl Columns {
 
 /// A turn's row of the function's answer: its last event id, or the SQLSTATE it was refused
 /// with (the codes `mangoo_begin_turn` raises).
-fn outcome(last_event_id: Option<i64>, refusal: Option<&str>) -> Result<i64, StoreError> {
+pub(super) fn outcome(
+    last_event_id: Option<i64>,
+    refusal: Option<&str>,
+) -> Result<i64, StoreError> {
     match (refusal, last_event_id) {
         (None, Some(id)) => Ok(id),
         (Some("MG001"), _) => Err(StoreError::ChatNotFound),

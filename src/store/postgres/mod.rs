@@ -15,6 +15,7 @@
 //! repeated `finish_turn` finds the answer already as it would leave it).
 
 mod batch;
+mod seeded;
 
 use std::future::Future;
 use std::str::FromStr;
@@ -262,7 +263,10 @@ impl ChatStore for PostgresStore {
     }
 
     async fn begin_turn(&self, turn: &NewTurn) -> Result<BegunTurn, StoreError> {
-        let last_event_id = self.begin_in_batch(turn).await?;
+        let last_event_id = match turn.stored_earlier().is_empty() {
+            true => self.begin_in_batch(turn).await?,
+            false => self.begin_seeded(turn).await?,
+        };
         Ok(BegunTurn { last_event_id })
     }
 

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::rows::{DROP_VERSIONS, KEEP_ANSWER, TRIM_VERSIONS};
 use crate::store::{
     BegunTurn, FinishedTurn, MAX_ANSWER_VERSIONS, NewTurn, PartialAnswer, QuotaKind,
-    RESERVED_EVENT_IDS, StoreError, now_ms, title_from,
+    RESERVED_EVENT_IDS, StoreError, now_ms,
 };
 
 /// Writes waiting for the writer; senders wait when it is full.
@@ -197,7 +197,7 @@ fn check_quota(conn: &Connection, turn: &NewTurn) -> Result<(), StoreError> {
     if turn.new_chat && chats.max(0) as u64 >= quota.max_chats {
         return Err(StoreError::QuotaExceeded(QuotaKind::Chats));
     }
-    if (bytes.max(0) as u64).saturating_add(turn.message.len() as u64) > quota.max_bytes {
+    if (bytes.max(0) as u64).saturating_add(turn.bytes()) > quota.max_bytes {
         return Err(StoreError::QuotaExceeded(QuotaKind::Bytes));
     }
     Ok(())
@@ -211,6 +211,30 @@ fn check_turns(conn: &Connection, turn: &NewTurn) -> Result<(), StoreError> {
         .query_row(params![turn.chat_id], |row| row.get(0))?;
     if (messages.max(0) as u64) / 2 >= turn.quota.max_turns {
         return Err(StoreError::QuotaExceeded(QuotaKind::Turns));
+    }
+    Ok(())
+}
+
+/// A new chat's history, before its first question: complete messages, seq 1 onwards.
+fn store_earlier(conn: &Connection, turn: &NewTurn, now: i64) -> Result<(), StoreError> {
+    let earlier = turn.stored_earlier();
+    if (earlier.len() as u64) / 2 >= turn.quota.max_turns {
+        return Err(StoreError::QuotaExceeded(QuotaKind::Turns));
+    }
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO messages (id, chat_id, seq, role, content, status, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, 'complete', ?6)",
+    )?;
+    for (seq, message) in (1_i64..).zip(earlier) {
+        let id = format!("{}-{seq}", turn.user_message_id);
+        insert.execute(params![
+            id,
+            turn.chat_id,
+            seq,
+            message.role.as_str(),
+            message.content,
+            now
+        ])?;
     }
     Ok(())
 }
@@ -242,13 +266,14 @@ pub(super) fn begin_turn(conn: &Connection, turn: &NewTurn) -> Result<BegunTurn,
                 turn.chat_id,
                 turn.user_id,
                 turn.bot_id,
-                title_from(&turn.message),
+                turn.title(),
                 now
             ])?;
         // The id is taken: somebody else's chat, as on PostgreSQL.
         if created == 0 {
             return Err(StoreError::ChatNotFound);
         }
+        store_earlier(conn, turn, now)?;
         0
     } else {
         let owned = conn
