@@ -22,6 +22,7 @@ mod input_errors;
 mod jwks;
 mod local_model;
 mod nginx;
+mod openai_api;
 mod openapi;
 mod operations;
 mod probe;
