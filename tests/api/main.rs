@@ -23,6 +23,7 @@ mod jwks;
 mod local_model;
 mod nginx;
 mod openai_api;
+mod openai_sdk;
 mod openapi;
 mod operations;
 mod probe;
