@@ -28,9 +28,7 @@ pub(super) fn cut_at_stops(upstream: ProviderStream, stops: &[String]) -> Provid
     };
     stream::unfold(state, |mut state| async move {
         loop {
-            let Some(upstream) = state.upstream.as_mut() else {
-                return None;
-            };
+            let upstream = state.upstream.as_mut()?;
             match upstream.next().await {
                 Some(Ok(ProviderEvent::TextDelta(text))) => {
                     state.held.push_str(&text);

@@ -105,7 +105,7 @@ pub fn router(
             get(openai::resume_completion).head(head_starts_nothing),
         )
         .route("/v1/models", get(openai::list_models))
-        .route("/v1/models/{chat_id}", get(openai::get_model))
+        .route("/v1/models/{model}", get(openai::get_model))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::rate_limit,

@@ -44,6 +44,10 @@ async fn the_document_lists_every_api_route() {
             "/api/v1/stream-tickets",
             "/healthz",
             "/readyz",
+            "/v1/chat/completions",
+            "/v1/chats/{chat_id}/completions/stream",
+            "/v1/models",
+            "/v1/models/{model}",
         ]
     );
     let schemas = spec["components"]["schemas"].as_object().unwrap();
