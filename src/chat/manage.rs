@@ -60,6 +60,30 @@ impl ChatService {
         Ok((chat, recent.pop()))
     }
 
+    /// Brings the caller's chat back to the first `kept` messages of the conversation its client
+    /// sends whole (the AI SDK's `useChat` after an edit or a regenerate): the question at that
+    /// place and everything after it go, its answer kept as an earlier version when
+    /// `keep_answer`. Nothing changes when the chat holds no more than that.
+    pub async fn rewind_to(
+        &self,
+        user: &UserId,
+        chat_id: &str,
+        kept: usize,
+        keep_answer: bool,
+    ) -> Result<(), ChatError> {
+        let next = self
+            .store
+            .list_messages(chat_id, Some(kept as i64), 1)
+            .await?;
+        match next.first() {
+            Some(message) if message.role == crate::domain::Role::User => {
+                self.rewind_chat(user, chat_id, &message.id, keep_answer)
+                    .await
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The most tokens an answer of `bot_id` may have.
     pub fn max_tokens_of(&self, bot_id: &str) -> Option<u32> {
         self.bots.get(bot_id).map(|bot| bot.max_tokens)

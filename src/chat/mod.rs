@@ -54,6 +54,9 @@ pub struct TurnRequest {
     pub message: String,
     /// Continue this chat; `None` starts a new one.
     pub chat_id: Option<String>,
+    /// Start a new chat (under `chat_id` when given: an id its client chose, as the AI SDK's
+    /// `useChat` does) instead of continuing one.
+    pub create_chat: bool,
     /// A new chat's history, brought by the client (question and answer pairs, in order): stored
     /// before `message` and sent to the model with it. Ignored when `chat_id` continues a chat.
     pub earlier: Vec<EarlierMessage>,
@@ -66,6 +69,7 @@ impl TurnRequest {
         Self {
             bot_id,
             message,
+            create_chat: chat_id.is_none(),
             chat_id,
             earlier: Vec::new(),
             options: TurnOptions::default(),
@@ -319,7 +323,7 @@ impl ChatService {
         let (start, admission) = admit_first(&targets, user.as_str())?;
         let options = request.options;
         let new_turn = NewTurn {
-            new_chat: request.chat_id.is_none(),
+            new_chat: request.create_chat,
             chat_id: request.chat_id.unwrap_or_else(|| new_id("chat")),
             user_id: user.as_str().to_owned(),
             bot_id: bot.id.clone(),
@@ -416,7 +420,8 @@ impl ChatService {
         user: &UserId,
         request: &TurnRequest,
     ) -> Result<Vec<ModelMessage>, ChatError> {
-        let mut messages = match &request.chat_id {
+        let continued = request.chat_id.as_ref().filter(|_| !request.create_chat);
+        let mut messages = match continued {
             Some(chat_id) => {
                 let (_, earlier) = self
                     .store

@@ -10,6 +10,7 @@
 //! Nothing compresses or buffers responses: an event leaves as soon as it is produced.
 
 mod access_log;
+mod ai_sdk;
 pub mod body_end;
 mod chat_stream;
 mod chats;
@@ -86,6 +87,11 @@ pub fn router(
             get(chat_stream::resume_stream).head(head_starts_nothing),
         )
         .route("/api/v1/chats/{chat_id}/stop", post(chat_stream::stop))
+        .route("/api/v1/ai-sdk/chat", post(ai_sdk::post_chat))
+        .route(
+            "/api/v1/ai-sdk/chat/{chat_id}/stream",
+            get(ai_sdk::resume_chat).head(head_starts_nothing),
+        )
         .route("/api/v1/bots", get(chats::list_bots))
         .route("/api/v1/limits", get(chats::limits))
         .route("/api/v1/stream-tickets", post(chat_stream::issue_ticket))

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{chat_stream, chats, diagnostics, openai, sse};
+use super::{ai_sdk, chat_stream, chats, diagnostics, openai, sse};
 use crate::http::error::ErrorBody;
 
 #[derive(OpenApi)]
@@ -29,6 +29,8 @@ use crate::http::error::ErrorBody;
         chats::list_bots,
         chats::limits,
         diagnostics::diagnostics_stream,
+        ai_sdk::post_chat,
+        ai_sdk::resume_chat,
         openai::chat_completions,
         openai::resume_completion,
         openai::list_models,
@@ -49,6 +51,7 @@ use crate::http::error::ErrorBody;
         (name = "chat", description = "Asking, streaming, resuming and stopping answers"),
         (name = "chats", description = "The caller's chats and bots"),
         (name = "health", description = "Load-balancer checks"),
+        (name = "ai-sdk", description = "The Vercel AI SDK's UI message stream (`useChat` with `DefaultChatTransport`)"),
         (name = "openai", description = "The OpenAI-compatible Chat Completions API (`base_url` = …/v1)"),
         (name = "diagnostics", description = "What `mangoo probe` measures the path with"),
     )

@@ -2,6 +2,7 @@
 //! upstream that speaks Bedrock's event-stream protocol to the real AWS SDK and Anthropic's and
 //! OpenAI's SSE formats, plus the real embedded model.
 
+mod ai_sdk;
 mod auth;
 mod bench_smoke;
 mod binary;

@@ -30,6 +30,8 @@ async fn the_document_lists_every_api_route() {
     assert_eq!(
         paths,
         [
+            "/api/v1/ai-sdk/chat",
+            "/api/v1/ai-sdk/chat/{chat_id}/stream",
             "/api/v1/bots",
             "/api/v1/chat/stream",
             "/api/v1/chats",
