@@ -150,7 +150,8 @@ test("stop ends the answer on the server too: stored as stopped, the upstream ca
   const id = `sdk-stop-${Date.now()}`;
   const call = await upstreamCalls();
   await control("script", { tokens: ["one", " two", " three", " four"], gated: true });
-  const chat = new TestChat({ id });
+  const finished = [];
+  const chat = new TestChat({ id, onFinish: (f) => finished.push(f) });
   const sending = chat.sendMessage({ text: "Count" });
   await control("release", { n: 1 });
   await chat.memory.until(() => chat.messages.length === 2 && textOf(chat.messages[1]) === "one");
@@ -160,6 +161,7 @@ test("stop ends the answer on the server too: stored as stopped, the upstream ca
     fetch(`${APP_URL}api/v1/chats/${id}/stop`, { method: "POST", headers }),
   ]);
   await sending;
+  assert.equal(finished[0].isAbort, true, "onFinish: the tab that stopped aborted");
   assert.equal(await upstreamOutcome(call), "cancelled");
   const messages = await stored(id);
   assert.equal(messages[1].status, "stopped");

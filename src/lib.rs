@@ -19,7 +19,8 @@
 //!   idle and graceful close.
 //! - [`config`]: the TOML file + `MANGOO_*` environment (figment), validated before start.
 //! - [`http`]: routes, extractors, the SSE encoder, access log, CORS; `http::error` is the one
-//!   place errors become responses.
+//!   place errors become responses. The OpenAI Chat Completions API and the Vercel AI SDK's UI
+//!   message stream are two more framings of the same events, on the same chat service.
 //! - [`auth`]: JWT verification (HS256, JWKS) and stream tickets, no HTTP in it.
 //! - [`chat`]: turns, history, quotas, the producer of each answer.
 //! - [`events`]: the events of an answer (start, message, done, error), shared by the chat
