@@ -150,6 +150,7 @@ async fn write_chat(
                 model: None,
                 usage: None,
                 last_event_id: 0,
+                measures: Default::default(),
             })
             .await?;
     }

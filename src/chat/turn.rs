@@ -27,7 +27,7 @@ use crate::providers::{
     Admission, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream,
     Target,
 };
-use crate::store::{ChatStore, FinishedTurn, MessageStatus};
+use crate::store::{ChatStore, FinishedTurn, MessageStatus, TurnMeasures};
 use crate::stream_log::{AnswerSignals, Audience, EventLog};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
@@ -217,6 +217,8 @@ struct Emitter {
     answering: Option<usize>,
     /// When the last text went out, for the inter-token gap.
     last_text_at: Option<Instant>,
+    /// When the first did, for the usage ledger's time to first token.
+    first_text_at: Option<Instant>,
     /// The stream log refused an event: nobody can be told more, so generation stops.
     undeliverable: bool,
 }
@@ -241,8 +243,9 @@ impl Emitter {
 
     async fn send_text(&mut self, text: String, gaps: &Histogram) {
         let now = Instant::now();
-        if let Some(previous) = self.last_text_at.replace(now) {
-            gaps.observe((now - previous).as_secs_f64());
+        match self.last_text_at.replace(now) {
+            Some(previous) => gaps.observe((now - previous).as_secs_f64()),
+            None => self.first_text_at = Some(now),
         }
         let text: Arc<str> = text.into();
         self.progress.chunks().push(text.clone());
@@ -262,6 +265,7 @@ impl Turn {
             usage: None,
             answering: None,
             last_text_at: None,
+            first_text_at: None,
             undeliverable: false,
         };
         let start = EventKind::Start {
@@ -517,6 +521,7 @@ impl Turn {
             model: target.map(|t| t.model.clone()),
             usage: emitter.usage,
             last_event_id: terminal_id,
+            measures: self.measures(&emitter),
         };
         record.content = record.chunks.concat();
         let (terminal, unstored) = self.store(record, terminal).await;
@@ -528,6 +533,25 @@ impl Turn {
         self.progress.ended.store(true, Ordering::SeqCst);
         if let Some(record) = unstored {
             self.store_late(record).await;
+        }
+    }
+
+    /// Times since the turn started, and the prompt counted (about four bytes a token, what
+    /// tokenizers of English average) for the ledger when the provider reports no usage.
+    fn measures(&self, emitter: &Emitter) -> TurnMeasures {
+        let started = self.deadline - self.timeouts.total;
+        let millis = |at: Instant| (at - started).as_millis() as u64;
+        let request = &self.request;
+        let prompt_bytes = request.system_prompt.as_ref().map_or(0, String::len)
+            + request
+                .messages
+                .iter()
+                .map(|m| m.content.len())
+                .sum::<usize>();
+        TurnMeasures {
+            first_token_ms: emitter.first_text_at.map(millis),
+            duration_ms: Some(millis(Instant::now())),
+            counted_input_tokens: prompt_bytes.div_ceil(4) as u64,
         }
     }
 

@@ -46,6 +46,11 @@ pub(super) const SQLITE: Embedded = &[
         "answer versions",
         include_str!("../../migrations/sqlite/0006_answer_versions.sql"),
     ),
+    (
+        7,
+        "usage ledger",
+        include_str!("../../migrations/sqlite/0007_usage_ledger.sql"),
+    ),
 ];
 
 pub(super) const POSTGRES: Embedded = &[
@@ -73,6 +78,11 @@ pub(super) const POSTGRES: Embedded = &[
         5,
         "batched turns",
         include_str!("../../migrations/postgres/0005_batched_turns.sql"),
+    ),
+    (
+        6,
+        "usage ledger",
+        include_str!("../../migrations/postgres/0006_usage_ledger.sql"),
     ),
 ];
 

@@ -12,6 +12,7 @@ mod postgres;
 mod rows;
 mod search;
 mod sqlite;
+mod usage;
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use postgres::PostgresStore;
 pub use search::{SearchHit, SearchTerms};
 pub use sqlite::SqliteStore;
+pub use usage::{MAX_USAGE_ROWS, UsageGrouping, UsageQuery, UsageRow};
 
 use crate::config::DatabaseConfig;
 
@@ -234,6 +236,34 @@ pub struct FinishedTurn {
     pub usage: Option<TokenUsage>,
     /// The id reserved for the answer's terminal event, sent or not.
     pub last_event_id: i64,
+    pub measures: TurnMeasures,
+}
+
+/// How a turn went, for the usage ledger (beside what the answer itself records).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TurnMeasures {
+    /// From the turn's start to its first piece of text; `None` when none came.
+    pub first_token_ms: Option<u64>,
+    pub duration_ms: Option<u64>,
+    /// The prompt's tokens as Mangoo counts them, for a provider that reports none.
+    pub counted_input_tokens: u64,
+}
+
+impl FinishedTurn {
+    /// The tokens the ledger records, and whether the provider reported them: its own count
+    /// when it gave one, else the prompt as counted and a token per piece of text streamed.
+    pub fn ledger_usage(&self) -> (TokenUsage, bool) {
+        match self.usage {
+            Some(usage) => (usage, true),
+            None => (
+                TokenUsage {
+                    input_tokens: self.measures.counted_input_tokens,
+                    output_tokens: self.chunks.len() as u64,
+                },
+                false,
+            ),
+        }
+    }
 }
 
 impl FinishedTurn {
@@ -259,6 +289,7 @@ impl FinishedTurn {
             model: None,
             usage: None,
             last_event_id,
+            measures: TurnMeasures::default(),
         }
     }
 }
@@ -454,6 +485,9 @@ pub trait ChatStore: Send + Sync + 'static {
     /// they had saved. Only safe where one process owns the database: without shared state
     /// (Redis), which a cluster's answers are concluded through instead.
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError>;
+
+    /// Sums of the usage ledger (every concluded turn, chats deleted or not), by group.
+    async fn usage(&self, query: UsageQuery<'_>) -> Result<Vec<UsageRow>, StoreError>;
 
     async fn ping(&self) -> Result<(), StoreError>;
 

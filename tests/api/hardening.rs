@@ -327,6 +327,12 @@ impl ChatStore for PanickingStore {
     async fn recover_abandoned_turns(&self) -> Result<u64, StoreError> {
         self.inner.recover_abandoned_turns().await
     }
+    async fn usage(
+        &self,
+        query: mangoo::store::UsageQuery<'_>,
+    ) -> Result<Vec<mangoo::store::UsageRow>, StoreError> {
+        self.inner.usage(query).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }

@@ -9,7 +9,8 @@ use futures_util::future::join_all;
 use mangoo::config::DatabaseConfig;
 use mangoo::store::{
     ChatStore, EarlierMessage, FinishedTurn, MessageStatus, NewTurn, PartialAnswer, QuotaKind,
-    Role, SearchTerms, StorageQuota, StoreError,
+    Role, SearchTerms, StorageQuota, StoreError, TokenUsage, TurnMeasures, UsageGrouping,
+    UsageQuery, UsageRow,
 };
 
 use super::services::TestDatabase;
@@ -42,6 +43,7 @@ fn finished(chat_id: &str, n: usize, last_event_id: i64) -> FinishedTurn {
         model: Some("m".into()),
         usage: None,
         last_event_id,
+        measures: TurnMeasures::default(),
     }
 }
 
@@ -127,7 +129,98 @@ conformance!(
     a_regenerated_answer_keeps_the_ones_it_replaced_until_its_place_is_rewound,
     starts_arriving_together_pass_a_quota_exactly_and_a_dropped_caller_leaves_no_half_turn,
     a_new_chat_with_a_brought_history_stores_it_whole_within_the_quotas,
+    the_usage_ledger_records_each_concluded_turn_once_and_outlives_its_chat,
 );
+
+/// Every concluded turn leaves one ledger row — reported tokens when the provider gave them,
+/// counted ones when not, abandoned answers too — and deleting the chat does not undo it.
+async fn the_usage_ledger_records_each_concluded_turn_once_and_outlives_its_chat(backend: Backend) {
+    let store = backend.store;
+    let everyone = |group_by| UsageQuery {
+        user_id: None,
+        from_ms: 0,
+        to_ms: i64::MAX,
+        group_by,
+    };
+    store
+        .begin_turn(&turn("u1", "alice", true, 1))
+        .await
+        .unwrap();
+    let mut reported = finished("u1", 1, 9);
+    reported.usage = Some(TokenUsage {
+        input_tokens: 100,
+        output_tokens: 7,
+    });
+    reported.measures = TurnMeasures {
+        first_token_ms: Some(40),
+        duration_ms: Some(900),
+        counted_input_tokens: 3,
+    };
+    assert!(store.finish_turn(reported.clone()).await.unwrap());
+    assert!(store.finish_turn(reported).await.unwrap(), "a repeat");
+    store
+        .begin_turn(&turn("u1", "alice", false, 2))
+        .await
+        .unwrap();
+    let mut counted = finished("u1", 2, 20);
+    counted.chunks = vec!["a".into(), "b".into(), "c".into()];
+    counted.content = "abc".into();
+    counted.measures.counted_input_tokens = 25;
+    store.finish_turn(counted).await.unwrap();
+    store.begin_turn(&turn("u2", "bob", true, 1)).await.unwrap();
+    let mut bob = finished("u2", 1, 5);
+    bob.usage = Some(TokenUsage {
+        input_tokens: 10,
+        output_tokens: 1,
+    });
+    store.finish_turn(bob).await.unwrap();
+    // An answer nobody concluded, found at the next start.
+    store.begin_turn(&turn("u3", "bob", true, 1)).await.unwrap();
+    store
+        .save_partial(PartialAnswer {
+            assistant_message_id: "answer-u3-1".into(),
+            chunks: vec!["x".into(), "y".into()],
+            reserved_event_id: 50,
+        })
+        .await
+        .unwrap();
+    store.recover_abandoned_turns().await.unwrap();
+
+    let by_user = store.usage(everyone(UsageGrouping::User)).await.unwrap();
+    let row = |key: &str, turns, input_tokens, output_tokens| UsageRow {
+        key: key.into(),
+        turns,
+        input_tokens,
+        output_tokens,
+    };
+    assert_eq!(
+        by_user,
+        [row("alice", 2, 125, 10), row("bob", 2, 10, 3)],
+        "reported 100/7 once, counted 25/3; bob's 10/1 and the abandoned answer's 2 pieces"
+    );
+    assert!(store.delete_chat("u1", "alice").await.unwrap());
+    let alice = UsageQuery {
+        user_id: Some("alice"),
+        ..everyone(UsageGrouping::Bot)
+    };
+    assert_eq!(
+        store.usage(alice).await.unwrap(),
+        [row("bot", 2, 125, 10)],
+        "a deleted chat's tokens were still spent"
+    );
+    let days = store.usage(everyone(UsageGrouping::Day)).await.unwrap();
+    assert_eq!(days.len(), 1);
+    assert_eq!(days[0].turns, 4);
+    assert_eq!(days[0].key.len(), "2026-12-08".len());
+    let before = UsageQuery {
+        to_ms: 1,
+        ..everyone(UsageGrouping::Day)
+    };
+    assert!(
+        store.usage(before).await.unwrap().is_empty(),
+        "the range counts"
+    );
+}
 
 /// The OpenAI and AI SDK protocols bring the conversation: a new chat stores it before its
 /// question, in one write with the turn, counted by the quotas, repeatable like any begin.

@@ -275,6 +275,7 @@ impl ChatStore for PostgresStore {
         // One statement: the answer, then its chat's event ids, only if it was still streaming
         // — or is already exactly as this call leaves it (a repeat whose first reply was lost).
         let now = now_ms();
+        let (ledger, reported) = turn.ledger_usage();
         let (turn, chunks) = (&turn, &chunks);
         let finish = |pool: PgPool| async move {
             sqlx::query(
@@ -282,7 +283,13 @@ impl ChatStore for PostgresStore {
                input_tokens = $5, output_tokens = $6, chunks = $7, error_message = $8, \
                error_retryable = $9, provider = $10, model = $11, last_event_id = $12 \
                WHERE id = $1 AND (status = 'streaming' OR (status = $3 AND last_event_id = $12 \
-                 AND content = $2)) RETURNING chat_id) \
+                 AND content = $2)) RETURNING chat_id), \
+             ledger AS (INSERT INTO usage_ledger (message_id, user_id, chat_id, bot_id, provider, \
+               model, status, input_tokens, output_tokens, reported, first_token_ms, \
+               duration_ms, ended_at) \
+               SELECT $1, c.user_id, c.id, c.bot_id, $10, $11, $3, $14, $15, $16, $17, $18, $13 \
+               FROM answer a JOIN chats c ON c.id = a.chat_id \
+               ON CONFLICT (message_id) DO NOTHING) \
              UPDATE chats SET last_event_id = GREATEST(last_event_id, $12), updated_at = $13 \
              WHERE id IN (SELECT chat_id FROM answer)",
             )
@@ -299,6 +306,11 @@ impl ChatStore for PostgresStore {
             .bind(&turn.model)
             .bind(turn.last_event_id)
             .bind(now)
+            .bind(as_bigint(ledger.input_tokens))
+            .bind(as_bigint(ledger.output_tokens))
+            .bind(reported)
+            .bind(turn.measures.first_token_ms.map(as_bigint))
+            .bind(turn.measures.duration_ms.map(as_bigint))
             .execute(&pool)
             .await
             .map_err(unavailable)
@@ -394,6 +406,16 @@ impl ChatStore for PostgresStore {
         Ok(recovered.await?.rows_affected())
     }
 
+    async fn usage(
+        &self,
+        query: crate::store::UsageQuery<'_>,
+    ) -> Result<Vec<crate::store::UsageRow>, StoreError> {
+        self.retrying(|pool| async move {
+            crate::store::usage::usage_postgres(&pool, unavailable, query).await
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(self.pool().await?)
@@ -407,13 +429,21 @@ impl ChatStore for PostgresStore {
     }
 }
 
-/// Marks every answer still streaming as interrupted, its terminal id past every id it reserved.
+/// Marks every answer still streaming as interrupted, its terminal id past every id it reserved,
+/// and records what each streamed in the usage ledger (counted: the provider's report died with
+/// the process).
 const RECOVER_ABANDONED: &str = "WITH recovered AS (UPDATE messages SET status = 'interrupted', \
        error_code = 'server_restarted', \
        error_message = 'the server restarted before the answer was finished', \
        error_retryable = TRUE, last_event_id = GREATEST(COALESCE(last_event_id, 0), \
          COALESCE(first_event_id, 0) + json_array_length(COALESCE(chunks, '[]')::json)) + 1 \
-       WHERE status = 'streaming' RETURNING chat_id, last_event_id) \
+       WHERE status = 'streaming' RETURNING id, chat_id, last_event_id, provider, model, chunks), \
+     ledger AS (INSERT INTO usage_ledger (message_id, user_id, chat_id, bot_id, provider, model, \
+       status, input_tokens, output_tokens, reported, ended_at) \
+       SELECT r.id, c.user_id, c.id, c.bot_id, r.provider, r.model, 'interrupted', 0, \
+         json_array_length(COALESCE(r.chunks, '[]')::json), FALSE, \
+         (extract(epoch FROM clock_timestamp()) * 1000)::bigint \
+       FROM recovered r JOIN chats c ON c.id = r.chat_id ON CONFLICT (message_id) DO NOTHING) \
      UPDATE chats SET last_event_id = GREATEST(chats.last_event_id, r.last_event_id) \
      FROM recovered r WHERE chats.id = r.chat_id";
 

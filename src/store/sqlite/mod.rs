@@ -186,6 +186,13 @@ impl ChatStore for SqliteStore {
         self.writer.write(writer::recover_abandoned_turns).await
     }
 
+    async fn usage(
+        &self,
+        query: crate::store::UsageQuery<'_>,
+    ) -> Result<Vec<crate::store::UsageRow>, StoreError> {
+        crate::store::usage::usage_sqlite(&self.pool, query).await
+    }
+
     async fn close(&self) {
         self.writer.close().await;
         self.pool.close().await;

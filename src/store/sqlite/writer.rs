@@ -342,11 +342,39 @@ pub(super) fn finish_turn(conn: &Connection, turn: &FinishedTurn) -> Result<bool
     if updated == 0 {
         return Ok(false);
     }
+    let now = now_ms();
     conn.prepare_cached(
         "UPDATE chats SET last_event_id = MAX(last_event_id, ?2), updated_at = ?3 WHERE id = ?1",
     )?
-    .execute(params![turn.chat_id, turn.last_event_id, now_ms()])?;
+    .execute(params![turn.chat_id, turn.last_event_id, now])?;
+    record_usage(conn, turn, now)?;
     Ok(true)
+}
+
+/// The turn's row of the usage ledger, once (a repeated conclusion finds it there).
+fn record_usage(conn: &Connection, turn: &FinishedTurn, now: i64) -> Result<(), StoreError> {
+    let (usage, reported) = turn.ledger_usage();
+    let millis = |ms: Option<u64>| ms.map(|ms| ms.min(i64::MAX as u64) as i64);
+    conn.prepare_cached(
+        "INSERT INTO usage_ledger (message_id, user_id, chat_id, bot_id, provider, model, status, \
+           input_tokens, output_tokens, reported, first_token_ms, duration_ms, ended_at) \
+         SELECT ?1, c.user_id, c.id, c.bot_id, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 \
+         FROM chats c WHERE c.id = ?2 ON CONFLICT (message_id) DO NOTHING",
+    )?
+    .execute(params![
+        turn.assistant_message_id,
+        turn.chat_id,
+        turn.provider,
+        turn.model,
+        turn.status.as_str(),
+        usage.input_tokens.min(i64::MAX as u64) as i64,
+        usage.output_tokens.min(i64::MAX as u64) as i64,
+        reported,
+        millis(turn.measures.first_token_ms),
+        millis(turn.measures.duration_ms),
+        now
+    ])?;
+    Ok(())
 }
 
 pub(super) fn save_partial(conn: &Connection, partial: &PartialAnswer) -> Result<bool, StoreError> {
@@ -440,6 +468,17 @@ pub(super) fn rewind_chat(
 /// Each abandoned answer keeps the text it saved; its terminal event's id comes after every id it
 /// may have sent (its reservation) and the chat's next turn continues after that.
 pub(super) fn recover_abandoned_turns(conn: &Connection) -> Result<u64, StoreError> {
+    // Their ledger rows first, while they are still the streaming ones: what they streamed,
+    // counted (the provider's report, if any, died with the process).
+    conn.prepare_cached(
+        "INSERT INTO usage_ledger (message_id, user_id, chat_id, bot_id, provider, model, status, \
+           input_tokens, output_tokens, reported, ended_at) \
+         SELECT m.id, c.user_id, c.id, c.bot_id, m.provider, m.model, 'interrupted', 0, \
+           json_array_length(COALESCE(m.chunks, '[]')), 0, ?1 \
+         FROM messages m JOIN chats c ON c.id = m.chat_id WHERE m.status = 'streaming' \
+         ON CONFLICT (message_id) DO NOTHING",
+    )?
+    .execute(params![now_ms()])?;
     let recovered = conn
         .prepare_cached(
             "UPDATE messages SET status = 'interrupted', error_code = 'server_restarted', \
