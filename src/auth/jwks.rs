@@ -51,6 +51,9 @@ struct Claims {
     client_id: Option<String>,
     #[serde(default)]
     token_use: Option<String>,
+    /// Every other claim (the roles among them).
+    #[serde(flatten, default)]
+    other: serde_json::Map<String, serde_json::Value>,
 }
 
 impl JwksVerifier {
@@ -75,7 +78,11 @@ impl JwksVerifier {
     }
 
     /// The token's subject, if the token is signed by a key of the set and its claims fit.
-    pub async fn verify(&self, token: &str, header: &Header) -> Result<String, AuthError> {
+    pub(crate) async fn verify(
+        &self,
+        token: &str,
+        header: &Header,
+    ) -> Result<crate::auth::Verified, AuthError> {
         let kid = header
             .kid
             .as_deref()
@@ -100,7 +107,10 @@ impl JwksVerifier {
             .map_err(crate::auth::decode_error)?
             .claims;
         self.check_cognito(&claims)?;
-        Ok(claims.sub)
+        Ok(crate::auth::Verified {
+            sub: claims.sub,
+            other: claims.other,
+        })
     }
 
     fn validation(&self, algorithm: Algorithm) -> Validation {

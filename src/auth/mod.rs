@@ -14,18 +14,65 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// The authenticated user: the token's `sub`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UserId(String);
+/// The authenticated user: the token's `sub`, and whether its claims carry the operator role
+/// (`[auth] admin_role`). Two tokens of one user are the same user, whatever their roles.
+#[derive(Debug, Clone)]
+pub struct UserId {
+    sub: String,
+    admin: bool,
+}
+
+impl PartialEq for UserId {
+    fn eq(&self, other: &Self) -> bool {
+        self.sub == other.sub
+    }
+}
+
+impl Eq for UserId {}
+
+impl std::hash::Hash for UserId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.sub.hash(state);
+    }
+}
 
 impl UserId {
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.sub
     }
 
-    /// A user named by a trusted record (a ticket this server issued), not by a request.
+    /// The token carried the configured operator role: it may read every user's usage.
+    pub fn is_admin(&self) -> bool {
+        self.admin
+    }
+
+    /// A user named by a trusted record (a ticket this server issued), not by a request. Such
+    /// a record carries no roles.
     pub(crate) fn from_trusted(sub: String) -> Self {
-        UserId(sub)
+        UserId { sub, admin: false }
+    }
+}
+
+/// Which claim names a token's roles, and which role is the operator's.
+#[derive(Debug, Clone)]
+pub struct AdminRole {
+    pub claim: String,
+    pub role: String,
+}
+
+impl AdminRole {
+    /// Whether `claims` grant the role: the claim is a list of roles (`"roles": ["admin"]`,
+    /// Cognito's `cognito:groups`) or one string of them separated by spaces or commas.
+    fn granted(&self, claims: &serde_json::Map<String, serde_json::Value>) -> bool {
+        match claims.get(&self.claim) {
+            Some(serde_json::Value::Array(roles)) => {
+                roles.iter().any(|r| r.as_str() == Some(self.role.as_str()))
+            }
+            Some(serde_json::Value::String(roles)) => {
+                roles.split([' ', ',']).any(|r| r == self.role)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -61,6 +108,15 @@ struct Claims {
     exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    /// Every other claim (the roles among them).
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a verified token says about its user.
+pub(crate) struct Verified {
+    pub sub: String,
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Verifies tokens: HS256 with the shared secret (unless an identity provider is the only
@@ -69,6 +125,7 @@ struct Claims {
 pub struct Authenticator {
     hs256: Option<Hs256>,
     jwks: Option<std::sync::Arc<crate::auth::jwks::JwksVerifier>>,
+    admin: Option<std::sync::Arc<AdminRole>>,
 }
 
 /// The shared-secret half: what `mangoo token` issues.
@@ -93,6 +150,7 @@ impl Authenticator {
                 validation,
             }),
             jwks: None,
+            admin: None,
         }
     }
 
@@ -103,7 +161,14 @@ impl Authenticator {
         Self {
             hs256: None,
             jwks: Some(std::sync::Arc::new(jwks)),
+            admin: None,
         }
+    }
+
+    /// Tokens whose claims carry this role are the operator's.
+    pub fn with_admin_role(mut self, admin: AdminRole) -> Self {
+        self.admin = Some(std::sync::Arc::new(admin));
+        self
     }
 
     /// Also accept RS256 / ES256 tokens signed by the identity provider's key set.
@@ -116,13 +181,13 @@ impl Authenticator {
     /// insists on its own algorithm.
     pub async fn verify(&self, token: &str) -> Result<UserId, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(decode_error)?;
-        let sub = match (header.alg, &self.jwks) {
+        let verified = match (header.alg, &self.jwks) {
             (Algorithm::RS256 | Algorithm::ES256, Some(jwks)) => {
                 jwks.verify(token, &header).await?
             }
             _ => return self.verify_hs256(token),
         };
-        user_id(sub)
+        self.user_id(verified)
     }
 
     /// HS256 with the shared secret: what `mangoo token` issues.
@@ -132,7 +197,22 @@ impl Authenticator {
         })?;
         let data = jsonwebtoken::decode::<Claims>(token, &hs256.decoding, &hs256.validation)
             .map_err(decode_error)?;
-        user_id(data.claims.sub)
+        self.user_id(Verified {
+            sub: data.claims.sub,
+            other: data.claims.other,
+        })
+    }
+
+    fn user_id(&self, verified: Verified) -> Result<UserId, AuthError> {
+        let sub = verified.sub;
+        if sub.trim().is_empty() || sub.len() > 256 {
+            return Err(AuthError::Invalid("sub must be 1 to 256 bytes".into()));
+        }
+        let admin = self
+            .admin
+            .as_ref()
+            .is_some_and(|admin| admin.granted(&verified.other));
+        Ok(UserId { sub, admin })
     }
 
     pub fn has_hs256(&self) -> bool {
@@ -150,6 +230,7 @@ impl Authenticator {
             sub: sub.to_owned(),
             exp: now + ttl.as_secs(),
             iat: Some(now),
+            other: serde_json::Map::new(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &hs256.encoding).ok()
     }
@@ -161,13 +242,6 @@ pub const LEEWAY_SECS: u64 = 30;
 /// jsonwebtoken needs a process-wide crypto backend; installing twice is harmless.
 pub(crate) fn install_crypto_provider() {
     let _ = crypto::RING_PROVIDER.install_default();
-}
-
-fn user_id(sub: String) -> Result<UserId, AuthError> {
-    if sub.trim().is_empty() || sub.len() > 256 {
-        return Err(AuthError::Invalid("sub must be 1 to 256 bytes".into()));
-    }
-    Ok(UserId(sub))
 }
 
 pub(crate) fn decode_error(e: jsonwebtoken::errors::Error) -> AuthError {

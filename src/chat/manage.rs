@@ -6,6 +6,7 @@ use super::{ChatError, ChatPage, ChatService, MESSAGE_PAGE_BYTES};
 use crate::auth::UserId;
 use crate::store::{
     AnswerVersion, ChatCursor, ChatRecord, MessageRecord, SearchHit, SearchTerms, StoreError,
+    UsageQuery, UsageRow,
 };
 
 /// The longest title a chat may be given, in characters.
@@ -82,6 +83,23 @@ impl ChatService {
             }
             _ => Ok(()),
         }
+    }
+
+    /// What `user` used (every user's, with `everyone`, for an operator only), from the ledger.
+    pub async fn usage(
+        &self,
+        user: &UserId,
+        everyone: bool,
+        query: UsageQuery<'_>,
+    ) -> Result<Vec<UsageRow>, ChatError> {
+        if everyone && !user.is_admin() {
+            return Err(ChatError::NotOperator);
+        }
+        let query = UsageQuery {
+            user_id: (!everyone).then_some(user.as_str()).or(query.user_id),
+            ..query
+        };
+        Ok(self.store.usage(query).await?)
     }
 
     /// The most tokens an answer of `bot_id` may have.

@@ -127,6 +127,8 @@ pub enum ChatError {
     Refused(ProviderError),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("only an operator (a token with the configured admin role) may see every user's usage")]
+    NotOperator,
     #[error(transparent)]
     Log(#[from] LogError),
     #[error(transparent)]

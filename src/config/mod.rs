@@ -266,6 +266,12 @@ pub struct AuthConfig {
     pub jwks_min_refresh_secs: u64,
     /// Keys older than this are fetched again before use, so withdrawn keys stop counting.
     pub jwks_max_age_secs: u64,
+    /// The operator's role: tokens whose `roles_claim` holds it may read every user's usage
+    /// (`GET /api/v1/admin/usage`). None: nobody may.
+    pub admin_role: Option<String>,
+    /// The claim that lists a token's roles: an array of strings, or one string of them
+    /// separated by spaces or commas (Cognito: `cognito:groups`).
+    pub roles_claim: String,
 }
 
 impl Default for AuthConfig {
@@ -279,6 +285,8 @@ impl Default for AuthConfig {
             token_use: None,
             jwks_min_refresh_secs: 60,
             jwks_max_age_secs: 3600,
+            admin_role: None,
+            roles_claim: "roles".into(),
         }
     }
 }

@@ -287,6 +287,19 @@ impl AuthConfig {
         if self.jwks_max_age_secs == 0 {
             return Err(invalid("auth.jwks_max_age_secs", "must be at least 1"));
         }
+        if self
+            .admin_role
+            .as_deref()
+            .is_some_and(|r| r.trim().is_empty())
+        {
+            return Err(invalid(
+                "auth.admin_role",
+                "must not be empty (leave it out instead)",
+            ));
+        }
+        if self.roles_claim.trim().is_empty() {
+            return Err(invalid("auth.roles_claim", "must name a claim"));
+        }
         let Some(url) = &self.jwks_url else {
             return Ok(());
         };

@@ -205,6 +205,10 @@ impl From<ChatError> for ApiError {
             ChatError::ChatBusy => ApiError::Conflict(message),
             ChatError::EmptyMessage => ApiError::bad_request("empty_message", message),
             ChatError::MessageTooLong { .. } => ApiError::bad_request("message_too_long", message),
+            ChatError::NotOperator => ApiError::Forbidden {
+                code: "forbidden",
+                message,
+            },
             ChatError::ShuttingDown => ApiError::Unavailable {
                 code: "server_shutting_down",
                 message,

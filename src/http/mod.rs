@@ -23,6 +23,7 @@ mod openai;
 mod openapi;
 pub mod sse;
 mod ui;
+mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +95,8 @@ pub fn router(
         )
         .route("/api/v1/bots", get(chats::list_bots))
         .route("/api/v1/limits", get(chats::limits))
+        .route("/api/v1/usage", get(usage::my_usage))
+        .route("/api/v1/admin/usage", get(usage::all_usage))
         .route("/api/v1/stream-tickets", post(chat_stream::issue_ticket))
         .route(
             "/api/v1/diagnostics/stream",

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{ai_sdk, chat_stream, chats, diagnostics, openai, sse};
+use super::{ai_sdk, chat_stream, chats, diagnostics, openai, sse, usage};
 use crate::http::error::ErrorBody;
 
 #[derive(OpenApi)]
@@ -28,6 +28,8 @@ use crate::http::error::ErrorBody;
         chats::rewind_chat,
         chats::list_bots,
         chats::limits,
+        usage::my_usage,
+        usage::all_usage,
         diagnostics::diagnostics_stream,
         ai_sdk::post_chat,
         ai_sdk::resume_chat,
@@ -51,6 +53,7 @@ use crate::http::error::ErrorBody;
         (name = "chat", description = "Asking, streaming, resuming and stopping answers"),
         (name = "chats", description = "The caller's chats and bots"),
         (name = "health", description = "Load-balancer checks"),
+        (name = "usage", description = "Tokens spent, from the usage ledger"),
         (name = "ai-sdk", description = "The Vercel AI SDK's UI message stream (`useChat` with `DefaultChatTransport`)"),
         (name = "openai", description = "The OpenAI-compatible Chat Completions API (`base_url` = …/v1)"),
         (name = "diagnostics", description = "What `mangoo probe` measures the path with"),

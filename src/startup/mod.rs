@@ -415,6 +415,18 @@ fn connection_limits(config: &Config, proxies: TrustedProxies) -> ConnectionLimi
 /// identity provider is configured, in which case HS256 is off (the second flag says whether a
 /// secret was generated).
 fn authenticator(config: &Config) -> (Authenticator, bool) {
+    let (authenticator, generated) = verifiers(config);
+    let authenticator = match &config.auth.admin_role {
+        Some(role) => authenticator.with_admin_role(crate::auth::AdminRole {
+            claim: config.auth.roles_claim.clone(),
+            role: role.clone(),
+        }),
+        None => authenticator,
+    };
+    (authenticator, generated)
+}
+
+fn verifiers(config: &Config) -> (Authenticator, bool) {
     let jwks = config
         .auth
         .jwks_url

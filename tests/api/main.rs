@@ -40,3 +40,4 @@ mod store;
 mod streaming;
 mod terminal_chat;
 mod upstream_failures;
+mod usage;

@@ -30,6 +30,7 @@ async fn the_document_lists_every_api_route() {
     assert_eq!(
         paths,
         [
+            "/api/v1/admin/usage",
             "/api/v1/ai-sdk/chat",
             "/api/v1/ai-sdk/chat/{chat_id}/stream",
             "/api/v1/bots",
@@ -44,6 +45,7 @@ async fn the_document_lists_every_api_route() {
             "/api/v1/diagnostics/stream",
             "/api/v1/limits",
             "/api/v1/stream-tickets",
+            "/api/v1/usage",
             "/healthz",
             "/readyz",
             "/v1/chat/completions",
