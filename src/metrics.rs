@@ -46,6 +46,19 @@ pub struct TokenLabels {
     pub direction: String,
 }
 
+/// Tokens of each turn by bot, as the usage ledger records them (no user label: per-user
+/// numbers are the ledger's, `GET /api/v1/admin/usage`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BotTokenLabels {
+    pub bot: String,
+    /// The provider that answered; `none` when no target did.
+    pub provider: String,
+    /// `input` or `output`.
+    pub direction: String,
+    /// `reported` by the provider, or `counted` by Mangoo when it reported nothing.
+    pub source: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
@@ -78,6 +91,7 @@ pub struct Metrics {
     pub upstream_latency: Histograms<UpstreamLabels>,
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub tokens: Family<TokenLabels, Counter>,
+    pub bot_tokens: Family<BotTokenLabels, Counter>,
     pub heartbeats: Counter,
     pub resumes: Counter,
     /// Answers' outcomes offered to storage again after it refused them (the database away).
@@ -110,6 +124,7 @@ impl Metrics {
             upstream_latency: histograms(),
             upstream_errors: Family::default(),
             tokens: Family::default(),
+            bot_tokens: Family::default(),
             heartbeats: Counter::default(),
             resumes: Counter::default(),
             answer_store_retries: Counter::default(),
@@ -166,6 +181,11 @@ impl Metrics {
             "mangoo_tokens",
             "Tokens billed by providers",
             m.tokens.clone(),
+        );
+        registry.register(
+            "mangoo_bot_tokens",
+            "Tokens of every turn by bot and provider, as the usage ledger records them",
+            m.bot_tokens.clone(),
         );
         registry.register(
             "mangoo_heartbeats",

@@ -385,6 +385,7 @@ impl ChatService {
         let producer = turn::Turn {
             chat_id: new_turn.chat_id,
             user_id: new_turn.user_id,
+            bot_id: new_turn.bot_id,
             assistant_message_id: new_turn.assistant_message_id,
             last_event_id: begun.last_event_id,
             targets,

@@ -22,7 +22,9 @@ use super::StreamTimeouts;
 use super::control::{StopCause, TurnControl};
 use crate::domain::TokenUsage;
 use crate::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
-use crate::metrics::{Metrics, OutcomeLabels, TokenLabels, UpstreamErrorLabels, UpstreamLabels};
+use crate::metrics::{
+    BotTokenLabels, Metrics, OutcomeLabels, TokenLabels, UpstreamErrorLabels, UpstreamLabels,
+};
 use crate::providers::{
     Admission, ModelRequest, ProviderError, ProviderErrorKind, ProviderEvent, ProviderStream,
     Target,
@@ -36,6 +38,7 @@ pub(super) struct Turn {
     pub chat_id: String,
     /// Whose answer it is (a provider may give each user a bounded share).
     pub user_id: String,
+    pub bot_id: String,
     pub assistant_message_id: String,
     pub last_event_id: i64,
     pub targets: Vec<Target>,
@@ -467,6 +470,26 @@ impl Turn {
         }
     }
 
+    /// The turn's tokens as the ledger has them, by bot and provider.
+    fn count_bot_tokens(&self, emitter: &Emitter, (usage, reported): (TokenUsage, bool)) {
+        let provider = emitter
+            .answering
+            .map_or("none", |i| self.targets[i].provider.name());
+        let source = if reported { "reported" } else { "counted" };
+        for (direction, count) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+        ] {
+            let labels = BotTokenLabels {
+                bot: self.bot_id.clone(),
+                provider: provider.to_owned(),
+                direction: direction.to_owned(),
+                source: source.to_owned(),
+            };
+            self.metrics.bot_tokens.get_or_create(&labels).inc_by(count);
+        }
+    }
+
     /// Resolves when something other than the provider ends the answer.
     async fn stopped(&self) -> Ending {
         tokio::select! {
@@ -524,8 +547,10 @@ impl Turn {
             measures: self.measures(&emitter),
         };
         record.content = record.chunks.concat();
+        let ledger = record.ledger_usage();
         let (terminal, unstored) = self.store(record, terminal).await;
         self.count_answer(&emitter, status, &terminal);
+        self.count_bot_tokens(&emitter, ledger);
         emitter.send(terminal).await;
         if let Err(e) = self.log.close(&self.chat_id).await {
             tracing::error!(chat_id = %self.chat_id, "could not close the answer's log: {e}");

@@ -68,6 +68,18 @@ async fn users_see_their_own_usage_and_only_an_operator_sees_everyones() {
         by_day["total"],
         json!({"turns": 3, "input_tokens": 24 + 9, "output_tokens": 8, "total_tokens": 41})
     );
+    // The same in Prometheus, by bot and provider; no user label.
+    let metrics = app.metrics_text().await;
+    for line in [
+        format!(
+            "mangoo_bot_tokens_total{{bot=\"{BOT}\",provider=\"bedrock\",direction=\"input\",source=\"reported\"}} 36"
+        ),
+        format!(
+            "mangoo_bot_tokens_total{{bot=\"{BOT}\",provider=\"none\",direction=\"input\",source=\"counted\"}} 9"
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
     let (_, by_bot) = get(&app, &alice, "/api/v1/usage?group_by=bot").await;
     assert_eq!(by_bot["usage"][0]["bot_id"], BOT);
     assert_eq!(by_bot["usage"][0]["turns"], 3);
