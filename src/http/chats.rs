@@ -473,7 +473,8 @@ fn decode_cursor(text: &str) -> Result<ChatCursor, ApiError> {
     })
 }
 
-fn rfc3339(epoch_ms: i64) -> String {
+/// Epoch milliseconds as an RFC 3339 time (UTC).
+pub(super) fn rfc3339(epoch_ms: i64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(epoch_ms) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())

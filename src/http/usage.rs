@@ -9,9 +9,10 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::AppState;
+use super::chats::rfc3339;
 use super::extract::{AuthUser, parse_query};
 use crate::http::error::{ApiError, ErrorBody};
-use crate::store::{UsageGrouping, UsageQuery, UsageRow};
+use crate::store::{UsageGrouping, UsageQuery, UsageRow, now_ms};
 
 const DAY_MS: i64 = 86_400_000;
 /// With no `from`: this many days before `to`.
@@ -202,17 +203,6 @@ fn moment(text: &str, name: &str, end_of_day: bool) -> Result<i64, ApiError> {
     let date = time::Date::from_calendar_date(year, month, day as u8).map_err(|_| bad())?;
     let start = date.midnight().assume_utc().unix_timestamp() * 1000;
     Ok(start + if end_of_day { DAY_MS } else { 0 })
-}
-
-fn rfc3339(epoch_ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(epoch_ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
-
-fn now_ms() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 #[cfg(test)]

@@ -53,6 +53,22 @@ async fn users_see_their_own_usage_and_only_an_operator_sees_everyones() {
         .push(Script::http_error(400, "ValidationException"));
     turn(&app, "alice").await;
     turn(&app, "bob").await;
+    // Bob stops his second answer after its first piece: the provider never reported usage.
+    app.fake
+        .push(Script::tokens(&["one", " two", " three"]).gated());
+    let (mut reader, chat_id) = app.open_stream("bob", "count").await;
+    app.fake.release(1);
+    assert_eq!(reader.next_event().await.unwrap().event, "message");
+    let stop = app
+        .client
+        .post(app.url(&format!("/api/v1/chats/{chat_id}/stop")))
+        .bearer_auth(app.token("bob"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stop.status(), 200);
+    reader.collect().await;
+    app.settled_messages("bob", &chat_id).await;
 
     let alice = app.token("alice");
     let (status, by_day) = get(&app, &alice, "/api/v1/usage").await;
@@ -112,9 +128,13 @@ async fn users_see_their_own_usage_and_only_an_operator_sees_everyones() {
         .iter()
         .map(|u| (u["user_id"].as_str().unwrap(), u["turns"].as_u64().unwrap()))
         .collect();
-    assert_eq!(users, [("alice", 3), ("bob", 1)]);
+    assert_eq!(users, [("alice", 3), ("bob", 2)]);
     let (_, bob) = get(&app, &operator, "/api/v1/admin/usage?user_id=bob").await;
-    assert_eq!(bob["total"]["turns"], 1);
+    // 12 + 4 reported; the stopped turn counted: its prompt (33 bytes, 9) and its one piece.
+    assert_eq!(
+        bob["total"],
+        json!({"turns": 2, "input_tokens": 12 + 9, "output_tokens": 4 + 1, "total_tokens": 26})
+    );
     let spaced = token_with_roles("olga", json!("viewer admin"));
     assert_eq!(
         get(&app, &spaced, "/api/v1/admin/usage").await.0,

@@ -27,6 +27,7 @@ use super::sse::framed_response;
 use crate::chat::{EventStream, StartedTurn};
 use crate::events::EventKind;
 use crate::http::error::ApiError;
+use crate::store::now_ms;
 use errors::{OpenAiError, failure_body};
 use wire::{Completion, CompletionBody, CompletionFraming, CompletionRequest, Ending};
 
@@ -254,10 +255,4 @@ fn name_the_answer(response: &mut Response, chat_id: &str, message_id: &str) {
             headers.insert(name, value);
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
