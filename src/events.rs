@@ -36,6 +36,15 @@ pub struct DoneEvent {
     pub stopped: bool,
 }
 
+impl DoneEvent {
+    /// The answer used every token it was allowed (`max_tokens`), so it was cut for length
+    /// rather than finished: what the OpenAI and AI SDK protocols report as `length`. A stopped
+    /// answer ended for the stop, whatever it used.
+    pub fn ran_out_of_tokens(&self, max_tokens: u32) -> bool {
+        !self.stopped && self.usage.output_tokens >= u64::from(max_tokens)
+    }
+}
+
 /// Why a stream ended badly, in the contract's terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamFailure {

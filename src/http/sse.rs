@@ -53,6 +53,22 @@ impl Framing for ContractFraming {
     }
 }
 
+/// One SSE event as the other protocols frame it: an `id:` line when it carries one of the
+/// answer's events, then a single `data:` line of JSON.
+pub fn write_data(out: &mut Vec<u8>, id: Option<i64>, data: &impl Serialize) {
+    if let Some(id) = id {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut *out, data).expect("serialising plain structs cannot fail");
+    out.extend_from_slice(b"\n\n");
+}
+
+/// The OpenAI and AI SDK streams' last event.
+pub const DATA_DONE: &[u8] = b"data: [DONE]\n\n";
+
 /// Streams events in the contract's frames (see [`framed_response`]).
 pub fn stream_response(
     events: impl Stream<Item = StreamEvent> + Send + 'static,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::Role;
 use crate::events::{EventKind, StreamEvent};
 use crate::http::error::ApiError;
-use crate::http::sse::Framing;
+use crate::http::sse::{DATA_DONE, Framing, write_data};
 
 /// `POST /api/v1/ai-sdk/chat`: what `DefaultChatTransport` posts. Extra fields a client adds with
 /// the transport's `body` option are ignored, except the bot to ask.
@@ -173,7 +173,7 @@ impl UiMessageFraming {
 
     fn close_text(&mut self, out: &mut Vec<u8>) {
         if std::mem::take(&mut self.text_open) {
-            write_part(out, None, &Part::TextEnd { id: &self.text_id });
+            write_data(out, None, &Part::TextEnd { id: &self.text_id });
         }
     }
 }
@@ -185,45 +185,35 @@ impl Framing for UiMessageFraming {
         match &event.kind {
             EventKind::Start { message_id, .. } => {
                 self.text_id = format!("text-{message_id}");
-                write_part(out, id, &Part::Start { message_id });
+                write_data(out, id, &Part::Start { message_id });
             }
             EventKind::Content(text) => {
                 if !std::mem::replace(&mut self.text_open, true) {
-                    write_part(out, None, &Part::TextStart { id: &self.text_id });
+                    write_data(out, None, &Part::TextStart { id: &self.text_id });
                 }
                 let delta = Part::TextDelta {
                     id: &self.text_id,
                     delta: text,
                 };
-                write_part(out, id, &delta);
+                write_data(out, id, &delta);
             }
             EventKind::Done(done) => {
                 self.close_text(out);
-                let used_all = done.usage.output_tokens >= u64::from(self.max_tokens);
-                let finish_reason = match used_all && !done.stopped {
+                let finish_reason = match done.ran_out_of_tokens(self.max_tokens) {
                     true => "length",
                     false => "stop",
                 };
-                write_part(out, id, &Part::Finish { finish_reason });
-                out.extend_from_slice(b"data: [DONE]\n\n");
+                write_data(out, id, &Part::Finish { finish_reason });
+                out.extend_from_slice(DATA_DONE);
             }
             EventKind::Error(failure) => {
                 self.close_text(out);
                 let error_text = &failure.message;
-                write_part(out, id, &Part::Error { error_text });
-                out.extend_from_slice(b"data: [DONE]\n\n");
+                write_data(out, id, &Part::Error { error_text });
+                out.extend_from_slice(DATA_DONE);
             }
         }
     }
-}
-
-fn write_part(out: &mut Vec<u8>, id: Option<i64>, part: &Part<'_>) {
-    if let Some(id) = id {
-        out.extend_from_slice(format!("id: {id}\n").as_bytes());
-    }
-    out.extend_from_slice(b"data: ");
-    serde_json::to_writer(&mut *out, part).expect("plain structs serialise");
-    out.extend_from_slice(b"\n\n");
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use crate::events::EventKind;
 use crate::http::error::ApiError;
 use crate::store::now_ms;
 use errors::{OpenAiError, failure_body};
-use wire::{Completion, CompletionBody, CompletionFraming, CompletionRequest, Ending};
+use wire::{Completion, CompletionBody, CompletionFraming, CompletionRequest};
 
 const CHAT_ID_HEADER: HeaderName = HeaderName::from_static("x-mangoo-chat-id");
 const MESSAGE_ID_HEADER: HeaderName = HeaderName::from_static("x-mangoo-message-id");
@@ -100,27 +100,18 @@ pub async fn chat_completions(
 /// ended in (the text streamed before it is stored with the chat either way).
 async fn whole_answer(completion: Completion, mut events: EventStream) -> Response {
     let mut text = String::new();
-    let mut ending = None;
     while let Some(event) = events.next().await {
         match event.kind {
             EventKind::Content(piece) => text.push_str(&piece),
-            EventKind::Done(done) => ending = Some(Ending::Done(Box::new(done))),
-            EventKind::Error(failure) => ending = Some(Ending::Failed(failure)),
+            EventKind::Done(done) => return Json(completion.body(text, &done)).into_response(),
+            EventKind::Error(failure) => {
+                let (status, body) = failure_body(&failure);
+                return (status, Json(body)).into_response();
+            }
             EventKind::Start { .. } => {}
         }
-        if ending.is_some() {
-            break;
-        }
     }
-    match ending {
-        Some(Ending::Done(done)) => Json(completion.body(text, &done)).into_response(),
-        Some(Ending::Failed(failure)) => {
-            let (status, body) = failure_body(&failure);
-            (status, Json(body)).into_response()
-        }
-        None => ApiError::Internal("an answer's events ended without a terminal event".into())
-            .into_response(),
-    }
+    ApiError::Internal("an answer's events ended without a terminal event".into()).into_response()
 }
 
 /// Picks a completion up again after a dropped connection: the chunks after `Last-Event-ID`

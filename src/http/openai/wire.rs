@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::{TurnOptions, TurnRequest, split_conversation};
 use crate::domain::{Role, TokenUsage};
-use crate::events::{DoneEvent, EventKind, StreamEvent, StreamFailure};
+use crate::events::{DoneEvent, EventKind, StreamEvent};
 use crate::http::error::ApiError;
-use crate::http::sse::Framing;
+use crate::http::sse::{DATA_DONE, Framing, write_data};
 
 /// `POST /v1/chat/completions`. Fields the API has and Mangoo does not use (`user`, `seed`,
 /// `presence_penalty`, …) are accepted and ignored, as OpenAI-compatible servers do; the ones
@@ -224,7 +224,7 @@ impl Completion {
 
     /// OpenAI's reasons: `length` when the answer used every token it was allowed.
     fn finish_reason(&self, done: &DoneEvent) -> &'static str {
-        match done.usage.output_tokens >= u64::from(self.max_tokens) && !done.stopped {
+        match done.ran_out_of_tokens(self.max_tokens) {
             true => "length",
             false => "stop",
         }
@@ -352,25 +352,15 @@ impl Framing for CompletionFraming {
                 if self.include_usage {
                     self.usage_chunk(out, done.usage);
                 }
-                out.extend_from_slice(b"data: [DONE]\n\n");
+                out.extend_from_slice(DATA_DONE);
             }
             EventKind::Error(failure) => {
                 let (_, body) = super::errors::failure_body(failure);
                 write_data(out, id, &body);
-                out.extend_from_slice(b"data: [DONE]\n\n");
+                out.extend_from_slice(DATA_DONE);
             }
         }
     }
-}
-
-/// One SSE event: `id:` when it has one, then a single `data:` line of JSON.
-fn write_data(out: &mut Vec<u8>, id: Option<i64>, data: &impl Serialize) {
-    if let Some(id) = id {
-        out.extend_from_slice(format!("id: {id}\n").as_bytes());
-    }
-    out.extend_from_slice(b"data: ");
-    serde_json::to_writer(&mut *out, data).expect("serialising plain structs cannot fail");
-    out.extend_from_slice(b"\n\n");
 }
 
 /// `stream: false`: the whole answer in one object.
@@ -399,12 +389,6 @@ pub struct AnswerMessage {
     content: String,
     #[schema(value_type = Option<String>)]
     refusal: Option<()>,
-}
-
-/// How an unstreamed answer ended.
-pub enum Ending {
-    Done(Box<DoneEvent>),
-    Failed(StreamFailure),
 }
 
 impl Completion {
