@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::fake_upstream::Script;
-use super::helpers::{SseEvent, SseReader, TestApp, spawn_app_with};
+use super::helpers::{SseEvent, SseReader, TestApp, run_client, spawn_app_with};
 use super::idle_proxy::IdleProxy;
 
 async fn post_chat(app: &TestApp, user: &str, body: Value) -> reqwest::Response {
@@ -132,30 +132,22 @@ async fn the_ai_npm_package_sends_streams_regenerates_resumes_after_a_cut_and_st
     let app = spawn_app_with(|c| c.streams.disconnect_grace_secs = 30).await;
     let proxy = IdleProxy::cuttable(app.addr, Duration::from_secs(3600), app.fake.cuts()).await;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let output = tokio::process::Command::new("node")
-        .args([
-            "--test",
-            "--test-reporter=spec",
-            "--test-concurrency=1",
-            "ai_sdk.test.mjs",
-        ])
-        .current_dir(root.join("e2e"))
-        .env("APP_URL", proxy.url("/"))
-        .env("TOKEN", app.token("sdk-user"))
-        .env("CONTROL_URL", app.fake.url())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("node runs (scripts/test.sh installs the e2e packages)");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "the ai SDK checks failed:\n{report}"
-    );
+    let report = run_client(
+        tokio::process::Command::new("node")
+            .args([
+                "--test",
+                "--test-reporter=spec",
+                "--test-concurrency=1",
+                "ai_sdk.test.mjs",
+            ])
+            .current_dir(root.join("e2e"))
+            .env("APP_URL", proxy.url("/"))
+            .env("TOKEN", app.token("sdk-user"))
+            .env("CONTROL_URL", app.fake.url()),
+        "scripts/test.sh installs node's e2e packages",
+        "the ai SDK checks failed",
+    )
+    .await;
     assert!(
         report.contains("✔ stop ends the answer"),
         "every test ran:\n{report}"

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{EncodingKey, Header};
 use tokio::process::Command;
 
-use super::helpers::{SECRET, spawn_app_with};
+use super::helpers::{SECRET, run_client, spawn_app_with};
 use super::idle_proxy::IdleProxy;
 
 fn signed(claims: serde_json::Value, secret: &[u8]) -> String {
@@ -65,33 +65,27 @@ async fn the_chat_page_works_in_a_real_browser() {
         args.push(format!("--test-name-pattern=printed link|{only}"));
     }
     args.extend(["chat.test.mjs".to_owned(), "daily.test.mjs".to_owned()]);
-    let output = Command::new("node")
-        .args(&args)
-        .current_dir(root.join("e2e"))
-        .env("APP_URL", proxy.url("/"))
-        .env("TOKEN", app.token("alice"))
-        .env("EXPIRED_TOKEN", expired)
-        .env("FORGED_TOKEN", forged)
-        // For tokens the script mints itself (one that expires while the page is open).
-        .env("JWT_SECRET", SECRET)
-        .env("JWT_LEEWAY_SECS", mangoo::auth::LEEWAY_SECS.to_string())
-        .env("CONTROL_URL", app.fake.url())
-        .env("SHORT_GRACE_URL", short_grace_proxy.url("/"))
-        .env("SHORT_GRACE_TOKEN", short_grace.token("carol"))
-        .env("SHORT_GRACE_CONTROL_URL", short_grace.fake.url())
-        .env("ARTIFACTS", &artifacts)
-        .env("SCREENSHOTS", root.join("docs").join("screenshots"))
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("node runs (scripts/test.sh installs it, with playwright-core and chromium)");
-
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "browser tests failed:\n{report}");
+    let report = run_client(
+        Command::new("node")
+            .args(&args)
+            .current_dir(root.join("e2e"))
+            .env("APP_URL", proxy.url("/"))
+            .env("TOKEN", app.token("alice"))
+            .env("EXPIRED_TOKEN", expired)
+            .env("FORGED_TOKEN", forged)
+            // For tokens the script mints itself (one that expires while the page is open).
+            .env("JWT_SECRET", SECRET)
+            .env("JWT_LEEWAY_SECS", mangoo::auth::LEEWAY_SECS.to_string())
+            .env("CONTROL_URL", app.fake.url())
+            .env("SHORT_GRACE_URL", short_grace_proxy.url("/"))
+            .env("SHORT_GRACE_TOKEN", short_grace.token("carol"))
+            .env("SHORT_GRACE_CONTROL_URL", short_grace.fake.url())
+            .env("ARTIFACTS", &artifacts)
+            .env("SCREENSHOTS", root.join("docs").join("screenshots")),
+        "scripts/test.sh installs node, playwright-core and chromium",
+        "browser tests failed",
+    )
+    .await;
     if std::env::var_os("E2E_ONLY").is_some() {
         return;
     }

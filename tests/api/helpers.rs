@@ -484,3 +484,25 @@ pub fn client_builder() -> reqwest::ClientBuilder {
     mangoo::crypto::install_default_providers();
     reqwest::Client::builder()
 }
+
+/// Runs a client the tests drive from outside (node, the Python SDK, schemathesis) to its end
+/// and returns what it printed. It must run (`installed` says how it gets here) and succeed; a
+/// failing run fails the test with `failure` and the whole output.
+pub async fn run_client(
+    command: &mut tokio::process::Command,
+    installed: &str,
+    failure: &str,
+) -> String {
+    let output = command
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("the client does not run ({installed}): {e}"));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{failure}:\n{report}");
+    report
+}

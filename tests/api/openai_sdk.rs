@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use super::helpers::run_client;
 use super::openai_api::{GPT, spawn_openai_app};
 
 #[tokio::test]
@@ -15,25 +16,17 @@ async fn the_official_openai_python_sdk_streams_resumes_and_raises_its_own_error
         format!("{home}/.cache/mangoo-venv/bin/python")
     });
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_sdk.py");
-    let output = tokio::process::Command::new(&python)
-        .arg(&script)
-        .env("BASE_URL", app.url("/v1"))
-        .env("TOKEN", app.token("sdk-user"))
-        .env("CONTROL_URL", app.fake.url())
-        .env("MODEL", GPT)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("python with the openai SDK runs (scripts/test.sh installs it)");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "the openai SDK checks failed:\n{report}"
-    );
+    let report = run_client(
+        tokio::process::Command::new(&python)
+            .arg(&script)
+            .env("BASE_URL", app.url("/v1"))
+            .env("TOKEN", app.token("sdk-user"))
+            .env("CONTROL_URL", app.fake.url())
+            .env("MODEL", GPT),
+        "scripts/test.sh installs python with the openai SDK",
+        "the openai SDK checks failed",
+    )
+    .await;
     assert!(
         report.contains("ok a_dropped_stream_resumes_without_a_duplicate"),
         "every check ran:\n{report}"

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::helpers::spawn_app;
+use super::helpers::{run_client, spawn_app};
 
 /// Every route the router serves under /api and for health, and the spec's paths, agree.
 #[tokio::test]
@@ -74,37 +74,29 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         let home = std::env::var("HOME").unwrap_or_default();
         format!("{home}/.cache/mangoo-venv/bin/schemathesis")
     });
-    let output = tokio::process::Command::new(&schemathesis)
-        .args(["run", &app.url("/api/v1/openapi.json")])
-        .args([
-            "--header",
-            &format!("Authorization: Bearer {}", app.token("fuzzer")),
-        ])
-        .args(["--checks", "not_a_server_error,response_schema_conformance"])
-        // Paced by design (up to 1000 events 10 s apart): tests/api/diagnostics.rs covers it.
-        .args(["--exclude-path", "/api/v1/diagnostics/stream"])
-        .args([
-            "--max-examples",
-            "25",
-            "--workers",
-            "1",
-            "--request-timeout",
-            "20",
-        ])
-        .arg("--generation-deterministic")
-        .env("NO_COLOR", "1")
-        .env("SCHEMATHESIS_TELEMETRY", "false")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("schemathesis runs (scripts/test.sh installs it)");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "schemathesis found problems:\n{report}"
-    );
+    run_client(
+        tokio::process::Command::new(&schemathesis)
+            .args(["run", &app.url("/api/v1/openapi.json")])
+            .args([
+                "--header",
+                &format!("Authorization: Bearer {}", app.token("fuzzer")),
+            ])
+            .args(["--checks", "not_a_server_error,response_schema_conformance"])
+            // Paced by design (up to 1000 events 10 s apart): tests/api/diagnostics.rs covers it.
+            .args(["--exclude-path", "/api/v1/diagnostics/stream"])
+            .args([
+                "--max-examples",
+                "25",
+                "--workers",
+                "1",
+                "--request-timeout",
+                "20",
+            ])
+            .arg("--generation-deterministic")
+            .env("NO_COLOR", "1")
+            .env("SCHEMATHESIS_TELEMETRY", "false"),
+        "scripts/test.sh installs schemathesis",
+        "schemathesis found problems",
+    )
+    .await;
 }
